@@ -1,0 +1,189 @@
+//! Map keys and values shared by the eBPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]` and free of padding: the kernel hashes keys as raw bytes, so a
+//! padding byte would make two equal keys differ. IPv4 addresses are stored IPv4-mapped
+//! (`::ffff:a.b.c.d`) in 16 bytes, so one map and one code path serve both families. All
+//! addresses and ports are in network byte order, as they sit in the packet.
+#![no_std]
+
+/// Version of the pinned layout. Bumped whenever a map's key, value or size changes; pins live
+/// under `<bpffs>/node-manager/v<LAYOUT_VERSION>/`.
+pub const LAYOUT_VERSION: u32 = 1;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Map names, as they appear in the object file, in `bpftool map show` and as pin file names.
+pub mod map_names {
+    pub const FRONTENDS: &str = "NM_FRONTENDS";
+    pub const POD_CIDRS: &str = "NM_POD_CIDRS";
+    pub const FLOWS: &str = "NM_FLOWS";
+    pub const CONFIG: &str = "NM_CONFIG";
+    pub const COUNTERS: &str = "NM_COUNTERS";
+    pub const ALL: [&str; 5] = [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS];
+}
+
+/// Program names in the object file.
+pub mod program_names {
+    pub const POD_INGRESS: &str = "nm_pod_ingress";
+    pub const POD_EGRESS: &str = "nm_pod_egress";
+}
+
+/// Capacities. The frontend map holds one entry per (external address, port, protocol) plus one
+/// ICMP entry per external address; 131072 leaves room for 100,000 Services' ports.
+pub const FRONTENDS_MAX: u32 = 131_072;
+pub const POD_CIDRS_MAX: u32 = 64;
+/// Live pod→external flows remembered for the reverse rewrite (LRU: the oldest idle flow is
+/// evicted first when full).
+pub const FLOWS_MAX: u32 = 262_144;
+
+/// A Service frontend as the pod dials it: (external address, port, protocol).
+/// For ICMP echo the port is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: [u8; 16],
+    /// Destination port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Where a frontend is rewritten to: the Service's cluster IP of the same family.
+/// The port is kept (a Service's port is the same on its cluster IP and its external IPs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    pub cluster_addr: [u8; 16],
+}
+
+/// A rewritten flow as its replies are seen on the pod interface's egress:
+/// from the cluster IP (`remote_*`) back to the pod (`pod_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub pod_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Pod's source port (ICMP echo: the echo identifier), network byte order.
+    pub pod_port: u16,
+    /// Service port (ICMP echo: 0), network byte order.
+    pub remote_port: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// The external address the pod dialled, restored as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub external_addr: [u8; 16],
+}
+
+/// Runtime settings of the datapath, in a one-entry array so the agent can change them live.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// OR-ed into skb->mark of rewritten pod packets (kube-proxy's KUBE-MARK-MASQ is 0x4000);
+    /// 0 disables.
+    pub masquerade_mark: u32,
+}
+
+/// A packet and byte count (per CPU in the counters map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Index of each counter in the per-CPU counters array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterIndex {
+    /// Pod → external frontend, destination rewritten to the cluster IP.
+    RewriteIngressV4 = 0,
+    RewriteIngressV6 = 1,
+    /// Reply from the cluster IP, source rewritten back to the external address.
+    RewriteEgressV4 = 2,
+    RewriteEgressV6 = 3,
+    /// Not IPv4/IPv6 (ARP, VLAN-tagged, ...): passed.
+    PassNotIp = 4,
+    /// IP but not rewritable: fragment, IPv4 options, IPv6 extension header, other protocol,
+    /// truncated. Passed untouched.
+    PassUnparsed = 5,
+    /// Source outside the local pod CIDRs: passed.
+    PassNotPod = 6,
+    /// No frontend for (destination, port, protocol): passed.
+    PassNoFrontend = 7,
+    /// Egress packet that belongs to no rewritten flow: passed.
+    PassNoFlow = 8,
+    /// Flow could not be remembered (map update failed); the packet was still rewritten.
+    FlowInsertFailed = 9,
+    /// Rewrite helper failed; the packet was passed (possibly partly rewritten: counted so it
+    /// shows).
+    RewriteFailed = 10,
+}
+
+pub const COUNTERS_LEN: u32 = 11;
+
+impl CounterIndex {
+    pub const ALL: [CounterIndex; COUNTERS_LEN as usize] = [
+        CounterIndex::RewriteIngressV4,
+        CounterIndex::RewriteIngressV6,
+        CounterIndex::RewriteEgressV4,
+        CounterIndex::RewriteEgressV6,
+        CounterIndex::PassNotIp,
+        CounterIndex::PassUnparsed,
+        CounterIndex::PassNotPod,
+        CounterIndex::PassNoFrontend,
+        CounterIndex::PassNoFlow,
+        CounterIndex::FlowInsertFailed,
+        CounterIndex::RewriteFailed,
+    ];
+
+    /// Stable snake_case name, used by `inspect` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CounterIndex::RewriteIngressV4 => "rewrite_ingress_v4",
+            CounterIndex::RewriteIngressV6 => "rewrite_ingress_v6",
+            CounterIndex::RewriteEgressV4 => "rewrite_egress_v4",
+            CounterIndex::RewriteEgressV6 => "rewrite_egress_v6",
+            CounterIndex::PassNotIp => "pass_not_ip",
+            CounterIndex::PassUnparsed => "pass_unparsed",
+            CounterIndex::PassNotPod => "pass_not_pod",
+            CounterIndex::PassNoFrontend => "pass_no_frontend",
+            CounterIndex::PassNoFlow => "pass_no_flow",
+            CounterIndex::FlowInsertFailed => "flow_insert_failed",
+            CounterIndex::RewriteFailed => "rewrite_failed",
+        }
+    }
+}
+
+/// IPv4-mapped form of an IPv4 address (network byte order octets).
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], plain old data, and have no padding (checked below).
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for Counter {}
+}
+
+// Padding-free layouts: the sum of the fields equals the size.
+const _: () = assert!(core::mem::size_of::<FrontendKey>() == 16 + 2 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 4);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);

@@ -1,0 +1,51 @@
+//! Rewritten flows, remembered so that replies can be given back the external source address.
+//! An LRU map: idle flows age out by themselves when the map is full.
+use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
+use node_manager_common::{FLOWS_MAX, Flow, FlowKey};
+
+use crate::parse::Packet;
+
+#[btf_map]
+static NM_FLOWS: LruHashMap<FlowKey, Flow, { FLOWS_MAX as usize }> = LruHashMap::new();
+
+/// Key of a flow from the pod's point of view, built from a packet sent by the pod
+/// (after its destination was rewritten to `remote`).
+#[inline(always)]
+pub fn key_from_pod(pkt: &Packet, remote: [u8; 16]) -> FlowKey {
+    FlowKey {
+        pod_addr: pkt.saddr,
+        remote_addr: remote,
+        pod_port: pkt.sport,
+        remote_port: pkt.dport,
+        proto: pkt.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Key of the flow a packet going to the pod belongs to.
+#[inline(always)]
+pub fn key_to_pod(pkt: &Packet) -> FlowKey {
+    FlowKey {
+        pod_addr: pkt.daddr,
+        remote_addr: pkt.saddr,
+        pod_port: pkt.dport,
+        remote_port: pkt.sport,
+        proto: pkt.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Remembers the flow; writes only when it is new or its external address changed, so a
+/// long-lived flow costs one lookup per packet, not one map write.
+#[inline(always)]
+pub fn remember(key: &FlowKey, external_addr: [u8; 16]) -> Result<(), i32> {
+    // SAFETY: read once and compared; a concurrent eviction only causes a redundant insert.
+    let known = unsafe { NM_FLOWS.get(key) }.is_some_and(|f| f.external_addr == external_addr);
+    if known { Ok(()) } else { NM_FLOWS.insert(key, Flow { external_addr }, 0).map(|_| ()) }
+}
+
+#[inline(always)]
+pub fn external_addr(key: &FlowKey) -> Option<[u8; 16]> {
+    // SAFETY: copied out immediately.
+    unsafe { NM_FLOWS.get(key) }.map(|f| f.external_addr)
+}

@@ -1,0 +1,38 @@
+//! Frontend lookup: which pod packets are addressed to a Service's external/LB IP, and the
+//! cluster IP they go to instead. Filled by the agent from the Services it watches.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    macros::btf_map,
+};
+use node_manager_common::{DatapathConfig, FRONTENDS_MAX, Frontend, FrontendKey, POD_CIDRS_MAX};
+
+use crate::parse::Packet;
+
+#[btf_map]
+static NM_FRONTENDS: HashMap<FrontendKey, Frontend, { FRONTENDS_MAX as usize }> = HashMap::new();
+
+/// This node's pod CIDRs (IPv4-mapped for IPv4); the value is unused.
+#[btf_map]
+static NM_POD_CIDRS: LpmTrie<[u8; 16], u8, { POD_CIDRS_MAX as usize }> = LpmTrie::new();
+
+#[btf_map]
+static NM_CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[inline(always)]
+pub fn from_local_pod(pkt: &Packet) -> bool {
+    NM_POD_CIDRS.get(&Key::new(128, pkt.saddr)).is_some()
+}
+
+/// The cluster address for the packet's (destination, port, protocol), if it is a frontend.
+#[inline(always)]
+pub fn frontend(pkt: &Packet) -> Option<[u8; 16]> {
+    let key = FrontendKey { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, pad: 0 };
+    // SAFETY: the value is copied out immediately; a concurrent update can at worst give the
+    // previous or the next cluster address, both valid.
+    unsafe { NM_FRONTENDS.get(&key) }.map(|f| f.cluster_addr)
+}
+
+#[inline(always)]
+pub fn masquerade_mark() -> u32 {
+    NM_CONFIG.get(0).map_or(0, |c| c.masquerade_mark)
+}

@@ -1,0 +1,95 @@
+//! node-manager's pod datapath: TC programs on the host side of pod interfaces.
+//!
+//! ingress (packets from the pod): destination external/LB IP:port → the Service's cluster IP,
+//! mark for masquerade, remember the flow. egress (packets to the pod): the reply's source
+//! cluster IP → the external IP the pod dialled. Everything else continues untouched
+//! (TC_ACT_UNSPEC, which is also TCX_NEXT), so CNI programs on the same device still run.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod flow;
+mod lb;
+mod parse;
+mod rewrite;
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use node_manager_common::CounterIndex;
+
+use crate::{
+    counters::count,
+    parse::{Direction, Parsed, parse},
+    rewrite::{Which, set_addr},
+};
+
+const CONTINUE: i32 = TC_ACT_UNSPEC;
+
+#[classifier]
+pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
+    let pkt = match parse(&ctx, Direction::FromPod) {
+        Parsed::Ip(pkt) => pkt,
+        Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
+        Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
+    };
+    if !lb::from_local_pod(&pkt) {
+        return pass(&ctx, CounterIndex::PassNotPod);
+    }
+    let Some(cluster_addr) = lb::frontend(&pkt) else {
+        return pass(&ctx, CounterIndex::PassNoFrontend);
+    };
+    let external_addr = pkt.daddr;
+    if set_addr(&mut ctx, &pkt, Which::Destination, &external_addr, &cluster_addr).is_err() {
+        return pass(&ctx, CounterIndex::RewriteFailed);
+    }
+    let mark = lb::masquerade_mark();
+    if mark != 0 {
+        // SAFETY: reading the mark field of the skb this program runs on.
+        let current = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(current | mark);
+    }
+    if flow::remember(&flow::key_from_pod(&pkt, cluster_addr), external_addr).is_err() {
+        count(&ctx, CounterIndex::FlowInsertFailed);
+    }
+    count(
+        &ctx,
+        if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 },
+    );
+    CONTINUE
+}
+
+#[classifier]
+pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
+    let pkt = match parse(&ctx, Direction::ToPod) {
+        Parsed::Ip(pkt) => pkt,
+        Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
+        Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
+    };
+    let Some(external_addr) = flow::external_addr(&flow::key_to_pod(&pkt)) else {
+        return pass(&ctx, CounterIndex::PassNoFlow);
+    };
+    let cluster_addr = pkt.saddr;
+    if set_addr(&mut ctx, &pkt, Which::Source, &cluster_addr, &external_addr).is_err() {
+        return pass(&ctx, CounterIndex::RewriteFailed);
+    }
+    count(
+        &ctx,
+        if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 },
+    );
+    CONTINUE
+}
+
+#[inline(always)]
+fn pass(ctx: &TcContext, why: CounterIndex) -> i32 {
+    count(ctx, why);
+    CONTINUE
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
