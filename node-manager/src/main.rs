@@ -1,4 +1,68 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node-manager"));
-    println!("{}", obj.len());
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use node_manager::{
+    agent, cleanup,
+    config::{Cli, Command, Config, bpffs_or_default},
+    inspect,
+};
+
+/// Exit code for bad configuration or input (as clap uses for usage errors).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = match Config::from_run_args(*args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("node-manager: invalid configuration: {e:#}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("node-manager: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agent::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cleanup(args) => match cleanup::cleanup(&bpffs_or_default(args.bpffs)) {
+            Ok(report) => {
+                println!("cleanup: {} link(s) released, pins {}", report.links_removed, if report.pins_removed { "removed" } else { "absent" });
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("node-manager cleanup: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Inspect(args) => match inspect::read(&bpffs_or_default(args.bpffs)) {
+            Ok(state) => {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&state).unwrap_or_default());
+                } else {
+                    print!("{}", inspect::render(&state));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("node-manager inspect: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }

@@ -1,0 +1,179 @@
+//! The agent: sources → model → datapath. One loop owns the datapath; it reconciles the maps
+//! when a new snapshot arrives or the periodic resync fires, and the attachments when links
+//! change. Until the first snapshot, the pinned maps keep serving what they held.
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use ipnet::IpNet;
+use node_manager_common::DatapathConfig;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, watch},
+};
+
+use crate::{
+    config::{Config, SourceConfig},
+    datapath::{Datapath, attach::Iface},
+    interfaces::{self, Matcher},
+    model,
+    source::{Snapshot, file},
+};
+
+/// How often the full desired state is rewritten by diff, repairing drift (entries changed
+/// behind our back with bpftool, for instance).
+const RESYNC_PERIOD: Duration = Duration::from_secs(60);
+/// Interfaces are rescanned on every link notification and at least this often.
+const RESCAN_PERIOD: Duration = Duration::from_secs(5);
+const FILE_POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(cfg: Config) -> Result<()> {
+    for warning in &cfg.warnings {
+        tracing::warn!("{warning}");
+    }
+    if cfg.drop_invalid_input {
+        tracing::warn!(
+            "drop-invalid-input is on, but this build does not include the conntrack-INVALID drop yet; nothing is dropped"
+        );
+    }
+    let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
+    match &cfg.source {
+        SourceConfig::File(path) => {
+            tokio::spawn(file::watch(path.clone(), tx, FILE_POLL));
+        }
+        SourceConfig::Kubernetes { .. } => bail!(
+            "the Kubernetes API source is not part of this build yet; give Services with --services-file / SERVICES_FILE"
+        ),
+    }
+
+    let mut datapath = Datapath::load_pinned(&cfg.bpffs)?;
+    datapath.set_config(DatapathConfig { masquerade_mark: cfg.masquerade_mark })?;
+    tracing::info!(mechanism = datapath.mechanism().name(), bpffs = %cfg.bpffs.display(), "datapath loaded");
+
+    let link_changes = Arc::new(Notify::new());
+    interfaces::watch_links(link_changes.clone())?;
+    let mut agent = Agent::new(cfg, datapath)?;
+    agent.sync_interfaces();
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut resync = tokio::time::interval(RESYNC_PERIOD);
+    let mut rescan = tokio::time::interval(RESCAN_PERIOD);
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() { bail!("the Service source stopped"); }
+                let snapshot = rx.borrow_and_update().clone();
+                if let Some(snapshot) = snapshot { agent.sync_maps(snapshot); }
+            }
+            _ = resync.tick() => agent.resync(),
+            _ = link_changes.notified() => agent.sync_interfaces(),
+            _ = rescan.tick() => agent.sync_interfaces(),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("stopping; the datapath stays in place and keeps serving (remove it with `node-manager cleanup`)");
+    Ok(())
+}
+
+struct Agent {
+    cfg: Config,
+    datapath: Datapath,
+    matcher: Matcher,
+    snapshot: Option<Snapshot>,
+    /// Interfaces this process attached to (re-attached once at start to take over).
+    attached: BTreeSet<Iface>,
+    /// Warnings already logged, so a resync does not repeat them.
+    reported: HashSet<String>,
+}
+
+impl Agent {
+    fn new(cfg: Config, datapath: Datapath) -> Result<Agent> {
+        let matcher = Matcher::new(&cfg.pod_interfaces)?;
+        Ok(Agent { cfg, datapath, matcher, snapshot: None, attached: BTreeSet::new(), reported: HashSet::new() })
+    }
+
+    fn report_once(&mut self, warnings: &[String]) {
+        for w in warnings {
+            if self.reported.insert(w.clone()) {
+                tracing::warn!("{w}");
+            }
+        }
+    }
+
+    fn pod_cidrs(&self, snapshot: &Snapshot) -> BTreeSet<IpNet> {
+        let cidrs = self.cfg.pod_cidrs_override.as_ref().or(snapshot.node_pod_cidrs.as_ref());
+        cidrs
+            .into_iter()
+            .flatten()
+            .filter(|n| if n.addr().is_ipv4() { self.cfg.ipv4 } else { self.cfg.ipv6 })
+            .copied()
+            .collect()
+    }
+
+    fn sync_maps(&mut self, snapshot: Snapshot) {
+        self.report_once(&snapshot.warnings);
+        let opts = model::Options { external_ip_allow: self.cfg.external_ip_allow.clone(), ipv4: self.cfg.ipv4, ipv6: self.cfg.ipv6 };
+        let started = std::time::Instant::now();
+        let desired = model::desired(&snapshot.services, &opts);
+        self.report_once(&desired.warnings);
+        let pod_cidrs = self.pod_cidrs(&snapshot);
+        if pod_cidrs.is_empty() {
+            self.report_once(&["no pod CIDR is known: pods' traffic is not rewritten; set POD_CIDR_IPV4/POD_CIDR_IPV6".to_owned()]);
+        }
+        match self.datapath.sync_frontends(&desired.frontends) {
+            Ok(stats) => tracing::info!(frontends = desired.frontends.len(), added = stats.added, changed = stats.changed, removed = stats.removed, elapsed_us = started.elapsed().as_micros() as u64, "frontends synced"),
+            Err(e) => tracing::error!(error = format!("{e:#}"), "syncing frontends failed; retrying at the next resync"),
+        }
+        match self.datapath.sync_pod_cidrs(&pod_cidrs) {
+            Ok(stats) if stats.added + stats.removed > 0 => tracing::info!(pod_cidrs = ?pod_cidrs, "pod CIDRs synced"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = format!("{e:#}"), "syncing pod CIDRs failed; retrying at the next resync"),
+        }
+        self.snapshot = Some(snapshot);
+    }
+
+    fn resync(&mut self) {
+        if let Some(snapshot) = self.snapshot.clone() {
+            self.sync_maps(snapshot);
+        }
+    }
+
+    /// Attaches to new matching interfaces and releases pins of vanished ones.
+    fn sync_interfaces(&mut self) {
+        let wanted: BTreeSet<Iface> = if self.cfg.external_cluster {
+            match interfaces::scan(&self.matcher) {
+                Ok(found) => found.into_iter().collect(),
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "listing interfaces failed");
+                    return;
+                }
+            }
+        } else {
+            BTreeSet::new() // feature off: release whatever an earlier run attached
+        };
+        for iface in wanted.difference(&self.attached.clone()) {
+            match self.datapath.attach(iface) {
+                Ok(()) => {
+                    tracing::info!(iface = %iface.name, ifindex = iface.index, "attached");
+                    self.attached.insert(iface.clone());
+                }
+                // Vanished meanwhile, or refused: reported, retried at the next rescan.
+                Err(e) if interfaces::exists(iface) => tracing::error!(iface = %iface.name, error = format!("{e:#}"), "attaching failed"),
+                Err(_) => {}
+            }
+        }
+        let stale: Vec<Iface> = self.datapath.attached().union(&self.attached).filter(|i| !wanted.contains(i)).cloned().collect();
+        for iface in stale {
+            match self.datapath.detach(&iface) {
+                Ok(()) => tracing::info!(iface = %iface.name, ifindex = iface.index, "detached"),
+                Err(e) => tracing::error!(iface = %iface.name, error = format!("{e:#}"), "detaching failed"),
+            }
+            self.attached.remove(&iface);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Typed access to the datapath maps and their reconciliation by diff: only entries that
+//! differ are written, stale ones removed; a map is never flushed, so traffic keeps flowing
+//! on entries that stay.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv6Addr},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use ipnet::IpNet;
+use node_manager_common::{
+    Counter, CounterIndex, DatapathConfig, Frontend, FrontendKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    v4_mapped,
+};
+
+use crate::model::{FrontendAddr, Protocol, Target};
+
+/// Counts of map writes made by one sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+pub fn addr16(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+pub fn addr_from16(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
+    let proto = match (f.protocol, f.addr) {
+        (Protocol::Tcp, _) => PROTO_TCP,
+        (Protocol::Udp, _) => PROTO_UDP,
+        (Protocol::IcmpEcho, IpAddr::V4(_)) => PROTO_ICMP,
+        (Protocol::IcmpEcho, IpAddr::V6(_)) => PROTO_ICMPV6,
+    };
+    FrontendKey { addr: addr16(f.addr), port: f.port.to_be(), proto, pad: 0 }
+}
+
+/// Decodes a frontend key for display; `None` for a protocol this build never writes.
+pub fn frontend_addr(k: &FrontendKey) -> Option<FrontendAddr> {
+    let protocol = match k.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        PROTO_ICMP | PROTO_ICMPV6 => Protocol::IcmpEcho,
+        _ => return None,
+    };
+    Some(FrontendAddr { addr: addr_from16(k.addr), port: u16::from_be(k.port), protocol })
+}
+
+pub fn cidr_key(net: &IpNet) -> Key<[u8; 16]> {
+    match net {
+        IpNet::V4(n) => Key::new(96 + u32::from(n.prefix_len()), v4_mapped(n.network().octets())),
+        IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.network().octets()),
+    }
+}
+
+pub fn cidr_from_key(key: &Key<[u8; 16]>) -> Option<IpNet> {
+    let (len, data) = (key.prefix_len(), key.data());
+    match addr_from16(data) {
+        IpAddr::V4(a) if len >= 96 => IpNet::new(IpAddr::V4(a), (len - 96) as u8).ok(),
+        IpAddr::V4(_) => None,
+        IpAddr::V6(a) => IpNet::new(IpAddr::V6(a), len as u8).ok(),
+    }
+}
+
+pub type FrontendMap<T> = HashMap<T, FrontendKey, Frontend>;
+
+pub fn frontends_of(map: &mut Map) -> Result<FrontendMap<&mut MapData>> {
+    HashMap::try_from(map).context("NM_FRONTENDS has an unexpected type")
+}
+
+/// Reads every frontend currently in the map.
+pub fn read_frontends<T: std::borrow::Borrow<MapData>>(map: &HashMap<T, FrontendKey, Frontend>) -> Result<BTreeMap<FrontendKey, Frontend>> {
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            // An entry deleted while iterating: skip it, the next sync sees the rest.
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("iterating NM_FRONTENDS"),
+        }
+    }
+    Ok(out)
+}
+
+pub fn sync_frontends(map: &mut FrontendMap<&mut MapData>, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
+    let want: BTreeMap<FrontendKey, Frontend> =
+        desired.iter().map(|(f, t)| (frontend_key(f), Frontend { cluster_addr: addr16(t.cluster_ip) })).collect();
+    let have = read_frontends(map)?;
+    let mut stats = SyncStats::default();
+    for (key, value) in &want {
+        match have.get(key) {
+            Some(v) if v == value => stats.unchanged += 1,
+            found => {
+                map.insert(key, value, 0).with_context(|| format!("writing frontend {:?}", frontend_addr(key)))?;
+                if found.is_some() { stats.changed += 1 } else { stats.added += 1 }
+            }
+        }
+    }
+    for key in have.keys().filter(|k| !want.contains_key(k)) {
+        match map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => stats.removed += 1,
+            Err(e) => return Err(e).with_context(|| format!("removing frontend {:?}", frontend_addr(key))),
+        }
+    }
+    Ok(stats)
+}
+
+pub fn read_pod_cidrs<T: std::borrow::Borrow<MapData>>(map: &LpmTrie<T, [u8; 16], u8>) -> Result<BTreeSet<IpNet>> {
+    let mut out = BTreeSet::new();
+    for key in map.keys() {
+        match key {
+            Ok(k) => out.extend(cidr_from_key(&k)),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("iterating NM_POD_CIDRS"),
+        }
+    }
+    Ok(out)
+}
+
+pub fn sync_pod_cidrs(map: &mut Map, desired: &BTreeSet<IpNet>) -> Result<SyncStats> {
+    let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(map).context("NM_POD_CIDRS has an unexpected type")?;
+    let have = read_pod_cidrs(&trie)?;
+    let mut stats = SyncStats::default();
+    for net in desired {
+        if have.contains(net) {
+            stats.unchanged += 1;
+        } else {
+            trie.insert(&cidr_key(net), 1, 0).with_context(|| format!("writing pod CIDR {net}"))?;
+            stats.added += 1;
+        }
+    }
+    for net in have.difference(desired) {
+        match trie.remove(&cidr_key(net)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => stats.removed += 1,
+            Err(e) => return Err(e).with_context(|| format!("removing pod CIDR {net}")),
+        }
+    }
+    Ok(stats)
+}
+
+pub fn write_config(map: &mut Map, config: DatapathConfig) -> Result<()> {
+    let mut array: Array<&mut MapData, DatapathConfig> = Array::try_from(map).context("NM_CONFIG has an unexpected type")?;
+    if array.get(&0, 0).ok() != Some(config) {
+        array.set(0, config, 0).context("writing NM_CONFIG")?;
+    }
+    Ok(())
+}
+
+pub fn read_config<T: std::borrow::Borrow<MapData>>(array: &Array<T, DatapathConfig>) -> Result<DatapathConfig> {
+    array.get(&0, 0).context("reading NM_CONFIG")
+}
+
+/// Counter totals over all CPUs, by name.
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, Counter>) -> Result<Vec<(&'static str, Counter)>> {
+    let mut out = Vec::new();
+    for index in CounterIndex::ALL {
+        let per_cpu = array.get(&(index as u32), 0).with_context(|| format!("reading counter {}", index.name()))?;
+        let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes });
+        out.push((index.name(), total));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_the_16_byte_form() {
+        for a in ["203.0.113.10", "2001:db8::1", "::ffff:0:0", "0.0.0.0"] {
+            let ip: IpAddr = a.parse().unwrap();
+            let back = addr_from16(addr16(ip));
+            // ::ffff:0:0 is the mapped form of 0.0.0.0; both directions agree on the bytes.
+            assert_eq!(addr16(back), addr16(ip), "{a}");
+        }
+    }
+
+    #[test]
+    fn frontend_keys_use_network_byte_order_and_family_icmp() {
+        let k = frontend_key(&FrontendAddr { addr: "203.0.113.10".parse().unwrap(), port: 8080, protocol: Protocol::Tcp });
+        assert_eq!(k.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(k.addr[10..], [0xff, 0xff, 203, 0, 113, 10]);
+        let echo6 = frontend_key(&FrontendAddr { addr: "2001:db8::1".parse().unwrap(), port: 0, protocol: Protocol::IcmpEcho });
+        assert_eq!(echo6.proto, PROTO_ICMPV6);
+        assert_eq!(frontend_addr(&echo6).unwrap().protocol, Protocol::IcmpEcho);
+    }
+
+    #[test]
+    fn cidr_keys_round_trip_both_families() {
+        for c in ["192.0.2.0/25", "10.0.0.0/8", "2001:db8:1::/64", "0.0.0.0/0"] {
+            let net: IpNet = c.parse().unwrap();
+            assert_eq!(cidr_from_key(&cidr_key(&net)), Some(net), "{c}");
+        }
+        assert_eq!(cidr_key(&"192.0.2.0/25".parse().unwrap()).prefix_len(), 96 + 25);
+    }
+}

@@ -1,0 +1,140 @@
+//! The kernel side, as the agent drives it: load the programs, adopt the pinned maps, attach
+//! to pod interfaces, and write the maps by diff.
+pub mod attach;
+pub mod maps;
+pub mod pins;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use ipnet::IpNet;
+use node_manager_common::{DatapathConfig, map_names};
+
+use self::{
+    attach::{DIRECTIONS, Iface, Mechanism},
+    maps::SyncStats,
+    pins::{PinState, Pins},
+};
+use crate::model::{FrontendAddr, Target};
+
+/// The eBPF object built by build.rs from node-manager-ebpf.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node-manager"));
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Option<Pins>,
+    mechanism: Mechanism,
+}
+
+impl Datapath {
+    /// Loads the programs with their maps pinned under `<bpffs>/node-manager/v<N>/maps`,
+    /// reusing pinned maps whose layout matches (their entries keep serving traffic) and
+    /// replacing any whose layout does not.
+    pub fn load_pinned(bpffs: &Path) -> Result<Datapath> {
+        pins::ensure_bpffs(bpffs)?;
+        let pins = Pins::new(bpffs);
+        pins.create_dirs()?;
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            let path = pins.map(name);
+            let expected = pins::expected_layout(name).ok_or_else(|| anyhow!("no expected layout for {name}"))?;
+            match pins::check_pinned_map(&path, expected)? {
+                PinState::Absent => tracing::info!(map = name, "creating map"),
+                PinState::Matches => tracing::info!(map = name, "adopting pinned map"),
+                PinState::Foreign(why) => {
+                    tracing::warn!(map = name, pin = %path.display(), %why, "pinned map has a foreign layout; not reusing it, replacing it with a new map filled from the desired state");
+                    attach::remove_pin(&path)?;
+                }
+            }
+            loader.map_pin_path(name, path);
+        }
+        let ebpf = loader.load(OBJECT).context("loading the eBPF object (maps)")?;
+        Self::finish(ebpf, Some(pins))
+    }
+
+    /// Loads the programs with private, unpinned maps: for BPF_PROG_TEST_RUN tests and
+    /// benchmarks. Nothing is attached or left behind.
+    pub fn load_unpinned() -> Result<Datapath> {
+        let ebpf = EbpfLoader::new().load(OBJECT).context("loading the eBPF object")?;
+        Self::finish(ebpf, None)
+    }
+
+    fn finish(mut ebpf: Ebpf, pins: Option<Pins>) -> Result<Datapath> {
+        for (_, _, name) in DIRECTIONS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a TC program"))?;
+            // The verifier's log is part of the error.
+            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect() })
+    }
+
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        self.ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into().context("not a TC program")
+    }
+
+    fn pins(&self) -> Result<&Pins> {
+        self.pins.as_ref().ok_or_else(|| anyhow!("datapath loaded without pins cannot attach"))
+    }
+
+    /// Attaches both programs to the interface, replacing ours atomically if already there.
+    pub fn attach(&mut self, iface: &Iface) -> Result<()> {
+        let links_dir = self.pins()?.links_dir();
+        let mechanism = self.mechanism;
+        for (attach_type, direction, name) in DIRECTIONS {
+            let program = self.program(name)?;
+            attach::attach(program, mechanism, &links_dir, iface, attach_type, direction)?;
+        }
+        Ok(())
+    }
+
+    pub fn detach(&self, iface: &Iface) -> Result<()> {
+        attach::detach(&self.pins()?.links_dir(), iface)
+    }
+
+    /// Interfaces that currently have our pinned links.
+    pub fn attached(&self) -> BTreeSet<Iface> {
+        self.pins.as_ref().map(|p| attach::pinned_ifaces(&p.links_dir())).unwrap_or_default()
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+    }
+
+    pub fn sync_frontends(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
+        let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
+        maps::sync_frontends(&mut map, desired)
+    }
+
+    pub fn sync_pod_cidrs(&mut self, desired: &BTreeSet<IpNet>) -> Result<SyncStats> {
+        maps::sync_pod_cidrs(self.map_mut(map_names::POD_CIDRS)?, desired)
+    }
+
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
+        maps::write_config(self.map_mut(map_names::CONFIG)?, config)
+    }
+
+    /// Counter totals, by name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, node_manager_common::Counter)>> {
+        let map = self.ebpf.map(map_names::COUNTERS).ok_or_else(|| anyhow!("no counters map"))?;
+        maps::read_counters(&aya::maps::PerCpuArray::try_from(map)?)
+    }
+
+    /// Number of remembered flows (iterates the LRU map; for inspection, not the hot path).
+    pub fn flow_count(&self) -> Result<usize> {
+        let map = self.ebpf.map(map_names::FLOWS).ok_or_else(|| anyhow!("no flows map"))?;
+        let flows: aya::maps::HashMap<_, node_manager_common::FlowKey, node_manager_common::Flow> = aya::maps::HashMap::try_from(map)?;
+        Ok(flows.keys().filter(Result::is_ok).count())
+    }
+}

@@ -1,0 +1,131 @@
+//! Where the datapath lives in bpffs, and the check that a pinned map has the layout this
+//! build expects before it is reused (aya would reuse any object pinned at the path).
+//!
+//! ```text
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/maps/NM_FRONTENDS ...   pinned maps
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/<ifname>.<ifindex>.<ingress|egress>   TCX links
+//! ```
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{MapInfo, MapType};
+use node_manager_common::{
+    COUNTERS_LEN, Counter, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey, Frontend, FrontendKey, LAYOUT_VERSION,
+    POD_CIDRS_MAX, map_names,
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Clone, Debug)]
+pub struct Pins {
+    /// `<bpffs>/node-manager`
+    pub root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(bpffs: &Path) -> Pins {
+        Pins { root: bpffs.join("node-manager") }
+    }
+
+    pub fn layout_dir(&self) -> PathBuf {
+        self.root.join(format!("v{LAYOUT_VERSION}"))
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.layout_dir().join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.layout_dir().join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn create_dirs(&self) -> Result<()> {
+        for dir in [self.maps_dir(), self.links_dir()] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {} (is bpffs writable?)", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes sure `bpffs` is a mounted BPF filesystem; mounts one there if the directory exists
+/// and is not (what a DaemonSet's hostPath usually needs on first start).
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    if is_bpffs(bpffs) {
+        return Ok(());
+    }
+    fs::create_dir_all(bpffs).with_context(|| format!("creating bpffs mount point {}", bpffs.display()))?;
+    let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
+    // SAFETY: plain mount(2) with valid NUL-terminated strings.
+    let rc = unsafe { libc::mount(c"bpffs".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "{} is not a BPF filesystem and mounting one failed ({err}); mount it with `mount -t bpf bpffs {}` \
+             (needs CAP_SYS_ADMIN) or pass --bpffs pointing at a mounted bpffs",
+            bpffs.display(),
+            bpffs.display()
+        );
+    }
+    tracing::info!(path = %bpffs.display(), "mounted bpffs");
+    Ok(())
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct owned here.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// The layout this build expects of each pinned map.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub fn expected_layout(name: &str) -> Option<Layout> {
+    use std::mem::size_of;
+    let l = |map_type, key: usize, value: usize, max_entries| Layout { map_type, key_size: key as u32, value_size: value as u32, max_entries };
+    Some(match name {
+        map_names::FRONTENDS => l(MapType::Hash, size_of::<FrontendKey>(), size_of::<Frontend>(), FRONTENDS_MAX),
+        map_names::POD_CIDRS => l(MapType::LpmTrie, 4 + 16, 1, POD_CIDRS_MAX),
+        map_names::FLOWS => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_MAX),
+        map_names::CONFIG => l(MapType::Array, 4, size_of::<DatapathConfig>(), 1),
+        map_names::COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), COUNTERS_LEN),
+        _ => return None,
+    })
+}
+
+/// What is pinned at `path`, if anything, compared with what is expected.
+pub enum PinState {
+    Absent,
+    Matches,
+    Foreign(String),
+}
+
+pub fn check_pinned_map(path: &Path, expected: Layout) -> Result<PinState> {
+    if !path.exists() {
+        return Ok(PinState::Absent);
+    }
+    let info = MapInfo::from_pin(path).with_context(|| format!("reading pinned map {}", path.display()))?;
+    let found = Layout {
+        map_type: info.map_type().with_context(|| format!("map type of {}", path.display()))?,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+    };
+    Ok(if found == expected { PinState::Matches } else { PinState::Foreign(format!("found {found:?}, expected {expected:?}")) })
+}

@@ -1,0 +1,139 @@
+//! `node-manager inspect`: the live datapath, decoded from the pins alone (works with or
+//! without a running agent). The same state is printed for people or as JSON for jq.
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use node_manager_common::{DatapathConfig, Flow, FlowKey, map_names};
+use serde::Serialize;
+
+use crate::datapath::{
+    attach::{self, Mechanism},
+    maps,
+    pins::Pins,
+};
+
+#[derive(Debug, Serialize)]
+pub struct State {
+    pub pins: String,
+    pub installed: bool,
+    pub features: Vec<Feature>,
+    pub interfaces: Vec<Interface>,
+    pub pod_cidrs: Vec<String>,
+    pub frontends: Vec<FrontendEntry>,
+    pub flows: usize,
+    pub masquerade_mark: Option<String>,
+    pub counters: Vec<CounterEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    pub active: bool,
+    pub mechanism: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    pub present: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendEntry {
+    pub frontend: String,
+    pub cluster_ip: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterEntry {
+    pub name: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn open(pins: &Pins, name: &str) -> Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("{name}: unsupported map type"))
+}
+
+pub fn read(bpffs: &Path) -> Result<State> {
+    let pins = Pins::new(bpffs);
+    let installed = pins.map(map_names::FRONTENDS).exists();
+    let mut state = State {
+        pins: pins.layout_dir().display().to_string(),
+        installed,
+        features: Vec::new(),
+        interfaces: Vec::new(),
+        pod_cidrs: Vec::new(),
+        frontends: Vec::new(),
+        flows: 0,
+        masquerade_mark: None,
+        counters: Vec::new(),
+    };
+    if !installed {
+        return Ok(state);
+    }
+    let mut ifaces: Vec<_> = attach::pinned_ifaces(&pins.links_dir()).into_iter().collect();
+    ifaces.sort();
+    state.interfaces = ifaces
+        .iter()
+        .map(|i| Interface { name: i.name.clone(), ifindex: i.index, present: crate::interfaces::exists(i) })
+        .collect();
+    let mechanism = if state.interfaces.is_empty() { Mechanism::detect() } else { Mechanism::Tcx };
+    state.features.push(Feature {
+        name: "external-cluster (pods, TC)",
+        active: !state.interfaces.is_empty(),
+        mechanism: format!("{} on {} interface(s)", mechanism.name(), state.interfaces.len()),
+    });
+
+    let frontends: HashMap<MapData, _, _> = HashMap::try_from(open(&pins, map_names::FRONTENDS)?)?;
+    for (key, value) in maps::read_frontends(&frontends)? {
+        let frontend = maps::frontend_addr(&key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
+        state.frontends.push(FrontendEntry { frontend, cluster_ip: maps::addr_from16(value.cluster_addr).to_string() });
+    }
+    let trie: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(open(&pins, map_names::POD_CIDRS)?)?;
+    state.pod_cidrs = maps::read_pod_cidrs(&trie)?.iter().map(ToString::to_string).collect();
+    let flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(open(&pins, map_names::FLOWS)?)?;
+    state.flows = flows.keys().filter(Result::is_ok).count();
+    let config: Array<MapData, DatapathConfig> = Array::try_from(open(&pins, map_names::CONFIG)?)?;
+    state.masquerade_mark = maps::read_config(&config).ok().map(|c| format!("{:#x}", c.masquerade_mark));
+    let counters: PerCpuArray<MapData, node_manager_common::Counter> = PerCpuArray::try_from(open(&pins, map_names::COUNTERS)?)?;
+    state.counters = maps::read_counters(&counters)?
+        .into_iter()
+        .map(|(name, c)| CounterEntry { name, packets: c.packets, bytes: c.bytes })
+        .collect();
+    Ok(state)
+}
+
+pub fn render(state: &State) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "node-manager datapath at {}", state.pins);
+    if !state.installed {
+        let _ = writeln!(out, "  not installed (no pinned maps)");
+        return out;
+    }
+    let _ = writeln!(out, "features:");
+    for f in &state.features {
+        let _ = writeln!(out, "  {:<30} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
+    }
+    let _ = writeln!(out, "interfaces ({}):", state.interfaces.len());
+    for i in &state.interfaces {
+        let _ = writeln!(out, "  {} (ifindex {}){}", i.name, i.ifindex, if i.present { "" } else { " — gone, pin is stale" });
+    }
+    let _ = writeln!(out, "pod CIDRs: {}", if state.pod_cidrs.is_empty() { "(none)".to_owned() } else { state.pod_cidrs.join(", ") });
+    let _ = writeln!(out, "masquerade mark: {}", state.masquerade_mark.as_deref().unwrap_or("?"));
+    let _ = writeln!(out, "frontends ({}):", state.frontends.len());
+    for f in &state.frontends {
+        let _ = writeln!(out, "  {:<40} -> {}", f.frontend, f.cluster_ip);
+    }
+    let _ = writeln!(out, "flows: {} remembered", state.flows);
+    let _ = writeln!(out, "counters:{:>28}{:>16}", "packets", "bytes");
+    for c in &state.counters {
+        let _ = writeln!(out, "  {:<24}{:>12}{:>16}", c.name, c.packets, c.bytes);
+    }
+    out
+}

@@ -1,0 +1,16 @@
+//! Where Services (and this node's pod CIDRs) come from. A source publishes complete
+//! snapshots — level-triggered, never deltas — so the reconciler can always rebuild the full
+//! desired state. The services file is one source; the Kubernetes API is the other.
+pub mod file;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    /// The Node's spec.podCIDRs, when the source knows them.
+    pub node_pod_cidrs: Option<Vec<IpNet>>,
+    /// Per-object problems found while reading (each names the object).
+    pub warnings: Vec<String>,
+}
