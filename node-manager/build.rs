@@ -39,9 +39,7 @@ fn main() -> anyhow::Result<()> {
         [Package { name: "node-manager-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         Toolchain::Custom(&toolchain),
     )
-    .with_context(|| {
-        format!("building the eBPF programs with toolchain {toolchain:?} (run `cargo xtask setup` first)")
-    })
+    .with_context(|| format!("building the eBPF programs with toolchain {toolchain:?} (run `cargo xtask setup` first)"))
 }
 
 fn has_rustup_toolchain(name: &str) -> bool {

@@ -50,10 +50,7 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
     if flow::remember(&flow::key_from_pod(&pkt, cluster_addr), external_addr).is_err() {
         count(&ctx, CounterIndex::FlowInsertFailed);
     }
-    count(
-        &ctx,
-        if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 },
-    );
+    count(&ctx, if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 });
     CONTINUE
 }
 
@@ -71,10 +68,7 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     if set_addr(&mut ctx, &pkt, Which::Source, &cluster_addr, &external_addr).is_err() {
         return pass(&ctx, CounterIndex::RewriteFailed);
     }
-    count(
-        &ctx,
-        if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 },
-    );
+    count(&ctx, if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 });
     CONTINUE
 }
 

@@ -49,9 +49,7 @@ pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16],
         let mut from = *old;
         let mut to = *new;
         // SAFETY: both buffers are 16 bytes on the stack, sizes given in bytes.
-        let diff = unsafe {
-            bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0)
-        };
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
         if diff < 0 {
             return Err(diff);
         }

@@ -117,22 +117,39 @@ impl Agent {
 
     fn sync_maps(&mut self, snapshot: Snapshot) {
         self.report_once(&snapshot.warnings);
-        let opts = model::Options { external_ip_allow: self.cfg.external_ip_allow.clone(), ipv4: self.cfg.ipv4, ipv6: self.cfg.ipv6 };
+        let opts = model::Options {
+            external_ip_allow: self.cfg.external_ip_allow.clone(),
+            ipv4: self.cfg.ipv4,
+            ipv6: self.cfg.ipv6,
+        };
         let started = std::time::Instant::now();
         let desired = model::desired(&snapshot.services, &opts);
         self.report_once(&desired.warnings);
         let pod_cidrs = self.pod_cidrs(&snapshot);
         if pod_cidrs.is_empty() {
-            self.report_once(&["no pod CIDR is known: pods' traffic is not rewritten; set POD_CIDR_IPV4/POD_CIDR_IPV6".to_owned()]);
+            self.report_once(&[
+                "no pod CIDR is known: pods' traffic is not rewritten; set POD_CIDR_IPV4/POD_CIDR_IPV6".to_owned(),
+            ]);
         }
         match self.datapath.sync_frontends(&desired.frontends) {
-            Ok(stats) => tracing::info!(frontends = desired.frontends.len(), added = stats.added, changed = stats.changed, removed = stats.removed, elapsed_us = started.elapsed().as_micros() as u64, "frontends synced"),
-            Err(e) => tracing::error!(error = format!("{e:#}"), "syncing frontends failed; retrying at the next resync"),
+            Ok(stats) => tracing::info!(
+                frontends = desired.frontends.len(),
+                added = stats.added,
+                changed = stats.changed,
+                removed = stats.removed,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "frontends synced"
+            ),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "syncing frontends failed; retrying at the next resync")
+            }
         }
         match self.datapath.sync_pod_cidrs(&pod_cidrs) {
             Ok(stats) if stats.added + stats.removed > 0 => tracing::info!(pod_cidrs = ?pod_cidrs, "pod CIDRs synced"),
             Ok(_) => {}
-            Err(e) => tracing::error!(error = format!("{e:#}"), "syncing pod CIDRs failed; retrying at the next resync"),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "syncing pod CIDRs failed; retrying at the next resync")
+            }
         }
         self.snapshot = Some(snapshot);
     }
@@ -163,11 +180,14 @@ impl Agent {
                     self.attached.insert(iface.clone());
                 }
                 // Vanished meanwhile, or refused: reported, retried at the next rescan.
-                Err(e) if interfaces::exists(iface) => tracing::error!(iface = %iface.name, error = format!("{e:#}"), "attaching failed"),
+                Err(e) if interfaces::exists(iface) => {
+                    tracing::error!(iface = %iface.name, error = format!("{e:#}"), "attaching failed")
+                }
                 Err(_) => {}
             }
         }
-        let stale: Vec<Iface> = self.datapath.attached().union(&self.attached).filter(|i| !wanted.contains(i)).cloned().collect();
+        let stale: Vec<Iface> =
+            self.datapath.attached().union(&self.attached).filter(|i| !wanted.contains(i)).cloned().collect();
         for iface in stale {
             match self.datapath.detach(&iface) {
                 Ok(()) => tracing::info!(iface = %iface.name, ifindex = iface.index, "detached"),

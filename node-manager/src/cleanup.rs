@@ -23,7 +23,7 @@ pub fn cleanup(bpffs: &Path) -> Result<Report> {
         for version in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?.flatten() {
             let links = version.path().join("links");
             for link in fs::read_dir(&links).into_iter().flatten().flatten() {
-                attach::remove_pin(&link.path())?;
+                attach::release_link(&link.path())?;
                 report.links_removed += 1;
             }
         }
@@ -34,10 +34,9 @@ pub fn cleanup(bpffs: &Path) -> Result<Report> {
         }
     }
     // Netlink filters (kernels without TCX) are not pinned: remove ours from every interface.
-    for entry in fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for iface in crate::interfaces::all().unwrap_or_default() {
         for (attach_type, _, _) in DIRECTIONS {
-            attach::detach_netlink(&name, attach_type);
+            attach::detach_netlink(&iface.name, attach_type);
         }
     }
     Ok(report)

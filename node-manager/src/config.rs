@@ -145,10 +145,12 @@ pub fn parse_bool(value: Option<&str>, default: bool, what: &str) -> Result<bool
 pub fn parse_cidrs(value: &str, v4: bool, what: &str) -> Result<Vec<IpNet>> {
     let mut out = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let net: IpNet = part
-            .parse()
-            .or_else(|_| part.parse::<IpAddr>().map(IpNet::from))
-            .with_context(|| format!("{what}: {part:?} is not a CIDR (for example {})", if v4 { "10.244.1.0/24" } else { "fd00:10:244:1::/64" }))?;
+        let net: IpNet = part.parse().or_else(|_| part.parse::<IpAddr>().map(IpNet::from)).with_context(|| {
+            format!(
+                "{what}: {part:?} is not a CIDR (for example {})",
+                if v4 { "10.244.1.0/24" } else { "fd00:10:244:1::/64" }
+            )
+        })?;
         let is_v4 = matches!(net, IpNet::V4(_));
         if is_v4 != v4 {
             bail!("{what}: {part:?} is not an {} CIDR", if v4 { "IPv4" } else { "IPv6" });
@@ -179,7 +181,11 @@ fn parse_mark(value: Option<&str>) -> Result<u32> {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => v.parse(),
     };
-    parsed.with_context(|| format!("--masquerade-mark / MASQUERADE_MARK: {v:?} is not a 32-bit number (for example 0x4000, or 0 to disable)"))
+    parsed.with_context(|| {
+        format!(
+            "--masquerade-mark / MASQUERADE_MARK: {v:?} is not a 32-bit number (for example 0x4000, or 0 to disable)"
+        )
+    })
 }
 
 impl Config {
@@ -194,10 +200,14 @@ impl Config {
                 Some(v)
             })
         };
-        let drop_invalid = legacy_bool(args.drop_invalid_input, "RULE_DROP_INVALID_INPUT", "RULE_DROP_INVALID_INPUT_ENABLE");
-        let external_cluster = legacy_bool(args.external_cluster, "RULE_EXTERNAL_CLUSTER", "RULE_EXTERNAL_CLUSTER_ENABLE");
-        let drop_invalid_input = parse_bool(drop_invalid.as_deref(), true, "--drop-invalid-input / RULE_DROP_INVALID_INPUT_ENABLE")?;
-        let external_cluster = parse_bool(external_cluster.as_deref(), false, "--external-cluster / RULE_EXTERNAL_CLUSTER_ENABLE")?;
+        let drop_invalid =
+            legacy_bool(args.drop_invalid_input, "RULE_DROP_INVALID_INPUT", "RULE_DROP_INVALID_INPUT_ENABLE");
+        let external_cluster =
+            legacy_bool(args.external_cluster, "RULE_EXTERNAL_CLUSTER", "RULE_EXTERNAL_CLUSTER_ENABLE");
+        let drop_invalid_input =
+            parse_bool(drop_invalid.as_deref(), true, "--drop-invalid-input / RULE_DROP_INVALID_INPUT_ENABLE")?;
+        let external_cluster =
+            parse_bool(external_cluster.as_deref(), false, "--external-cluster / RULE_EXTERNAL_CLUSTER_ENABLE")?;
 
         let (mut ipv4, mut ipv6) = (true, true);
         if let Some(stack) = env_nonempty("NET_STACK") {
@@ -213,8 +223,12 @@ impl Config {
             }
         }
 
-        let v4 = nonempty(args.pod_cidr_ipv4).map(|v| parse_cidrs(&v, true, "--pod-cidr-ipv4 / POD_CIDR_IPV4")).transpose()?;
-        let v6 = nonempty(args.pod_cidr_ipv6).map(|v| parse_cidrs(&v, false, "--pod-cidr-ipv6 / POD_CIDR_IPV6")).transpose()?;
+        let v4 = nonempty(args.pod_cidr_ipv4)
+            .map(|v| parse_cidrs(&v, true, "--pod-cidr-ipv4 / POD_CIDR_IPV4"))
+            .transpose()?;
+        let v6 = nonempty(args.pod_cidr_ipv6)
+            .map(|v| parse_cidrs(&v, false, "--pod-cidr-ipv6 / POD_CIDR_IPV6"))
+            .transpose()?;
         let pod_cidrs_override = match (v4, v6) {
             (None, None) => None,
             (a, b) => Some(a.into_iter().flatten().chain(b.into_iter().flatten()).collect()),
@@ -233,7 +247,8 @@ impl Config {
             .map(str::to_owned)
             .collect::<Vec<_>>();
         for pattern in &pod_interfaces {
-            glob::Pattern::new(pattern).with_context(|| format!("--pod-interfaces / POD_INTERFACES: {pattern:?} is not a glob"))?;
+            glob::Pattern::new(pattern)
+                .with_context(|| format!("--pod-interfaces / POD_INTERFACES: {pattern:?} is not a glob"))?;
         }
         let external_ip_allow = nonempty(args.external_ip_allow)
             .map(|v| parse_any_cidrs(&v, "--external-ip-allow / EXTERNAL_IP_ALLOW"))

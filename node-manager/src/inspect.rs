@@ -38,6 +38,16 @@ pub struct Interface {
     pub name: String,
     pub ifindex: u32,
     pub present: bool,
+    /// Programs on the interface's TCX hooks, in run order (ours and others', e.g. a CNI's).
+    pub tcx_ingress: Vec<String>,
+    pub tcx_egress: Vec<String>,
+}
+
+/// Names of the programs attached to an interface's TCX hook, in order.
+fn tcx_programs(iface: &str, attach_type: aya::programs::TcAttachType) -> Vec<String> {
+    aya::programs::SchedClassifier::query_tcx(iface, attach_type)
+        .map(|(_, progs)| progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -80,7 +90,13 @@ pub fn read(bpffs: &Path) -> Result<State> {
     ifaces.sort();
     state.interfaces = ifaces
         .iter()
-        .map(|i| Interface { name: i.name.clone(), ifindex: i.index, present: crate::interfaces::exists(i) })
+        .map(|i| Interface {
+            name: i.name.clone(),
+            ifindex: i.index,
+            present: !i.name.is_empty(),
+            tcx_ingress: tcx_programs(&i.name, aya::programs::TcAttachType::Ingress),
+            tcx_egress: tcx_programs(&i.name, aya::programs::TcAttachType::Egress),
+        })
         .collect();
     let mechanism = if state.interfaces.is_empty() { Mechanism::detect() } else { Mechanism::Tcx };
     state.features.push(Feature {
@@ -100,7 +116,8 @@ pub fn read(bpffs: &Path) -> Result<State> {
     state.flows = flows.keys().filter(Result::is_ok).count();
     let config: Array<MapData, DatapathConfig> = Array::try_from(open(&pins, map_names::CONFIG)?)?;
     state.masquerade_mark = maps::read_config(&config).ok().map(|c| format!("{:#x}", c.masquerade_mark));
-    let counters: PerCpuArray<MapData, node_manager_common::Counter> = PerCpuArray::try_from(open(&pins, map_names::COUNTERS)?)?;
+    let counters: PerCpuArray<MapData, node_manager_common::Counter> =
+        PerCpuArray::try_from(open(&pins, map_names::COUNTERS)?)?;
     state.counters = maps::read_counters(&counters)?
         .into_iter()
         .map(|(name, c)| CounterEntry { name, packets: c.packets, bytes: c.bytes })
@@ -122,9 +139,24 @@ pub fn render(state: &State) -> String {
     }
     let _ = writeln!(out, "interfaces ({}):", state.interfaces.len());
     for i in &state.interfaces {
-        let _ = writeln!(out, "  {} (ifindex {}){}", i.name, i.ifindex, if i.present { "" } else { " — gone, pin is stale" });
+        if !i.present {
+            let _ = writeln!(out, "  ifindex {} — gone, pin is stale", i.ifindex);
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "  {} (ifindex {})  tcx ingress: [{}]  tcx egress: [{}]",
+            i.name,
+            i.ifindex,
+            i.tcx_ingress.join(", "),
+            i.tcx_egress.join(", ")
+        );
     }
-    let _ = writeln!(out, "pod CIDRs: {}", if state.pod_cidrs.is_empty() { "(none)".to_owned() } else { state.pod_cidrs.join(", ") });
+    let _ = writeln!(
+        out,
+        "pod CIDRs: {}",
+        if state.pod_cidrs.is_empty() { "(none)".to_owned() } else { state.pod_cidrs.join(", ") }
+    );
     let _ = writeln!(out, "masquerade mark: {}", state.masquerade_mark.as_deref().unwrap_or("?"));
     let _ = writeln!(out, "frontends ({}):", state.frontends.len());
     for f in &state.frontends {

@@ -42,7 +42,11 @@ fn main() -> ExitCode {
         }
         Command::Cleanup(args) => match cleanup::cleanup(&bpffs_or_default(args.bpffs)) {
             Ok(report) => {
-                println!("cleanup: {} link(s) released, pins {}", report.links_removed, if report.pins_removed { "removed" } else { "absent" });
+                println!(
+                    "cleanup: {} link(s) released, pins {}",
+                    report.links_removed,
+                    if report.pins_removed { "removed" } else { "absent" }
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

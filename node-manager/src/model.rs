@@ -116,7 +116,12 @@ pub fn desired(services: &[Service], opts: &Options) -> Desired {
 }
 
 /// The frontends of one Service, with the cluster IP of each one's family.
-fn service_frontends(svc: &Service, owner: &str, opts: &Options, warnings: &mut Vec<String>) -> Vec<(FrontendAddr, IpAddr)> {
+fn service_frontends(
+    svc: &Service,
+    owner: &str,
+    opts: &Options,
+    warnings: &mut Vec<String>,
+) -> Vec<(FrontendAddr, IpAddr)> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
     };
@@ -126,7 +131,8 @@ fn service_frontends(svc: &Service, owner: &str, opts: &Options, warnings: &mut 
     // Cluster IPs by family: spec.clusterIPs (dual-stack), falling back to spec.clusterIP.
     let mut cluster_v4 = None;
     let mut cluster_v6 = None;
-    let cluster_ips = spec.cluster_ips.clone().filter(|ips| !ips.is_empty()).or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]));
+    let cluster_ips =
+        spec.cluster_ips.clone().filter(|ips| !ips.is_empty()).or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]));
     let cluster_ips = cluster_ips.unwrap_or_default();
     if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| ip == "None" || ip.is_empty()) {
         return Vec::new(); // headless, or not allocated yet
@@ -174,7 +180,10 @@ fn service_frontends(svc: &Service, owner: &str, opts: &Options, warnings: &mut 
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                warnings.push(format!("{owner}: port {} protocol {other} is not supported by the datapath; skipped", port.port));
+                warnings.push(format!(
+                    "{owner}: port {} protocol {other} is not supported by the datapath; skipped",
+                    port.port
+                ));
                 continue;
             }
         };
@@ -248,7 +257,10 @@ mod tests {
 
     #[test]
     fn load_balancer_ip_maps_each_port_and_echo_to_the_cluster_ip() {
-        let d = desired(&[lb("default", "web", &["10.96.0.10"], &["203.0.113.10"], &[(80, "TCP"), (53, "UDP")])], &Options::all());
+        let d = desired(
+            &[lb("default", "web", &["10.96.0.10"], &["203.0.113.10"], &[(80, "TCP"), (53, "UDP")])],
+            &Options::all(),
+        );
         assert!(d.warnings.is_empty(), "{:?}", d.warnings);
         assert_eq!(
             targets(&d),

@@ -40,7 +40,8 @@ fn datapath() -> Datapath {
         }
     }
     dp.sync_frontends(&fe).unwrap();
-    let cidrs: BTreeSet<ipnet::IpNet> = ["192.0.2.0/25", "2001:db8:1::/64"].iter().map(|c| c.parse().unwrap()).collect();
+    let cidrs: BTreeSet<ipnet::IpNet> =
+        ["192.0.2.0/25", "2001:db8:1::/64"].iter().map(|c| c.parse().unwrap()).collect();
     dp.sync_pod_cidrs(&cidrs).unwrap();
     dp.set_config(DatapathConfig { masquerade_mark: 0x4000 }).unwrap();
     dp
@@ -54,16 +55,13 @@ fn try_run(dp: &mut Datapath, program: &str, input: &[u8]) -> Result<Run, aya::p
     let mut out = vec![0u8; input.len() + 256];
     let ctx_in = [0u8; SKB_CTX_LEN];
     let mut ctx_out = [0u8; SKB_CTX_LEN];
-    let result = dp
-        .program(program)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            ..Default::default()
-        })?;
+    let result = dp.program(program).unwrap().test_run(TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        ..Default::default()
+    })?;
     out.truncate(result.data_size_out as usize);
     Ok(Run { ret: result.return_value, out, mark: u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()) })
 }
@@ -110,8 +108,19 @@ fn pod_to_frontend_is_rewritten_to_the_cluster_ip_with_valid_checksums_then_the_
 
         // The reply from the cluster IP gets the external address back as its source.
         let reply = match spec.proto {
-            frames::TCP | frames::UDP => Spec { src: cluster.parse().unwrap(), dst: spec.src, sport: spec.dport, dport: spec.sport, ..spec.clone() },
-            _ => Spec { src: cluster.parse().unwrap(), dst: spec.src, icmp: (if spec.proto == frames::ICMP { 0 } else { 129 }, 0, spec.icmp.2), ..spec.clone() },
+            frames::TCP | frames::UDP => Spec {
+                src: cluster.parse().unwrap(),
+                dst: spec.src,
+                sport: spec.dport,
+                dport: spec.sport,
+                ..spec.clone()
+            },
+            _ => Spec {
+                src: cluster.parse().unwrap(),
+                dst: spec.src,
+                icmp: (if spec.proto == frames::ICMP { 0 } else { 129 }, 0, spec.icmp.2),
+                ..spec.clone()
+            },
         };
         let r = egress(&mut dp, &frame(&reply));
         assert_eq!(r.ret, CONTINUE, "{what} reply");

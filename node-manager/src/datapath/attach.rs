@@ -59,34 +59,53 @@ pub struct Iface {
     pub index: u32,
 }
 
+/// Pin of an interface's link, keyed by ifindex: bpffs refuses names with dots, which
+/// interface names may contain (`eth0.100`), and an ifindex is not reused within a network
+/// namespace, so it also tells a recreated interface of the same name apart.
 pub fn link_pin(links_dir: &Path, iface: &Iface, direction: &str) -> PathBuf {
-    links_dir.join(format!("{}.{}.{direction}", iface.name, iface.index))
+    links_dir.join(format!("if{}_{direction}", iface.index))
 }
 
-/// Parses a link pin file name back into the interface and direction.
-pub fn parse_link_pin(file_name: &str) -> Option<(Iface, String)> {
-    let (rest, direction) = file_name.rsplit_once('.')?;
-    let (name, index) = rest.rsplit_once('.')?;
-    Some((Iface { name: name.to_owned(), index: index.parse().ok()? }, direction.to_owned()))
+/// Parses a link pin file name back into the ifindex and direction.
+pub fn parse_link_pin(file_name: &str) -> Option<(u32, String)> {
+    let (index, direction) = file_name.strip_prefix("if")?.split_once('_')?;
+    Some((index.parse().ok()?, direction.to_owned()))
 }
 
-/// Interfaces that have a pinned link, from the pin names.
+/// Interfaces that have a pinned link, with their current names ("" when gone).
 pub fn pinned_ifaces(links_dir: &Path) -> BTreeSet<Iface> {
     let Ok(entries) = fs::read_dir(links_dir) else {
         return BTreeSet::new();
     };
-    entries.flatten().filter_map(|e| parse_link_pin(&e.file_name().to_string_lossy()).map(|(i, _)| i)).collect()
+    entries
+        .flatten()
+        .filter_map(|e| parse_link_pin(&e.file_name().to_string_lossy()))
+        .map(|(index, _)| Iface { name: crate::interfaces::name_of(index).unwrap_or_default(), index })
+        .collect()
 }
 
 /// Attaches (or atomically re-attaches) `program` to `iface` in `attach_type`'s direction.
-pub fn attach(program: &mut SchedClassifier, mechanism: Mechanism, links_dir: &Path, iface: &Iface, attach_type: TcAttachType, direction: &str) -> Result<()> {
+pub fn attach(
+    program: &mut SchedClassifier,
+    mechanism: Mechanism,
+    links_dir: &Path,
+    iface: &Iface,
+    attach_type: TcAttachType,
+    direction: &str,
+) -> Result<()> {
     match mechanism {
         Mechanism::Tcx => attach_tcx(program, links_dir, iface, attach_type, direction),
         Mechanism::Netlink => attach_netlink(program, iface, attach_type),
     }
 }
 
-fn attach_tcx(program: &mut SchedClassifier, links_dir: &Path, iface: &Iface, attach_type: TcAttachType, direction: &str) -> Result<()> {
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    links_dir: &Path,
+    iface: &Iface,
+    attach_type: TcAttachType,
+    direction: &str,
+) -> Result<()> {
     let pin = link_pin(links_dir, iface, direction);
     if pin.exists() {
         match PinnedLink::from_pin(&pin) {
@@ -98,7 +117,9 @@ fn attach_tcx(program: &mut SchedClassifier, links_dir: &Path, iface: &Iface, at
                         drop(program.take_link(id)?);
                         return Ok(());
                     }
-                    Err(e) => tracing::warn!(pin = %pin.display(), error = %e, "pinned link could not be updated; attaching anew"),
+                    Err(e) => {
+                        tracing::warn!(pin = %pin.display(), error = %e, "pinned link could not be updated; attaching anew")
+                    }
                 }
             }
             Err(e) => tracing::warn!(pin = %pin.display(), error = %e, "pinned link unreadable; attaching anew"),
@@ -122,7 +143,15 @@ fn attach_netlink(program: &mut SchedClassifier, iface: &Iface, attach_type: TcA
     // Replace ours: remove the filter at our fixed priority/handle, then add the new one.
     detach_netlink(&iface.name, attach_type);
     let id = program
-        .attach_with_options(&iface.name, attach_type, TcAttachOptions::Netlink(NlOptions { priority: NL_PRIORITY, handle: NL_HANDLE.into(), ..Default::default() }))
+        .attach_with_options(
+            &iface.name,
+            attach_type,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: NL_PRIORITY,
+                handle: NL_HANDLE.into(),
+                ..Default::default()
+            }),
+        )
         .with_context(|| format!("attaching to {} (netlink cls_bpf)", iface.name))?;
     // Hand the filter to the kernel: it stays attached after the agent exits.
     std::mem::forget(program.take_link(id)?);
@@ -131,7 +160,9 @@ fn attach_netlink(program: &mut SchedClassifier, iface: &Iface, attach_type: TcA
 
 /// Removes our netlink filter from an interface, if there is one.
 pub fn detach_netlink(iface: &str, attach_type: TcAttachType) {
-    if let Ok(link) = aya::programs::tc::SchedClassifierLink::attached(iface, attach_type, NL_PRIORITY, NL_HANDLE.into(), None) {
+    if let Ok(link) =
+        aya::programs::tc::SchedClassifierLink::attached(iface, attach_type, NL_PRIORITY, NL_HANDLE.into(), None)
+    {
         let _ = aya::programs::links::Link::detach(link);
     }
 }
@@ -144,13 +175,30 @@ pub fn remove_pin(pin: &Path) -> Result<()> {
     }
 }
 
-/// Detaches from an interface: unpinning a TCX link releases it (nothing else holds it).
+/// Detaches from an interface and removes the link pins.
 pub fn detach(links_dir: &Path, iface: &Iface) -> Result<()> {
     for (attach_type, direction, _) in DIRECTIONS {
-        remove_pin(&link_pin(links_dir, iface, direction))?;
-        detach_netlink(&iface.name, attach_type);
+        release_link(&link_pin(links_dir, iface, direction))?;
+        if !iface.name.is_empty() {
+            detach_netlink(&iface.name, attach_type);
+        }
     }
     Ok(())
+}
+
+/// Detaches a pinned link now, then removes its pin. Only unpinning would leave the
+/// program running until the kernel's deferred release (or for as long as any process still
+/// holds the link); BPF_LINK_DETACH takes it off the hook synchronously.
+pub fn release_link(pin: &Path) -> Result<()> {
+    use std::os::fd::AsFd as _;
+    if let Ok(fd) = super::sys::obj_get(pin)
+        && let Err(e) = super::sys::link_detach(fd.as_fd())
+        // Already detached (its interface is gone), or not a link at all: just unpin.
+        && !matches!(e.raw_os_error(), Some(libc::ENOLINK) | Some(libc::ENOENT) | Some(libc::EINVAL))
+    {
+        return Err(e).with_context(|| format!("detaching link {}", pin.display()));
+    }
+    remove_pin(pin)
 }
 
 #[cfg(test)]
@@ -158,12 +206,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_pin_names_round_trip_with_dotted_interface_names() {
-        let iface = Iface { name: "veth.a1".into(), index: 42 };
+    fn link_pin_names_have_no_dots_and_round_trip() {
+        let iface = Iface { name: "eth0.100".into(), index: 42 };
         let pin = link_pin(Path::new("/x"), &iface, "egress");
         let name = pin.file_name().unwrap().to_string_lossy().into_owned();
-        assert_eq!(name, "veth.a1.42.egress");
-        assert_eq!(parse_link_pin(&name), Some((iface, "egress".to_owned())));
+        assert_eq!(name, "if42_egress");
+        assert!(!name.contains('.'), "bpffs refuses dots in names");
+        assert_eq!(parse_link_pin(&name), Some((42, "egress".to_owned())));
         assert_eq!(parse_link_pin("garbage"), None);
     }
 }

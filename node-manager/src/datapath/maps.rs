@@ -84,7 +84,9 @@ pub fn frontends_of(map: &mut Map) -> Result<FrontendMap<&mut MapData>> {
 }
 
 /// Reads every frontend currently in the map.
-pub fn read_frontends<T: std::borrow::Borrow<MapData>>(map: &HashMap<T, FrontendKey, Frontend>) -> Result<BTreeMap<FrontendKey, Frontend>> {
+pub fn read_frontends<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, FrontendKey, Frontend>,
+) -> Result<BTreeMap<FrontendKey, Frontend>> {
     let mut out = BTreeMap::new();
     for entry in map.iter() {
         match entry {
@@ -99,7 +101,10 @@ pub fn read_frontends<T: std::borrow::Borrow<MapData>>(map: &HashMap<T, Frontend
     Ok(out)
 }
 
-pub fn sync_frontends(map: &mut FrontendMap<&mut MapData>, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
+pub fn sync_frontends(
+    map: &mut FrontendMap<&mut MapData>,
+    desired: &BTreeMap<FrontendAddr, Target>,
+) -> Result<SyncStats> {
     let want: BTreeMap<FrontendKey, Frontend> =
         desired.iter().map(|(f, t)| (frontend_key(f), Frontend { cluster_addr: addr16(t.cluster_ip) })).collect();
     let have = read_frontends(map)?;
@@ -135,7 +140,8 @@ pub fn read_pod_cidrs<T: std::borrow::Borrow<MapData>>(map: &LpmTrie<T, [u8; 16]
 }
 
 pub fn sync_pod_cidrs(map: &mut Map, desired: &BTreeSet<IpNet>) -> Result<SyncStats> {
-    let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(map).context("NM_POD_CIDRS has an unexpected type")?;
+    let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> =
+        LpmTrie::try_from(map).context("NM_POD_CIDRS has an unexpected type")?;
     let have = read_pod_cidrs(&trie)?;
     let mut stats = SyncStats::default();
     for net in desired {
@@ -156,7 +162,8 @@ pub fn sync_pod_cidrs(map: &mut Map, desired: &BTreeSet<IpNet>) -> Result<SyncSt
 }
 
 pub fn write_config(map: &mut Map, config: DatapathConfig) -> Result<()> {
-    let mut array: Array<&mut MapData, DatapathConfig> = Array::try_from(map).context("NM_CONFIG has an unexpected type")?;
+    let mut array: Array<&mut MapData, DatapathConfig> =
+        Array::try_from(map).context("NM_CONFIG has an unexpected type")?;
     if array.get(&0, 0).ok() != Some(config) {
         array.set(0, config, 0).context("writing NM_CONFIG")?;
     }
@@ -168,11 +175,16 @@ pub fn read_config<T: std::borrow::Borrow<MapData>>(array: &Array<T, DatapathCon
 }
 
 /// Counter totals over all CPUs, by name.
-pub fn read_counters<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, Counter>) -> Result<Vec<(&'static str, Counter)>> {
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, Counter>,
+) -> Result<Vec<(&'static str, Counter)>> {
     let mut out = Vec::new();
     for index in CounterIndex::ALL {
         let per_cpu = array.get(&(index as u32), 0).with_context(|| format!("reading counter {}", index.name()))?;
-        let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes });
+        let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        });
         out.push((index.name(), total));
     }
     Ok(out)
@@ -194,10 +206,12 @@ mod tests {
 
     #[test]
     fn frontend_keys_use_network_byte_order_and_family_icmp() {
-        let k = frontend_key(&FrontendAddr { addr: "203.0.113.10".parse().unwrap(), port: 8080, protocol: Protocol::Tcp });
+        let k =
+            frontend_key(&FrontendAddr { addr: "203.0.113.10".parse().unwrap(), port: 8080, protocol: Protocol::Tcp });
         assert_eq!(k.port.to_ne_bytes(), 8080u16.to_be_bytes());
         assert_eq!(k.addr[10..], [0xff, 0xff, 203, 0, 113, 10]);
-        let echo6 = frontend_key(&FrontendAddr { addr: "2001:db8::1".parse().unwrap(), port: 0, protocol: Protocol::IcmpEcho });
+        let echo6 =
+            frontend_key(&FrontendAddr { addr: "2001:db8::1".parse().unwrap(), port: 0, protocol: Protocol::IcmpEcho });
         assert_eq!(echo6.proto, PROTO_ICMPV6);
         assert_eq!(frontend_addr(&echo6).unwrap().protocol, Protocol::IcmpEcho);
     }

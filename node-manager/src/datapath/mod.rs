@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod maps;
 pub mod pins;
+pub mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -134,7 +135,8 @@ impl Datapath {
     /// Number of remembered flows (iterates the LRU map; for inspection, not the hot path).
     pub fn flow_count(&self) -> Result<usize> {
         let map = self.ebpf.map(map_names::FLOWS).ok_or_else(|| anyhow!("no flows map"))?;
-        let flows: aya::maps::HashMap<_, node_manager_common::FlowKey, node_manager_common::Flow> = aya::maps::HashMap::try_from(map)?;
+        let flows: aya::maps::HashMap<_, node_manager_common::FlowKey, node_manager_common::Flow> =
+            aya::maps::HashMap::try_from(map)?;
         Ok(flows.keys().filter(Result::is_ok).count())
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/maps/NM_FRONTENDS ...   pinned maps
-//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/<ifname>.<ifindex>.<ingress|egress>   TCX links
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/if<ifindex>_<ingress|egress>   TCX links
 //! ```
 use std::{
     fs,
@@ -13,8 +13,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
-    COUNTERS_LEN, Counter, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey, Frontend, FrontendKey, LAYOUT_VERSION,
-    POD_CIDRS_MAX, map_names,
+    COUNTERS_LEN, Counter, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey, Frontend, FrontendKey,
+    LAYOUT_VERSION, POD_CIDRS_MAX, map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -60,7 +60,13 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     if is_bpffs(bpffs) {
         return Ok(());
     }
-    fs::create_dir_all(bpffs).with_context(|| format!("creating bpffs mount point {}", bpffs.display()))?;
+    if !bpffs.is_dir() {
+        bail!(
+            "{} does not exist or is not a directory; pass --bpffs pointing at a mounted BPF filesystem \
+             (in a DaemonSet, mount the host's /sys/fs/bpf there)",
+            bpffs.display()
+        );
+    }
     let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
     // SAFETY: plain mount(2) with valid NUL-terminated strings.
     let rc = unsafe { libc::mount(c"bpffs".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
@@ -98,7 +104,12 @@ pub struct Layout {
 
 pub fn expected_layout(name: &str) -> Option<Layout> {
     use std::mem::size_of;
-    let l = |map_type, key: usize, value: usize, max_entries| Layout { map_type, key_size: key as u32, value_size: value as u32, max_entries };
+    let l = |map_type, key: usize, value: usize, max_entries| Layout {
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+    };
     Some(match name {
         map_names::FRONTENDS => l(MapType::Hash, size_of::<FrontendKey>(), size_of::<Frontend>(), FRONTENDS_MAX),
         map_names::POD_CIDRS => l(MapType::LpmTrie, 4 + 16, 1, POD_CIDRS_MAX),
@@ -127,5 +138,9 @@ pub fn check_pinned_map(path: &Path, expected: Layout) -> Result<PinState> {
         value_size: info.value_size(),
         max_entries: info.max_entries(),
     };
-    Ok(if found == expected { PinState::Matches } else { PinState::Foreign(format!("found {found:?}, expected {expected:?}")) })
+    Ok(if found == expected {
+        PinState::Matches
+    } else {
+        PinState::Foreign(format!("found {found:?}, expected {expected:?}"))
+    })
 }

@@ -23,7 +23,10 @@ pub fn parse(text: &str, last_good: &mut HashMap<String, Service>) -> Result<Sna
         let value = serde_yaml::Value::deserialize(document).context("not valid YAML/JSON")?;
         match value {
             serde_yaml::Value::Null => {}
-            serde_yaml::Value::Mapping(ref m) if m.get("items").is_some() || m.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) => {
+            serde_yaml::Value::Mapping(ref m)
+                if m.get("items").is_some()
+                    || m.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) =>
+            {
                 match m.get("items") {
                     Some(serde_yaml::Value::Sequence(seq)) => items.extend(seq.iter().cloned()),
                     Some(serde_yaml::Value::Null) | None => {}
@@ -157,7 +160,11 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.1}]}}
         let s = parse(&format!("{broken}\n---\n{other}"), &mut good).unwrap();
         assert_eq!(names(&s), vec!["ns/a", "ns/b"]);
         assert_eq!(s.warnings.len(), 1);
-        assert!(s.warnings[0].starts_with("ns/a: malformed") && s.warnings[0].contains("last good"), "{:?}", s.warnings);
+        assert!(
+            s.warnings[0].starts_with("ns/a: malformed") && s.warnings[0].contains("last good"),
+            "{:?}",
+            s.warnings
+        );
         // A new object that never parsed is just skipped.
         let s = parse(&broken.replace("name: a", "name: new"), &mut HashMap::new()).unwrap();
         assert!(s.services.is_empty() && s.warnings[0].starts_with("ns/new: malformed"));

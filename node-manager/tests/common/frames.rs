@@ -21,7 +21,15 @@ pub struct Spec {
 
 impl Spec {
     pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> Spec {
-        Spec { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: TCP, sport, dport, icmp: (0, 0, 0), payload: b"hello".to_vec() }
+        Spec {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: TCP,
+            sport,
+            dport,
+            icmp: (0, 0, 0),
+            payload: b"hello".to_vec(),
+        }
     }
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Spec {
         Spec { proto: UDP, ..Spec::tcp(src, sport, dst, dport) }
@@ -103,7 +111,11 @@ pub fn l4(spec: &Spec) -> Vec<u8> {
         UDP => 6,
         _ => 2,
     };
-    let sum = if spec.proto == ICMP { csum_add(0, &seg) } else { csum_add(pseudo_sum(spec.src, spec.dst, spec.proto, seg.len()), &seg) };
+    let sum = if spec.proto == ICMP {
+        csum_add(0, &seg)
+    } else {
+        csum_add(pseudo_sum(spec.src, spec.dst, spec.proto, seg.len()), &seg)
+    };
     let mut c = csum_fold(sum);
     if spec.proto == UDP && c == 0 {
         c = 0xffff;
@@ -158,7 +170,13 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
             return Err("bad IPv4 header checksum".into());
         }
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-        (IpAddr::from([ip[12], ip[13], ip[14], ip[15]]), IpAddr::from([ip[16], ip[17], ip[18], ip[19]]), ip[9], 34, total - 20)
+        (
+            IpAddr::from([ip[12], ip[13], ip[14], ip[15]]),
+            IpAddr::from([ip[16], ip[17], ip[18], ip[19]]),
+            ip[9],
+            34,
+            total - 20,
+        )
     } else {
         let ip = &f[14..54];
         let s: [u8; 16] = ip[8..24].try_into().unwrap();

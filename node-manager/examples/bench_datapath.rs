@@ -1,0 +1,165 @@
+//! Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN), for a hit and a miss, with
+//! 1, 10,000 and 100,000 frontends in the map, side by side with an empty program (the
+//! floor: what any TC program costs to enter). Run as root:
+//! `cargo run --release -p node-manager --example bench_datapath [-- --quick]`.
+//!
+//! The kernel runs the program `repeat` times on the same skb, so a rewritten frame would be a
+//! miss from the second run on. The bench therefore also maps the cluster address back to the
+//! external one: every repetition is a real hit (external→cluster, then cluster→external).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use node_manager::{
+    datapath::Datapath,
+    model::{FrontendAddr, Protocol, Target},
+};
+use node_manager_common::program_names;
+
+const POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const CLUSTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const PORT: u16 = 8080;
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (repeat, rounds) = if quick { (20_000, 3) } else { (1_000_000, 7) };
+    let mut dp = Datapath::load_unpinned().context("loading the datapath (run as root)")?;
+    dp.sync_pod_cidrs(&BTreeSet::from(["192.0.2.0/25".parse()?]))?;
+    let empty = EmptyProgram::load()?;
+    let hit = tcp_frame(EXT, PORT);
+    let miss = tcp_frame(EXT, PORT + 1); // known address, unknown port: a full lookup that misses
+
+    println!(
+        "per-packet cost, pod ingress program, BPF_PROG_TEST_RUN ({repeat} repetitions × {rounds} rounds; median [min–max] ns)"
+    );
+    println!("{:>9}  {:>22}  {:>22}  {:>22}  {:>8}", "frontends", "hit", "miss", "empty program", "hit/empty");
+    let mut first_hit = None;
+    for n in [1usize, 10_000, 100_000] {
+        dp.sync_frontends(&frontends(n))?;
+        let h = measure(rounds, || run(&mut dp, &hit, repeat))?;
+        let m = measure(rounds, || run(&mut dp, &miss, repeat))?;
+        let e = measure(rounds, || empty.run(&hit, repeat))?;
+        first_hit.get_or_insert(h.median);
+        println!("{n:>9}  {:>22}  {:>22}  {:>22}  {:>8.2}", h.show(), m.show(), e.show(), h.median / e.median);
+    }
+    let counters: BTreeMap<_, _> = dp.counters()?.into_iter().collect();
+    if counters["rewrite_ingress_v4"].packets == 0 || counters["pass_no_frontend"].packets == 0 {
+        bail!("broken measurement: the hit or the miss path never ran ({counters:?})");
+    }
+    Ok(())
+}
+
+/// `n` frontends; the last-listed one (highest port of the last address) is the one hit.
+fn frontends(n: usize) -> BTreeMap<FrontendAddr, Target> {
+    let target = |ip: Ipv4Addr| Target { cluster_ip: IpAddr::V4(ip), owner: "bench/svc".into() };
+    let mut map = BTreeMap::new();
+    for i in 0..n.saturating_sub(1) {
+        // Fillers: other addresses in 203.0.113.0/24 and other ports.
+        let addr = Ipv4Addr::new(203, 0, 113, 11 + (i / 60_000) as u8);
+        map.insert(
+            FrontendAddr { addr: addr.into(), port: 1 + (i % 60_000) as u16, protocol: Protocol::Tcp },
+            target(CLUSTER),
+        );
+    }
+    map.insert(FrontendAddr { addr: EXT.into(), port: PORT, protocol: Protocol::Tcp }, target(CLUSTER));
+    // The way back, so repeated runs on one skb stay hits (see the module comment).
+    map.insert(FrontendAddr { addr: CLUSTER.into(), port: PORT, protocol: Protocol::Tcp }, target(EXT));
+    map
+}
+
+fn run(dp: &mut Datapath, frame: &[u8], repeat: u32) -> Result<Duration> {
+    let r = dp.program(program_names::POD_INGRESS)?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    })?;
+    Ok(r.duration)
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn show(&self) -> String {
+        format!("{:.1} [{:.1}–{:.1}]", self.median, self.min, self.max)
+    }
+}
+
+fn measure(rounds: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Stats> {
+    let mut ns: Vec<f64> = (0..rounds).map(|_| f().map(|d| d.as_nanos() as f64)).collect::<Result<_>>()?;
+    ns.sort_by(f64::total_cmp);
+    if ns.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+        bail!("broken measurement: {ns:?}");
+    }
+    Ok(Stats { median: ns[ns.len() / 2], min: ns[0], max: ns[ns.len() - 1] })
+}
+
+fn tcp_frame(dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&POD.octets());
+    ip.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&ip);
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x10;
+    f.extend_from_slice(&tcp);
+    f
+}
+
+/// The floor: a two-instruction TC program (`r0 = -1; exit`) loaded through the raw bpf(2)
+/// syscall, so the product's object carries no test-only program.
+struct EmptyProgram {
+    fd: OwnedFd,
+}
+
+impl EmptyProgram {
+    fn load() -> Result<EmptyProgram> {
+        // BPF_MOV64_IMM(R0, -1); BPF_EXIT_INSN()
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0x00, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes()); // insn_cnt
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(5 /* BPF_PROG_LOAD */, &mut attr).context("loading the empty program")?;
+        // SAFETY: a new fd returned by the kernel, owned here.
+        Ok(EmptyProgram { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn run(&self, frame: &[u8], repeat: u32) -> Result<Duration> {
+        use std::os::fd::AsRawFd as _;
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(self.fd.as_raw_fd() as u32).to_ne_bytes()); // prog_fd
+        attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes()); // data_size_in
+        attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes()); // data_in
+        attr[32..36].copy_from_slice(&repeat.to_ne_bytes()); // repeat
+        bpf(10 /* BPF_PROG_TEST_RUN */, &mut attr).context("running the empty program")?;
+        let duration = u32::from_ne_bytes(attr[36..40].try_into()?);
+        Ok(Duration::from_nanos(u64::from(duration)))
+    }
+}
+
+fn bpf(cmd: i64, attr: &mut [u8; 128]) -> Result<RawFd> {
+    // SAFETY: bpf(2) with a zero-initialised attr of sufficient size, as the kernel expects.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(rc as RawFd)
+}

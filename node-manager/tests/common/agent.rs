@@ -1,0 +1,152 @@
+//! Running the real agent binary inside a lab's node namespace, with a private bpffs.
+#![allow(dead_code)]
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use lab::{Lab, Ns};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_node-manager");
+
+/// A scratch directory with a bpffs mounted in it; `Drop` runs `node-manager cleanup`
+/// against it (so nothing stays attached even if a test failed) and unmounts it.
+pub struct Scratch {
+    pub dir: PathBuf,
+    pub bpffs: PathBuf,
+    node_netns: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(lab: &Lab) -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir =
+            std::env::temp_dir().join(format!("nm-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let bpffs = dir.join("bpffs");
+        fs::create_dir_all(&bpffs).unwrap();
+        let ok = Command::new("mount").args(["-t", "bpf", "bpffs"]).arg(&bpffs).status().unwrap().success();
+        assert!(ok, "mounting a private bpffs at {}", bpffs.display());
+        Scratch { dir, bpffs, node_netns: lab.netns_path(Ns::Node) }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `node-manager <args> --bpffs <ours>` in the node namespace.
+    pub fn nm(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node_netns.display()))
+            .arg("--")
+            .arg(BIN)
+            .args(args)
+            .arg("--bpffs")
+            .arg(&self.bpffs);
+        cmd
+    }
+
+    pub fn inspect(&self) -> serde_json::Value {
+        let out = self.nm(&["inspect", "--json"]).output().unwrap();
+        assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn cleanup(&self) -> std::process::Output {
+        self.nm(&["cleanup"]).output().unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = self.cleanup();
+        let _ = Command::new("umount").arg(&self.bpffs).status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The agent process; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(scratch: &Scratch, args: &[&str]) -> Agent {
+        let log = scratch.file("agent.log");
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        let child = scratch
+            .nm(&full)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Agent { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status.success()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn write(path: &Path, text: &str) {
+    // Write then rename, so the agent never reads half a file.
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// The lab's Service: LoadBalancer, dual-stack, TCP and UDP 8080, externalTrafficPolicy Local.
+pub fn lab_service_yaml(name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{namespace: lab, name: {name}}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  clusterIP: {c4}
+  clusterIPs: [{c4}, "{c6}"]
+  ipFamilies: [IPv4, IPv6]
+  ports:
+  - {{name: tcp, port: 8080, protocol: TCP}}
+  - {{name: udp, port: 8080, protocol: UDP}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {e4}}}, {{ip: "{e6}"}}]
+"#,
+        c4 = lab::CLUSTER_V4,
+        c6 = lab::CLUSTER_V6,
+        e4 = lab::EXTERNAL_V4,
+        e6 = lab::EXTERNAL_V6,
+    )
+}

@@ -1,0 +1,140 @@
+//! `cargo xtask test`: the project's test command.
+
+use std::{path::Path, time::Instant};
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::cmd::{Cmd, elapsed, is_root, step};
+
+/// Network namespaces the tests create start with this.
+const NETNS_PREFIX: &str = "nml-";
+/// Where the agent pins its BPF objects.
+const BPF_PIN_DIR: &str = "/sys/fs/bpf/node-manager";
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Skip `cargo xtask setup` (for quick local runs).
+    #[arg(long)]
+    no_setup: bool,
+    /// Skip `cargo xtask lint` (for quick local runs).
+    #[arg(long)]
+    no_lint: bool,
+    /// Skip the benchmark smoke run.
+    #[arg(long)]
+    no_bench: bool,
+    /// Extra arguments for the test harness, after `--` (e.g. a test name filter).
+    #[arg(last = true)]
+    harness_args: Vec<String>,
+}
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the tests need root: they create network namespaces and load and attach BPF \
+             programs; run `cargo xtask test` as root"
+        );
+    }
+    if args.no_setup {
+        step("test: skipping setup (--no-setup)");
+    } else {
+        crate::setup::run()?;
+    }
+    // A lint failure does not stop the tests: CI then shows both, and fails at the end.
+    let lint = if args.no_lint {
+        step("test: skipping lint (--no-lint)");
+        Ok(())
+    } else {
+        crate::lint::run()
+    };
+
+    if let Err(e) = check_leftovers() {
+        println!(
+            "    warning: these were there before the tests ran, so the check after them will \
+             fail too: {e:#}"
+        );
+    }
+    step("test: cargo test, one test at a time (network-namespace tests must not overlap)");
+    let started = Instant::now();
+    let tests = Cmd::cargo()
+        .args(["test", "--workspace", "--exclude", "node-manager-ebpf", "--all-targets"])
+        .args(["--", "--test-threads=1"])
+        .args(args.harness_args.iter().cloned())
+        .run();
+    let leftovers = check_leftovers();
+    let mut failures = Vec::new();
+    if let Err(e) = lint {
+        failures.push(format!("lint: {e:#}"));
+    }
+    match (tests, leftovers) {
+        (Ok(()), Ok(())) => step(format!("test: tests passed, nothing left behind ({})", elapsed(started))),
+        (tests, leftovers) => {
+            if let Err(e) = tests {
+                failures.push(format!("tests: {e:#}"));
+            }
+            if let Err(e) = leftovers {
+                failures.push(format!("left behind after the tests: {e:#}"));
+            }
+        }
+    }
+
+    if !failures.is_empty() {
+        step("test: skipping the benchmark smoke run (something failed above)");
+    } else if args.no_bench {
+        step("test: skipping the benchmark smoke run (--no-bench)");
+    } else {
+        step("test: benchmark smoke run (cargo xtask bench --quick)");
+        if let Err(e) = crate::bench::run(true).and_then(|()| check_leftovers()) {
+            failures.push(format!("benchmark smoke run: {e:#}"));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{} part(s) failed:\n{}", failures.len(), failures.join("\n"));
+    }
+    println!("xtask test: lint, tests, bench smoke and leftover check all passed");
+    Ok(())
+}
+
+/// Fails, naming them, if network namespaces `nml-*` or the agent's BPF pin directory exist.
+fn check_leftovers() -> Result<()> {
+    step(format!("test: checking for leftovers (network namespaces {NETNS_PREFIX}*, {BPF_PIN_DIR})"));
+    let out = Cmd::new("ip").args(["netns", "list"]).output()?;
+    if !out.status.success() {
+        bail!("`ip netns list` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let namespaces = leftover_namespaces(&stdout);
+    let mut problems = Vec::new();
+    if !namespaces.is_empty() {
+        problems.push(format!("network namespaces {} (remove with `ip netns del NAME`)", namespaces.join(", ")));
+    }
+    if Path::new(BPF_PIN_DIR).exists() {
+        problems.push(format!("pinned BPF objects in {BPF_PIN_DIR} (remove with `rm -r {BPF_PIN_DIR}`)"));
+    }
+    if problems.is_empty() {
+        println!("    no leftovers");
+        Ok(())
+    } else {
+        for p in &problems {
+            eprintln!("LEFTOVER: {p}");
+        }
+        bail!("leftovers: {}", problems.join("; "))
+    }
+}
+
+/// The test namespaces in `ip netns list` output (lines like `nml-pod (id: 3)`).
+fn leftover_namespaces(ip_netns_list: &str) -> Vec<&str> {
+    ip_netns_list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(NETNS_PREFIX)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leftover_namespaces;
+
+    #[test]
+    fn finds_only_test_namespaces() {
+        let out = "nml-pod (id: 3)\nother\nnml-node\n\ncni-1234 (id: 0)\n";
+        assert_eq!(leftover_namespaces(out), ["nml-pod", "nml-node"]);
+        assert!(leftover_namespaces("").is_empty());
+    }
+}
