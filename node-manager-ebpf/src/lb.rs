@@ -29,7 +29,7 @@ pub fn frontend(pkt: &Packet) -> Option<[u8; 16]> {
     let key = FrontendKey { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, pad: 0 };
     // SAFETY: the value is copied out immediately; a concurrent update can at worst give the
     // previous or the next cluster address, both valid.
-    unsafe { NM_FRONTENDS.get(&key) }.map(|f| f.cluster_addr)
+    unsafe { NM_FRONTENDS.get(key) }.map(|f| f.cluster_addr)
 }
 
 #[inline(always)]

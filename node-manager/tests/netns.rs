@@ -214,7 +214,8 @@ fn a_restarted_agent_adopts_the_pinned_datapath_and_replaces_its_programs() {
 
 #[test]
 fn bad_configuration_exits_2_with_a_message_naming_the_setting() {
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         (&["--external-cluster", "yes"], &[], "--external-cluster"),
         (&[], &[("RULE_DROP_INVALID_INPUT_ENABLE", "maybe")], "RULE_DROP_INVALID_INPUT_ENABLE"),
         (&["--pod-cidr-ipv4", "2001:db8::/64"], &[], "POD_CIDR_IPV4"),

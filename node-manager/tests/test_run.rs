@@ -242,6 +242,24 @@ fn malformed_fragmented_and_unusual_frames_pass_untouched() {
     assert!(counters["pass_unparsed"].packets > 0 && counters["pass_not_ip"].packets > 0);
 }
 
+/// Documented limitation: an ICMP error about a rewritten flow (for example port unreachable
+/// from the cluster IP, quoting pod → cluster IP) is not translated back to the external
+/// address; it must still reach the pod untouched, never dropped or half-rewritten.
+#[test]
+fn icmp_errors_about_a_rewritten_flow_pass_untouched() {
+    let mut dp = datapath();
+    for (pod, ext, cluster, error_type) in [(POD4, EXT4, CLUSTER4, 3u8), (POD6, EXT6, CLUSTER6, 1u8)] {
+        let request = Spec::udp(pod, 40100, ext, 8080);
+        let rewritten = ingress(&mut dp, &frame(&request)).out;
+        let ip_len = if request.src.is_ipv4() { 20 } else { 40 };
+        // The error quotes the rewritten datagram's IP header and the first 8 bytes after it.
+        let quote = rewritten[14..14 + ip_len + 8].to_vec();
+        let error = Spec { payload: quote, ..Spec::echo(cluster, pod, error_type, 0) };
+        let input = frame(&error);
+        assert_untouched(&egress(&mut dp, &input), &input, "ICMP error quoting a rewritten flow");
+    }
+}
+
 #[test]
 fn frontend_removal_by_diff_stops_the_rewrite() {
     let mut dp = datapath();
