@@ -9,7 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 /// Default globs for host-side pod interfaces of common CNIs.
-pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,vxlan_sys_*,gke*,eni*,azv*,cni*,pod*,tap*";
+/// Default globs for the host side of pod interfaces: bridge/ptp CNIs and kindnet (veth*),
+/// Calico (cali*), Cilium (lxc*), GKE (gke*), AWS VPC CNI (eni*), Azure CNI (azv*).
+/// Bridges and tunnels are deliberately absent: pod traffic is seen on the pod veth first.
+pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,gke*,eni*,azv*";
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x4000;
 
 #[derive(Debug, Parser)]
