@@ -133,6 +133,15 @@ fn pods_reach_the_external_ip_only_with_the_agent_and_cleanup_removes_everything
         "source outside the pod CIDR must be untouched"
     );
 
+    // The maps carry BTF: bpftool prints named fields, not hex.
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(scratch.bpffs.join("node-manager/v1/maps/NM_FRONTENDS"))
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("\"cluster_addr\"") && dump.contains("\"proto\"") && dump.contains("\"port\""), "{dump}");
+
     let state = scratch.inspect();
     assert!(counter(&state, "rewrite_ingress_v4") >= 4 && counter(&state, "rewrite_egress_v6") >= 4, "{state:#}");
     assert!(counter(&state, "pass_not_pod") >= 1);
