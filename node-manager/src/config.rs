@@ -143,34 +143,23 @@ pub fn parse_bool(value: Option<&str>, default: bool, what: &str) -> Result<bool
     }
 }
 
-/// Comma-separated CIDRs of one family (`v4`: IPv4, else IPv6). Host bits are cleared
-/// (`10.0.0.1/8` means `10.0.0.0/8`), as network-node-manager's users write them loosely.
-pub fn parse_cidrs(value: &str, v4: bool, what: &str) -> Result<Vec<IpNet>> {
+/// Comma-separated CIDRs, of one family when `v4` is given (`Some(true)`: IPv4). Host bits
+/// are cleared (`10.0.0.1/8` means `10.0.0.0/8`), as network-node-manager's users write them
+/// loosely; a bare address means a single host.
+pub fn parse_cidrs(value: &str, v4: Option<bool>, what: &str) -> Result<Vec<IpNet>> {
     let mut out = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let net: IpNet = part.parse().or_else(|_| part.parse::<IpAddr>().map(IpNet::from)).with_context(|| {
             format!(
                 "{what}: {part:?} is not a CIDR (for example {})",
-                if v4 { "10.244.1.0/24" } else { "fd00:10:244:1::/64" }
+                if v4 == Some(false) { "fd00:10:244:1::/64" } else { "10.244.1.0/24" }
             )
         })?;
-        let is_v4 = matches!(net, IpNet::V4(_));
-        if is_v4 != v4 {
+        if let Some(v4) = v4
+            && matches!(net, IpNet::V4(_)) != v4
+        {
             bail!("{what}: {part:?} is not an {} CIDR", if v4 { "IPv4" } else { "IPv6" });
         }
-        out.push(net.trunc());
-    }
-    Ok(out)
-}
-
-/// Any-family comma-separated CIDRs.
-fn parse_any_cidrs(value: &str, what: &str) -> Result<Vec<IpNet>> {
-    let mut out = Vec::new();
-    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let net: IpNet = part
-            .parse()
-            .or_else(|_| part.parse::<IpAddr>().map(IpNet::from))
-            .with_context(|| format!("{what}: {part:?} is not a CIDR"))?;
         out.push(net.trunc());
     }
     Ok(out)
@@ -227,10 +216,10 @@ impl Config {
         }
 
         let v4 = nonempty(args.pod_cidr_ipv4)
-            .map(|v| parse_cidrs(&v, true, "--pod-cidr-ipv4 / POD_CIDR_IPV4"))
+            .map(|v| parse_cidrs(&v, Some(true), "--pod-cidr-ipv4 / POD_CIDR_IPV4"))
             .transpose()?;
         let v6 = nonempty(args.pod_cidr_ipv6)
-            .map(|v| parse_cidrs(&v, false, "--pod-cidr-ipv6 / POD_CIDR_IPV6"))
+            .map(|v| parse_cidrs(&v, Some(false), "--pod-cidr-ipv6 / POD_CIDR_IPV6"))
             .transpose()?;
         let pod_cidrs_override = match (v4, v6) {
             (None, None) => None,
@@ -254,7 +243,7 @@ impl Config {
                 .with_context(|| format!("--pod-interfaces / POD_INTERFACES: {pattern:?} is not a glob"))?;
         }
         let external_ip_allow = nonempty(args.external_ip_allow)
-            .map(|v| parse_any_cidrs(&v, "--external-ip-allow / EXTERNAL_IP_ALLOW"))
+            .map(|v| parse_cidrs(&v, None, "--external-ip-allow / EXTERNAL_IP_ALLOW"))
             .transpose()?;
         Ok(Config {
             source,
@@ -298,12 +287,14 @@ mod tests {
 
     #[test]
     fn cidrs_are_validated_per_family_and_normalised() {
-        let nets = parse_cidrs("10.244.1.7/24, 10.245.0.0/16", true, "v4").unwrap();
+        let nets = parse_cidrs("10.244.1.7/24, 10.245.0.0/16", Some(true), "v4").unwrap();
         assert_eq!(nets, vec!["10.244.1.0/24".parse::<IpNet>().unwrap(), "10.245.0.0/16".parse().unwrap()]);
         // network-node-manager's README example, which its own cleanup failed to match.
-        assert_eq!(parse_cidrs("fdbb::0/64", false, "v6").unwrap(), vec!["fdbb::/64".parse::<IpNet>().unwrap()]);
-        assert!(parse_cidrs("fdbb::/64", true, "v4").unwrap_err().to_string().contains("not an IPv4"));
-        assert!(parse_cidrs("10.0.0.0/33", true, "POD_CIDR_IPV4").unwrap_err().to_string().contains("POD_CIDR_IPV4"));
+        assert_eq!(parse_cidrs("fdbb::0/64", Some(false), "v6").unwrap(), vec!["fdbb::/64".parse::<IpNet>().unwrap()]);
+        assert!(parse_cidrs("fdbb::/64", Some(true), "v4").unwrap_err().to_string().contains("not an IPv4"));
+        assert!(
+            parse_cidrs("10.0.0.0/33", Some(true), "POD_CIDR_IPV4").unwrap_err().to_string().contains("POD_CIDR_IPV4")
+        );
     }
 
     #[test]
