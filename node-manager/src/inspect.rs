@@ -98,7 +98,7 @@ pub fn read(bpffs: &Path) -> Result<State> {
             tcx_egress: tcx_programs(&i.name, aya::programs::TcAttachType::Egress),
         })
         .collect();
-    let mechanism = if state.interfaces.is_empty() { Mechanism::detect() } else { Mechanism::Tcx };
+    let mechanism = Mechanism::detect();
     state.features.push(Feature {
         name: "external-cluster (pods, TC)",
         active: !state.interfaces.is_empty(),
