@@ -22,13 +22,21 @@ pub mod map_names {
     pub const FLOWS: &str = "NM_FLOWS";
     pub const CONFIG: &str = "NM_CONFIG";
     pub const COUNTERS: &str = "NM_COUNTERS";
-    pub const ALL: [&str; 5] = [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS];
+    /// Conntrack-INVALID drop: settings, per-family liveness of conntrack, per-CPU counters.
+    pub const CT_CONFIG: &str = "NM_CT_CONFIG";
+    pub const CT_SEEN: &str = "NM_CT_SEEN";
+    pub const CT_COUNTERS: &str = "NM_CT_COUNTERS";
+    pub const ALL: [&str; 8] = [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS, CT_CONFIG, CT_SEEN, CT_COUNTERS];
 }
 
 /// Program names in the object file.
 pub mod program_names {
     pub const POD_INGRESS: &str = "nm_pod_ingress";
     pub const POD_EGRESS: &str = "nm_pod_egress";
+    /// BPF_PROG_TYPE_NETFILTER programs on LOCAL_IN (loaded by the agent's own bpf(2) shim:
+    /// aya 0.14 has no netfilter program type).
+    pub const DROP_INVALID_V4: &str = "nm_drop_invalid4";
+    pub const DROP_INVALID_V6: &str = "nm_drop_invalid6";
 }
 
 /// Capacities. The frontend map holds one entry per (external address, port, protocol) plus one
@@ -161,6 +169,68 @@ impl CounterIndex {
     }
 }
 
+/// Settings of the conntrack-INVALID drop (one-entry array, written by the agent before it links
+/// the netfilter programs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtConfig {
+    /// Byte offset of `_nfct` in the running kernel's `struct sk_buff`, read from its BTF.
+    /// 0 = unknown: never drop.
+    pub nfct_offset: u32,
+    /// Byte offset of `len` in `struct sk_buff` (for byte counters).
+    pub len_offset: u32,
+    /// Drop only while conntrack tracked a packet on the same family's hook within this many
+    /// milliseconds. `_nfct == 0` means INVALID only if conntrack looked at the packet, and
+    /// conntrack hooks a network namespace only while some rule needs it; without this guard an
+    /// idle conntrack would turn the program into "drop everything addressed to the host".
+    pub tracked_window_ms: u32,
+    /// The agent's bookkeeping, not read by the programs: the mode in force and why (codes of
+    /// the agent's `invalid::Mode` and `invalid::Reason`, for `inspect` and `cleanup`), and the
+    /// value of `net.netfilter.nf_conntrack_tcp_be_liberal` to restore on cleanup plus one
+    /// (0 = the agent did not change it).
+    pub mode: u32,
+    pub reason: u32,
+    pub liberal_restore: u32,
+}
+
+/// Index into `NM_CT_SEEN` (last time conntrack was seen tracking, per family) and the base of
+/// the per-family counters.
+pub const CT_FAMILY_V4: u32 = 0;
+pub const CT_FAMILY_V6: u32 = 1;
+
+/// Counters of the conntrack-INVALID drop, per CPU.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtCounterIndex {
+    /// INVALID by conntrack's verdict, addressed to the host: dropped.
+    DroppedV4 = 0,
+    DroppedV6 = 1,
+    /// No conntrack entry, but conntrack was not seen active recently (it may never have looked
+    /// at the packet): accepted, counted so it shows.
+    UnverifiedV4 = 2,
+    UnverifiedV6 = 3,
+}
+
+pub const CT_COUNTERS_LEN: u32 = 4;
+
+impl CtCounterIndex {
+    pub const ALL: [CtCounterIndex; CT_COUNTERS_LEN as usize] = [
+        CtCounterIndex::DroppedV4,
+        CtCounterIndex::DroppedV6,
+        CtCounterIndex::UnverifiedV4,
+        CtCounterIndex::UnverifiedV6,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtCounterIndex::DroppedV4 => "invalid_dropped_v4",
+            CtCounterIndex::DroppedV6 => "invalid_dropped_v6",
+            CtCounterIndex::UnverifiedV4 => "invalid_unverified_v4",
+            CtCounterIndex::UnverifiedV6 => "invalid_unverified_v6",
+        }
+    }
+}
+
 /// IPv4-mapped form of an IPv4 address (network byte order octets).
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
@@ -176,6 +246,7 @@ mod user {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for CtConfig {}
 }
 
 // Padding-free layouts: the sum of the fields equals the size.
@@ -185,3 +256,4 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 4);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<CtConfig>() == 24);

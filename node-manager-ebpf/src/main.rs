@@ -1,4 +1,5 @@
-//! node-manager's pod datapath: TC programs on the host side of pod interfaces.
+//! node-manager's datapath: TC programs on the host side of pod interfaces, and netfilter
+//! programs dropping conntrack-INVALID packets addressed to the host (`invalid`).
 //!
 //! ingress (packets from the pod): destination external/LB IP:port → the Service's cluster IP,
 //! mark for masquerade, remember the flow. egress (packets to the pod): the reply's source
@@ -9,6 +10,7 @@
 
 mod counters;
 mod flow;
+mod invalid;
 mod lb;
 mod parse;
 mod rewrite;

@@ -178,14 +178,28 @@ pub fn read_config<T: std::borrow::Borrow<MapData>>(array: &Array<T, DatapathCon
 pub fn read_counters<T: std::borrow::Borrow<MapData>>(
     array: &PerCpuArray<T, Counter>,
 ) -> Result<Vec<(&'static str, Counter)>> {
+    sum_per_cpu(array, CounterIndex::ALL.iter().map(|i| (*i as u32, i.name())))
+}
+
+/// The conntrack-INVALID drop's counters, summed over CPUs.
+pub fn read_ct_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, Counter>,
+) -> Result<Vec<(&'static str, Counter)>> {
+    sum_per_cpu(array, node_manager_common::CtCounterIndex::ALL.iter().map(|i| (*i as u32, i.name())))
+}
+
+fn sum_per_cpu<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, Counter>,
+    indices: impl Iterator<Item = (u32, &'static str)>,
+) -> Result<Vec<(&'static str, Counter)>> {
     let mut out = Vec::new();
-    for index in CounterIndex::ALL {
-        let per_cpu = array.get(&(index as u32), 0).with_context(|| format!("reading counter {}", index.name()))?;
+    for (index, name) in indices {
+        let per_cpu = array.get(&index, 0).with_context(|| format!("reading counter {name}"))?;
         let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,
         });
-        out.push((index.name(), total));
+        out.push((name, total));
     }
     Ok(out)
 }

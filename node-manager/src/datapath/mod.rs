@@ -1,7 +1,9 @@
 //! The kernel side, as the agent drives it: load the programs, adopt the pinned maps, attach
 //! to pod interfaces, and write the maps by diff.
 pub mod attach;
+pub mod btf;
 pub mod maps;
+pub mod netfilter;
 pub mod pins;
 pub mod sys;
 
@@ -124,6 +126,27 @@ impl Datapath {
 
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
         maps::write_config(self.map_mut(map_names::CONFIG)?, config)
+    }
+
+    pub fn ct_config(&self) -> Result<node_manager_common::CtConfig> {
+        let map = self.ebpf.map(map_names::CT_CONFIG).ok_or_else(|| anyhow!("no {} map", map_names::CT_CONFIG))?;
+        Ok(aya::maps::Array::<_, node_manager_common::CtConfig>::try_from(map)?.get(&0, 0)?)
+    }
+
+    pub fn set_ct_config(&mut self, config: node_manager_common::CtConfig) -> Result<()> {
+        let map = self.map_mut(map_names::CT_CONFIG)?;
+        aya::maps::Array::<_, node_manager_common::CtConfig>::try_from(map)?.set(0, config, 0)?;
+        Ok(())
+    }
+
+    /// Conntrack-INVALID drop counter totals, by name.
+    pub fn ct_counters(&self) -> Result<Vec<(&'static str, node_manager_common::Counter)>> {
+        let map = self.ebpf.map(map_names::CT_COUNTERS).ok_or_else(|| anyhow!("no ct counters map"))?;
+        maps::read_ct_counters(&aya::maps::PerCpuArray::try_from(map)?)
+    }
+
+    pub fn pins_ref(&self) -> Option<&Pins> {
+        self.pins.as_ref()
     }
 
     /// Counter totals, by name.

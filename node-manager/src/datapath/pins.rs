@@ -4,6 +4,7 @@
 //! ```text
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/maps/NM_FRONTENDS ...   pinned maps
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/if<ifindex>_<ingress|egress>   TCX links
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/netfilter_<ipv4|ipv6>     INVALID-drop links
 //! ```
 use std::{
     fs,
@@ -13,8 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
-    COUNTERS_LEN, Counter, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey, Frontend, FrontendKey,
-    LAYOUT_VERSION, POD_CIDRS_MAX, map_names,
+    COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey,
+    Frontend, FrontendKey, LAYOUT_VERSION, POD_CIDRS_MAX, map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -116,6 +117,9 @@ pub fn expected_layout(name: &str) -> Option<Layout> {
         map_names::FLOWS => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_MAX),
         map_names::CONFIG => l(MapType::Array, 4, size_of::<DatapathConfig>(), 1),
         map_names::COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), COUNTERS_LEN),
+        map_names::CT_CONFIG => l(MapType::Array, 4, size_of::<CtConfig>(), 1),
+        map_names::CT_SEEN => l(MapType::Array, 4, 8, 2),
+        map_names::CT_COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), CT_COUNTERS_LEN),
         _ => return None,
     })
 }

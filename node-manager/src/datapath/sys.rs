@@ -1,5 +1,6 @@
-//! The few bpf(2) commands aya 0.14 does not expose. Each takes and returns owned file
-//! descriptors, so no raw fd outlives this module.
+//! The few bpf(2) commands aya 0.14 does not expose (netfilter programs and links, explicit link
+//! detach). Each takes and returns owned file descriptors and plain Rust values, so no raw fd or
+//! pointer outlives a call; the attr layouts are those of `union bpf_attr` in linux/bpf.h.
 use std::{
     ffi::CString,
     io,
@@ -7,30 +8,180 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<libc::c_long> {
-    // SAFETY: bpf(2) with a zero-initialised attr of 128 bytes (larger than every command's
-    // part of union bpf_attr used here); the kernel reads only what the command needs.
+pub const BPF_PROG_TYPE_NETFILTER: u32 = 32;
+pub const BPF_NETFILTER: u32 = 45;
+pub const NFPROTO_IPV4: u32 = 2;
+pub const NFPROTO_IPV6: u32 = 10;
+pub const NF_INET_LOCAL_IN: u32 = 1;
+
+/// Attr buffer: larger than every command's part of `union bpf_attr` used here.
+type Attr = [u8; 128];
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: bpf(2) with a zero-initialised attr of 128 bytes; every pointer stored in it by the
+    // callers below points into a buffer that outlives this call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
+fn put_u32(attr: &mut Attr, at: usize, value: u32) {
+    attr[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+}
+
+fn put_u64(attr: &mut Attr, at: usize, value: u64) {
+    attr[at..at + 8].copy_from_slice(&value.to_ne_bytes());
+}
+
+fn get_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
 /// Opens a pinned object (map, program or link).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c = c_path(path)?;
     let mut attr = [0u8; 128];
-    attr[0..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes()); // pathname
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    put_u64(&mut attr, 0, c.as_ptr() as u64); // pathname
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+}
+
+/// Pins an object at `path` (which must not exist).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let mut attr = [0u8; 128];
+    put_u64(&mut attr, 0, c.as_ptr() as u64); // pathname
+    put_u32(&mut attr, 8, fd.as_raw_fd() as u32); // bpf_fd
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
 /// Detaches a link from its hook now, whoever else holds it.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes()); // link_fd
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32); // link_fd
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// A program the verifier refused, with its log.
+#[derive(Debug)]
+pub struct LoadError {
+    pub errno: io::Error,
+    pub verifier_log: String,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let log = self.verifier_log.trim();
+        // The end of the log says why.
+        let tail: Vec<&str> = log.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+        write!(f, "{}", self.errno)?;
+        if !tail.is_empty() {
+            write!(f, "; verifier: {}", tail.join(" | "))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Loads a program of `prog_type` from raw instructions (8 bytes each, already relocated).
+pub fn prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+    instructions: &[u64],
+    license: &std::ffi::CStr,
+) -> Result<OwnedFd, LoadError> {
+    let mut log = vec![0u8; 1 << 20];
+    let load = |log_level: u32, log: &mut [u8]| {
+        let mut attr = [0u8; 128];
+        put_u32(&mut attr, 0, prog_type);
+        put_u32(&mut attr, 4, instructions.len() as u32); // insn_cnt
+        put_u64(&mut attr, 8, instructions.as_ptr() as u64); // insns
+        put_u64(&mut attr, 16, license.as_ptr() as u64); // license
+        if log_level > 0 {
+            put_u32(&mut attr, 24, log_level);
+            put_u32(&mut attr, 28, log.len() as u32);
+            put_u64(&mut attr, 32, log.as_mut_ptr() as u64);
+        }
+        let short = &name.as_bytes()[..name.len().min(15)];
+        attr[48..48 + short.len()].copy_from_slice(short); // prog_name
+        put_u32(&mut attr, 68, expected_attach_type);
+        bpf(BPF_PROG_LOAD, &mut attr).map(owned)
+    };
+    // First without a log (fast); on failure again with one, for the reason.
+    load(0, &mut log).or_else(|_| {
+        load(1, &mut log).map_err(|errno| {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            LoadError { errno, verifier_log: String::from_utf8_lossy(&log[..end]).into_owned() }
+        })
+    })
+}
+
+/// Links a netfilter program to hook `hooknum` of protocol family `pf` at `priority`.
+pub fn link_create_netfilter(prog: BorrowedFd<'_>, pf: u32, hooknum: u32, priority: i32) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32); // prog_fd
+    put_u32(&mut attr, 8, BPF_NETFILTER); // attach_type
+    put_u32(&mut attr, 16, pf); // netfilter.pf
+    put_u32(&mut attr, 20, hooknum); // netfilter.hooknum
+    put_u32(&mut attr, 24, priority as u32); // netfilter.priority
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// What the kernel reports about a link (`struct bpf_link_info`, netfilter part decoded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// For netfilter links: (pf, hooknum, priority).
+    pub netfilter: (u32, u32, i32),
+}
+
+pub const BPF_LINK_TYPE_NETFILTER: u32 = 10;
+
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut info = [0u8; 64];
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32); // info.bpf_fd
+    put_u32(&mut attr, 4, info.len() as u32); // info.info_len
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(LinkInfo {
+        link_type: get_u32(&info, 0),
+        id: get_u32(&info, 4),
+        prog_id: get_u32(&info, 8),
+        netfilter: (get_u32(&info, 16), get_u32(&info, 20), get_u32(&info, 24) as i32),
+    })
+}
+
+/// Runs a program once on `data` with context `ctx` (BPF_PROG_TEST_RUN); returns its return value.
+pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], ctx: &[u8]) -> io::Result<u32> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32); // prog_fd
+    put_u32(&mut attr, 8, data.len() as u32); // data_size_in
+    put_u64(&mut attr, 16, data.as_ptr() as u64); // data_in
+    put_u32(&mut attr, 32, 1); // repeat
+    if !ctx.is_empty() {
+        put_u32(&mut attr, 40, ctx.len() as u32); // ctx_size_in
+        put_u64(&mut attr, 48, ctx.as_ptr() as u64); // ctx_in
+    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(get_u32(&attr, 4)) // retval
 }
