@@ -19,6 +19,7 @@ use crate::{
     config::{Config, SourceConfig},
     datapath::{Datapath, attach::Iface},
     interfaces::{self, Matcher},
+    invalid::{self, DropInvalid, NotPossible},
     model,
     source::{Snapshot, file},
 };
@@ -34,11 +35,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     for warning in &cfg.warnings {
         tracing::warn!("{warning}");
     }
-    if cfg.drop_invalid_input {
-        tracing::warn!(
-            "drop-invalid-input is on, but this build does not include the conntrack-INVALID drop yet; nothing is dropped"
-        );
-    }
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
     match &cfg.source {
         SourceConfig::File(path) => {
@@ -52,10 +48,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut datapath = Datapath::load_pinned(&cfg.bpffs)?;
     datapath.set_config(DatapathConfig { masquerade_mark: cfg.masquerade_mark })?;
     tracing::info!(mechanism = datapath.mechanism().name(), bpffs = %cfg.bpffs.display(), "datapath loaded");
+    // Not gated on pod CIDRs or on the Service source (network-node-manager dropped nothing
+    // without POD_CIDR): INVALID replies hurt every masqueraded connection.
+    let drop_invalid = if cfg.drop_invalid_input {
+        Some(DropInvalid::start(cfg.drop_invalid_mode, &mut datapath).map_err(NotPossible)?)
+    } else {
+        invalid::disable(&mut datapath);
+        None
+    };
 
     let link_changes = Arc::new(Notify::new());
     interfaces::watch_links(link_changes.clone())?;
-    let mut agent = Agent::new(cfg, datapath)?;
+    let mut agent = Agent::new(cfg, datapath, drop_invalid)?;
     agent.sync_interfaces();
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -71,7 +75,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = resync.tick() => agent.resync(),
             _ = link_changes.notified() => agent.sync_interfaces(),
-            _ = rescan.tick() => agent.sync_interfaces(),
+            _ = rescan.tick() => { agent.sync_interfaces(); agent.ensure_drop_invalid(true); }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -83,6 +87,7 @@ pub async fn run(cfg: Config) -> Result<()> {
 struct Agent {
     cfg: Config,
     datapath: Datapath,
+    drop_invalid: Option<DropInvalid>,
     matcher: Matcher,
     snapshot: Option<Snapshot>,
     /// Interfaces this process attached to (re-attached once at start to take over).
@@ -92,9 +97,9 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(cfg: Config, datapath: Datapath) -> Result<Agent> {
+    fn new(cfg: Config, datapath: Datapath, drop_invalid: Option<DropInvalid>) -> Result<Agent> {
         let matcher = Matcher::new(&cfg.pod_interfaces)?;
-        Ok(Agent { cfg, datapath, matcher, snapshot: None, attached: BTreeSet::new(), reported: HashSet::new() })
+        Ok(Agent { cfg, datapath, drop_invalid, matcher, snapshot: None, attached: BTreeSet::new(), reported: HashSet::new() })
     }
 
     fn report_once(&mut self, warnings: &[String]) {
@@ -157,6 +162,19 @@ impl Agent {
     fn resync(&mut self) {
         if let Some(snapshot) = self.snapshot.clone() {
             self.sync_maps(snapshot);
+        }
+        self.ensure_drop_invalid(false);
+    }
+
+    /// Repairs the INVALID drop if it was removed or changed behind our back. The bpf mode's
+    /// check is two syscalls and runs at every rescan; the others run a command (nft, iptables,
+    /// which takes the xtables lock) and wait for the resync.
+    fn ensure_drop_invalid(&mut self, only_cheap: bool) {
+        if let Some(drop_invalid) = &mut self.drop_invalid
+            && (!only_cheap || drop_invalid.mode == invalid::Mode::Bpf)
+            && let Err(e) = drop_invalid.ensure(&mut self.datapath)
+        {
+            tracing::error!(mode = %drop_invalid.mode, error = format!("{e:#}"), "drop-invalid: repair failed; retrying");
         }
     }
 

@@ -18,6 +18,12 @@ pub struct Report {
 pub fn cleanup(bpffs: &Path) -> Result<Report> {
     let mut report = Report::default();
     let root = Pins::new(bpffs).root;
+    // The INVALID drop of every mode: netfilter links, our nftables table, our iptables rules,
+    // and the conntrack sysctl restored to what it was (recorded in the pins, so before them).
+    let errors = crate::invalid::remove_except(None, &Pins::new(bpffs), None);
+    if let Some(first) = errors.first() {
+        anyhow::bail!("{first} (and {} more)", errors.len() - 1);
+    }
     if pins::is_bpffs(bpffs) && root.exists() {
         // Every layout version's links: unpinning releases the TCX links and so detaches.
         for version in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?.flatten() {

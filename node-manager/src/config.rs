@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// Drop packets conntrack marks INVALID before the host answers them (true/false).
     #[arg(long, env = "RULE_DROP_INVALID_INPUT_ENABLE")]
     pub drop_invalid_input: Option<String>,
+    /// How INVALID packets are dropped: auto (bpf, else nftables, else iptables), bpf, nftables,
+    /// iptables, or liberal (sets nf_conntrack_tcp_be_liberal=1 instead).
+    #[arg(long, env = "DROP_INVALID_MODE", value_name = "MODE")]
+    pub drop_invalid_mode: Option<String>,
     /// Rewrite external/LB IPs to cluster IPs for local pods and host processes (true/false).
     #[arg(long, env = "RULE_EXTERNAL_CLUSTER_ENABLE")]
     pub external_cluster: Option<String>,
@@ -107,6 +111,7 @@ pub struct Config {
     /// Pod CIDRs given on the command line or environment; `None`: take them from the Node.
     pub pod_cidrs_override: Option<Vec<IpNet>>,
     pub drop_invalid_input: bool,
+    pub drop_invalid_mode: crate::invalid::Requested,
     pub external_cluster: bool,
     pub pod_interfaces: Vec<String>,
     pub cgroup_path: Option<PathBuf>,
@@ -250,6 +255,10 @@ impl Config {
             node_name,
             pod_cidrs_override,
             drop_invalid_input,
+            drop_invalid_mode: nonempty(args.drop_invalid_mode)
+                .map(|m| m.parse().map_err(|e| anyhow::anyhow!("--drop-invalid-mode / DROP_INVALID_MODE: {e}")))
+                .transpose()?
+                .unwrap_or(crate::invalid::Requested::Auto),
             external_cluster,
             pod_interfaces,
             cgroup_path: nonempty_path(args.cgroup_path),

@@ -24,6 +24,19 @@ pub struct State {
     pub flows: usize,
     pub masquerade_mark: Option<String>,
     pub counters: Vec<CounterEntry>,
+    pub drop_invalid: DropInvalidState,
+}
+
+/// The conntrack-INVALID drop: the mode recorded by the agent, why, what is installed in the
+/// kernel for each mode (so leftovers show), and the counters.
+#[derive(Debug, Default, Serialize)]
+pub struct DropInvalidState {
+    pub mode: Option<crate::invalid::Mode>,
+    pub why: Option<String>,
+    /// Netfilter links found pinned: "ipv4 link 12 prog 34 LOCAL_IN priority -100".
+    pub netfilter_links: Vec<String>,
+    pub nftables_table: bool,
+    pub counters: crate::invalid::Counters,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,7 +95,15 @@ pub fn read(bpffs: &Path) -> Result<State> {
         flows: 0,
         masquerade_mark: None,
         counters: Vec::new(),
+        drop_invalid: drop_invalid_state(&pins),
     };
+    if let Some(mode) = state.drop_invalid.mode {
+        state.features.push(Feature {
+            name: "drop-invalid-input",
+            active: true,
+            mechanism: format!("{mode}: {}", state.drop_invalid.why.as_deref().unwrap_or("")),
+        });
+    }
     if !installed {
         return Ok(state);
     }
@@ -125,17 +146,39 @@ pub fn read(bpffs: &Path) -> Result<State> {
     Ok(state)
 }
 
+fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
+    let recorded = crate::invalid::recorded(pins);
+    DropInvalidState {
+        mode: recorded.as_ref().map(|(m, _)| *m),
+        why: recorded.map(|(_, why)| why),
+        netfilter_links: crate::datapath::netfilter::linked(&pins.links_dir())
+            .iter()
+            .map(|(family, info)| {
+                let (_, hook, priority) = info.netfilter;
+                let hook = if hook == crate::datapath::sys::NF_INET_LOCAL_IN { "LOCAL_IN".into() } else { hook.to_string() };
+                format!("{} link {} prog {} {hook} priority {priority}", family.name, info.id, info.prog_id)
+            })
+            .collect(),
+        nftables_table: std::process::Command::new("nft")
+            .args(["list", "table", "inet", crate::invalid::nft::TABLE])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        counters: crate::invalid::counters(pins),
+    }
+}
+
 pub fn render(state: &State) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "node-manager datapath at {}", state.pins);
-    if !state.installed {
-        let _ = writeln!(out, "  not installed (no pinned maps)");
-        return out;
-    }
     let _ = writeln!(out, "features:");
     for f in &state.features {
         let _ = writeln!(out, "  {:<30} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
+    }
+    render_drop_invalid(&mut out, &state.drop_invalid);
+    if !state.installed {
+        let _ = writeln!(out, "  not installed (no pinned maps)");
+        return out;
     }
     let _ = writeln!(out, "interfaces ({}):", state.interfaces.len());
     for i in &state.interfaces {
@@ -168,4 +211,29 @@ pub fn render(state: &State) -> String {
         let _ = writeln!(out, "  {:<24}{:>12}{:>16}", c.name, c.packets, c.bytes);
     }
     out
+}
+
+fn render_drop_invalid(out: &mut String, d: &DropInvalidState) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "drop-invalid: {}", d.mode.map_or("off".to_owned(), |m| m.to_string()));
+    for link in &d.netfilter_links {
+        let _ = writeln!(out, "  netfilter {link}");
+    }
+    if d.nftables_table {
+        let _ = writeln!(out, "  nftables table inet {} present", crate::invalid::nft::TABLE);
+    }
+    let c = &d.counters;
+    for (name, value) in [("dropped_v4", c.dropped_v4), ("dropped_v6", c.dropped_v6)] {
+        if let Some((packets, bytes)) = value {
+            let _ = writeln!(out, "  {name:<22}{packets:>14}{bytes:>16}");
+        }
+    }
+    for (name, value) in [("unverified_v4", c.unverified_v4), ("unverified_v6", c.unverified_v6)] {
+        if let Some(packets) = value {
+            let _ = writeln!(out, "  {name:<22}{packets:>14}");
+        }
+    }
+    if let Some(n) = c.conntrack_invalid {
+        let _ = writeln!(out, "  conntrack INVALID seen {n:>10}  (kernel statistics, this network namespace)");
+    }
 }

@@ -9,5 +9,6 @@ pub mod config;
 pub mod datapath;
 pub mod inspect;
 pub mod interfaces;
+pub mod invalid;
 pub mod model;
 pub mod source;

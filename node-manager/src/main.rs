@@ -34,6 +34,10 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(agent::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.downcast_ref::<node_manager::invalid::NotPossible>().is_some() => {
+                    eprintln!("node-manager: invalid configuration: {e:#}");
+                    ExitCode::from(EXIT_USAGE)
+                }
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE

@@ -185,3 +185,14 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], ctx: &[u8]) -> io::Resul
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok(get_u32(&attr, 4)) // retval
 }
+
+/// The kernel's id of a loaded program (`struct bpf_prog_info.id`).
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u8; 256];
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32); // info.bpf_fd
+    put_u32(&mut attr, 4, info.len() as u32); // info.info_len
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(get_u32(&info, 4))
+}
