@@ -36,6 +36,8 @@
 //! Only documentation address ranges are used and nothing is configured in the caller's own
 //! network namespace. Needs root (CAP_SYS_ADMIN + CAP_NET_ADMIN).
 
+pub mod reset;
+
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::File;

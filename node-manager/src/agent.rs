@@ -19,7 +19,7 @@ use crate::{
     config::{Config, SourceConfig},
     datapath::{Datapath, attach::Iface},
     interfaces::{self, Matcher},
-    invalid::{self, DropInvalid, NotPossible},
+    invalid::{self, DropInvalid},
     model,
     source::{Snapshot, file},
 };
@@ -51,7 +51,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Not gated on pod CIDRs or on the Service source (network-node-manager dropped nothing
     // without POD_CIDR): INVALID replies hurt every masqueraded connection.
     let drop_invalid = if cfg.drop_invalid_input {
-        Some(DropInvalid::start(cfg.drop_invalid_mode, &mut datapath).map_err(NotPossible)?)
+        Some(DropInvalid::start(cfg.drop_invalid_mode, &mut datapath)?)
     } else {
         invalid::disable(&mut datapath);
         None
@@ -99,7 +99,15 @@ struct Agent {
 impl Agent {
     fn new(cfg: Config, datapath: Datapath, drop_invalid: Option<DropInvalid>) -> Result<Agent> {
         let matcher = Matcher::new(&cfg.pod_interfaces)?;
-        Ok(Agent { cfg, datapath, drop_invalid, matcher, snapshot: None, attached: BTreeSet::new(), reported: HashSet::new() })
+        Ok(Agent {
+            cfg,
+            datapath,
+            drop_invalid,
+            matcher,
+            snapshot: None,
+            attached: BTreeSet::new(),
+            reported: HashSet::new(),
+        })
     }
 
     fn report_once(&mut self, warnings: &[String]) {

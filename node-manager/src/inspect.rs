@@ -36,6 +36,10 @@ pub struct DropInvalidState {
     /// Netfilter links found pinned: "ipv4 link 12 prog 34 LOCAL_IN priority -100".
     pub netfilter_links: Vec<String>,
     pub nftables_table: bool,
+    /// bpf mode's guard: how long ago conntrack was last seen tracking a packet on each
+    /// family's hook (drops happen only within the window). None: never.
+    pub conntrack_seen_v4_ms_ago: Option<u64>,
+    pub conntrack_seen_v6_ms_ago: Option<u64>,
     pub counters: crate::invalid::Counters,
 }
 
@@ -155,7 +159,8 @@ fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
             .iter()
             .map(|(family, info)| {
                 let (_, hook, priority) = info.netfilter;
-                let hook = if hook == crate::datapath::sys::NF_INET_LOCAL_IN { "LOCAL_IN".into() } else { hook.to_string() };
+                let hook =
+                    if hook == crate::datapath::sys::NF_INET_LOCAL_IN { "LOCAL_IN".into() } else { hook.to_string() };
                 format!("{} link {} prog {} {hook} priority {priority}", family.name, info.id, info.prog_id)
             })
             .collect(),
@@ -163,8 +168,20 @@ fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
             .args(["list", "table", "inet", crate::invalid::nft::TABLE])
             .output()
             .is_ok_and(|o| o.status.success()),
+        conntrack_seen_v4_ms_ago: seen_ms_ago(pins, node_manager_common::CT_FAMILY_V4),
+        conntrack_seen_v6_ms_ago: seen_ms_ago(pins, node_manager_common::CT_FAMILY_V6),
         counters: crate::invalid::counters(pins),
     }
+}
+
+fn seen_ms_ago(pins: &Pins, family: u32) -> Option<u64> {
+    let seen: Array<MapData, u64> = Array::try_from(open(pins, map_names::CT_SEEN).ok()?).ok()?;
+    let at = seen.get(&family, 0).ok().filter(|&t| t != 0)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a local timespec. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    Some(now.saturating_sub(at) / 1_000_000)
 }
 
 pub fn render(state: &State) -> String {
@@ -218,6 +235,11 @@ fn render_drop_invalid(out: &mut String, d: &DropInvalidState) {
     let _ = writeln!(out, "drop-invalid: {}", d.mode.map_or("off".to_owned(), |m| m.to_string()));
     for link in &d.netfilter_links {
         let _ = writeln!(out, "  netfilter {link}");
+    }
+    for (family, ago) in [("ipv4", d.conntrack_seen_v4_ms_ago), ("ipv6", d.conntrack_seen_v6_ms_ago)] {
+        if let Some(ms) = ago {
+            let _ = writeln!(out, "  conntrack seen active on {family} {ms} ms ago");
+        }
     }
     if d.nftables_table {
         let _ = writeln!(out, "  nftables table inet {} present", crate::invalid::nft::TABLE);

@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "conntrack",
     "bpftool",
     "iperf3",
+    "iputils-ping",
     "curl",
     "procps",
     "psmisc",

@@ -15,8 +15,10 @@ use node_manager_common::{CT_FAMILY_V4, CT_FAMILY_V6, program_names};
 use super::{OBJECT, pins::Pins, sys};
 
 /// After conntrack (PRE_ROUTING -200 for received packets, defrag before it) and mangle INPUT
-/// (-150), before filter INPUT (0) where network-node-manager's rule sat.
-pub const PRIORITY: i32 = -100;
+/// (-150), before filter INPUT (0) where network-node-manager's rule sat. The kernel allows one
+/// BPF link per (family, hook, priority), so a replacement is linked at the other of the two
+/// priorities before the old link is detached.
+pub const PRIORITIES: [i32; 2] = [-100, -99];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Family {
@@ -85,10 +87,13 @@ pub fn load_programs(pins: &Pins) -> Result<Vec<(Family, OwnedFd)>> {
 /// harmless; a gap would let one through), so there is never a moment without the drop.
 pub fn attach(pins: &Pins, programs: &[(Family, OwnedFd)]) -> Result<()> {
     for (family, prog) in programs {
-        let link = sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, PRIORITY)
-            .with_context(|| format!("linking {} to the {} LOCAL_IN hook", family.program, family.name))?;
         let pin = link_pin(pins, family);
         let old = pin.exists().then(|| sys::obj_get(&pin)).transpose()?;
+        let old_priority = old.as_ref().and_then(|fd| sys::link_info(fd.as_fd()).ok()).map(|i| i.netfilter.2);
+        let priority = if old_priority == Some(PRIORITIES[0]) { PRIORITIES[1] } else { PRIORITIES[0] };
+        let link = sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, priority).with_context(
+            || format!("linking {} to the {} LOCAL_IN hook at priority {priority}", family.program, family.name),
+        )?;
         if old.is_some() {
             fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
         }

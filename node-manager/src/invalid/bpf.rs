@@ -65,15 +65,16 @@ pub fn ensure(pins: &Pins, prepared: &Prepared) -> Result<bool> {
 fn start_heartbeat() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
-        let sockets: Vec<UdpSocket> = [SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), SocketAddr::from((Ipv6Addr::LOCALHOST, 0))]
-            .into_iter()
-            .filter_map(|addr| {
-                let socket = UdpSocket::bind(addr).ok()?;
-                socket.connect(socket.local_addr().ok()?).ok()?;
-                socket.set_nonblocking(true).ok()?;
-                Some(socket)
-            })
-            .collect();
+        let sockets: Vec<UdpSocket> =
+            [SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), SocketAddr::from((Ipv6Addr::LOCALHOST, 0))]
+                .into_iter()
+                .filter_map(|addr| {
+                    let socket = UdpSocket::bind(addr).ok()?;
+                    socket.connect(socket.local_addr().ok()?).ok()?;
+                    socket.set_nonblocking(true).ok()?;
+                    Some(socket)
+                })
+                .collect();
         let spawned = std::thread::Builder::new().name("ct-heartbeat".into()).spawn(move || {
             let mut buf = [0u8; 16];
             loop {

@@ -17,8 +17,8 @@ pub fn probe() -> Result<(), String> {
 }
 
 fn read() -> Result<u32> {
-    let text = fs::read_to_string(SYSCTL)
-        .with_context(|| format!("reading {SYSCTL} (is the nf_conntrack module loaded?)"))?;
+    let text =
+        fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL} (is the nf_conntrack module loaded?)"))?;
     text.trim().parse().with_context(|| format!("{SYSCTL} holds {text:?}"))
 }
 

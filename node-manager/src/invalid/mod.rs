@@ -112,7 +112,9 @@ pub fn describe(mode: Mode, reason_code: u32) -> String {
     match (reason_code, mode) {
         (1, _) => format!("{mode} requested with --drop-invalid-mode"),
         (2, Mode::Bpf) => "auto: this kernel has BPF netfilter links".to_owned(),
-        (2, Mode::Nftables) => "auto: no BPF netfilter links in this kernel (< 6.4 or refused); nftables fallback".to_owned(),
+        (2, Mode::Nftables) => {
+            "auto: no BPF netfilter links in this kernel (< 6.4 or refused); nftables fallback".to_owned()
+        }
         (2, Mode::Iptables) => "auto: neither BPF netfilter links nor nftables available; iptables fallback".to_owned(),
         _ => format!("{mode}"),
     }
@@ -120,7 +122,10 @@ pub fn describe(mode: Mode, reason_code: u32) -> String {
 
 /// The decision, pure: the mode to use and why, or an error naming what the requested mode needs.
 /// `probe` is asked lazily, in order, so `auto` stops at the first mode that works.
-pub fn choose(requested: Requested, mut probe: impl FnMut(Mode) -> Result<(), String>) -> Result<(Mode, Reason), String> {
+pub fn choose(
+    requested: Requested,
+    mut probe: impl FnMut(Mode) -> Result<(), String>,
+) -> Result<(Mode, Reason), String> {
     match requested {
         Requested::Only(mode) => probe(mode)
             .map(|()| (mode, Reason::Requested))
@@ -202,22 +207,21 @@ pub struct DropInvalid {
 
 impl DropInvalid {
     /// Chooses the mode, installs it, records it in the pinned config and removes the others'
-    /// leftovers. `Err` (a mode that cannot work here) is a configuration error.
-    pub fn start(requested: Requested, datapath: &mut Datapath) -> Result<DropInvalid, String> {
+    /// leftovers. A mode that cannot work here is a [`NotPossible`] error (configuration).
+    pub fn start(requested: Requested, datapath: &mut Datapath) -> Result<DropInvalid> {
         let mut prepared = None;
         let (mode, reason) = choose(requested, |mode| match mode {
             Mode::Bpf => bpf::prepare(datapath).map(|p| prepared = Some(p)),
             Mode::Nftables => nft::probe(),
             Mode::Iptables => iptables::probe(),
             Mode::Liberal => liberal::probe(),
-        })?;
+        })
+        .map_err(NotPossible)?;
         let mut this = DropInvalid { mode, reason, bpf: prepared.filter(|_| mode == Mode::Bpf) };
         tracing::info!(mode = %mode, why = describe(mode, reason.code()), "drop-invalid: mode chosen");
-        let config = datapath.ct_config().map_err(|e| format!("{e:#}"))?;
-        datapath
-            .set_ct_config(node_manager_common::CtConfig { mode: mode.code(), reason: reason.code(), ..config })
-            .map_err(|e| format!("{e:#}"))?;
-        this.ensure(datapath).map_err(|e| format!("installing drop-invalid mode {mode}: {e:#}"))?;
+        let config = datapath.ct_config()?;
+        datapath.set_ct_config(node_manager_common::CtConfig { mode: mode.code(), reason: reason.code(), ..config })?;
+        this.ensure(datapath).with_context(|| format!("installing drop-invalid mode {mode}"))?;
         if let Some(pins) = datapath.pins_ref().cloned() {
             for error in remove_except(Some(mode), &pins, Some(datapath)) {
                 tracing::error!("drop-invalid: {error}");
