@@ -47,7 +47,7 @@ pub fn member_offset(data: &[u8], strukt: &str, member: &str) -> Result<u32> {
         for &(member_name, member_type, offset) in &t.members {
             let bits = base_bits + if t.kind_flag { offset & 0x00ff_ffff } else { offset };
             if name(member_name) == member.as_bytes() {
-                ensure!(bits % 8 == 0, "{strukt}.{member} is a bitfield at bit {bits}");
+                ensure!(bits.is_multiple_of(8), "{strukt}.{member} is a bitfield at bit {bits}");
                 return Ok(bits / 8);
             }
             if member_name == 0 {
@@ -181,7 +181,7 @@ mod tests {
         let nfct = member_offset_in(path, "sk_buff", "_nfct").unwrap();
         let len = member_offset_in(path, "sk_buff", "len").unwrap();
         // Both live well inside the struct and apart (layouts differ between kernels).
-        assert!(nfct > 0 && nfct < 512 && nfct % 8 == 0, "_nfct at {nfct}");
+        assert!(nfct > 0 && nfct < 512 && nfct.is_multiple_of(8), "_nfct at {nfct}");
         assert!(len > 0 && len < 512 && len != nfct, "len at {len}");
     }
 }
