@@ -1,11 +1,14 @@
 //! `node-manager cleanup`: removes everything the agent made on the node, from the pins
-//! alone (no API server, no running agent needed). Idempotent.
+//! alone (no API server, no running agent needed). Idempotent. Every pinned link is detached
+//! (BPF_LINK_DETACH) before its pin goes: TCX links on pod interfaces and the cgroup
+//! socket-hook links alike.
 use std::{fs, io, path::Path};
 
 use anyhow::{Context as _, Result};
 
 use crate::datapath::{
     attach::{self, DIRECTIONS},
+    cgroup,
     pins::{self, Pins},
 };
 
@@ -15,7 +18,9 @@ pub struct Report {
     pub pins_removed: bool,
 }
 
-pub fn cleanup(bpffs: &Path) -> Result<Report> {
+/// `cgroup_path`: also detach links of our socket programs on that cgroup that have no pin
+/// (pinned ones are released wherever they are attached).
+pub fn cleanup(bpffs: &Path, cgroup_path: Option<&Path>) -> Result<Report> {
     let mut report = Report::default();
     let root = Pins::new(bpffs).root;
     if pins::is_bpffs(bpffs) && root.exists() {
@@ -32,6 +37,11 @@ pub fn cleanup(bpffs: &Path) -> Result<Report> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", root.display())),
         }
+    }
+    if let Some(path) = cgroup_path
+        && let Ok(id) = cgroup::cgroup_id(path)
+    {
+        report.links_removed += cgroup::detach_unpinned(id)?;
     }
     // Netlink filters (kernels without TCX) are not pinned: remove ours from every interface.
     for iface in crate::interfaces::all().unwrap_or_default() {
