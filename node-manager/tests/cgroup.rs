@@ -13,46 +13,16 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use common::agent::{Agent, Scratch, lab_service_yaml, wait_for, write};
+use common::agent::{Agent, Scratch, TestCgroup, lab_service_yaml, wait_for, write};
 use lab::{Lab, Ns};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(2);
 const CLIENT_ENV: &str = "NM_TEST_SOCK_CLIENT";
 const RESULT_PREFIX: &str = "NM_TEST_RESULT ";
-
-/// A cgroup v2 directory of its own under the cgroup2 mount, removed on drop (its processes
-/// have all exited by then: every client is waited for).
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    fn new() -> TestCgroup {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = node_manager::datapath::cgroup::cgroup2_mount_in(&mountinfo).expect("a cgroup v2 mount");
-        let path = root.join(format!("nml-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TestCgroup { path }
-    }
-
-    fn path_str(&self) -> &str {
-        self.path.to_str().unwrap()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir(&self.path) {
-            eprintln!("removing test cgroup {}: {e}", self.path.display());
-        }
-    }
-}
 
 /// What a client is asked to do: `tcp`, `udp` (unconnected sendto/recvfrom) or `udp-connected`.
 #[derive(Clone, Copy, Debug)]
@@ -184,25 +154,25 @@ fn hooks_ready(scratch: &Scratch) -> bool {
 
 #[test]
 fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer() {
-    let cg = TestCgroup::new();
     let lab = Lab::new().unwrap();
     let scratch = Scratch::new(&lab);
+    let cg = &scratch.cgroup;
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
     let services = services.to_str().unwrap().to_owned();
     let (ext4, ext6) = (sa(lab::EXTERNAL_V4, 8080), sa(lab::EXTERNAL_V6, 8080));
 
     // Without the agent: the external IP is local to the node with nothing behind it.
-    assert_fails(&lab, Some(&cg), ext4, "no agent");
-    assert_fails(&lab, Some(&cg), ext6, "no agent");
+    assert_fails(&lab, Some(cg), ext4, "no agent");
+    assert_fails(&lab, Some(cg), ext6, "no agent");
 
-    let agent = Agent::start(&scratch, &agent_args(&services, &cg, "true"));
+    let agent = Agent::start(&scratch, &agent_args(&services, cg, "true"));
     wait_for("the socket hooks and frontends", Duration::from_secs(15), || hooks_ready(&scratch));
 
-    assert_served(&lab, &cg, ext4, Some(&agent));
-    assert_served(&lab, &cg, ext6, Some(&agent));
+    assert_served(&lab, cg, ext4, Some(&agent));
+    assert_served(&lab, cg, ext6, Some(&agent));
     // A dual-stack IPv6 socket dialling the IPv4 external address as ::ffff:a.b.c.d.
-    assert_served(&lab, &cg, sa(mapped(lab::EXTERNAL_V4), 8080), Some(&agent));
+    assert_served(&lab, cg, sa(mapped(lab::EXTERNAL_V4), 8080), Some(&agent));
 
     // Processes outside the cgroup, in the same namespace, are untouched (this test process
     // is one of them too).
@@ -211,11 +181,11 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
     assert!(lab.tcp_request(Ns::Node, ext4, b"x", T).is_err(), "the test process is outside the cgroup");
     // Other ports and other destinations are untouched: no rewrite, and no reverse rewrite of
     // a peer that was dialled directly.
-    assert_fails(&lab, Some(&cg), sa(lab::EXTERNAL_V4, 8081), "port 8081 is no frontend");
-    assert_fails(&lab, Some(&cg), sa(lab::EXTERNAL_V6, 8081), "port 8081 is no frontend");
+    assert_fails(&lab, Some(cg), sa(lab::EXTERNAL_V4, 8081), "port 8081 is no frontend");
+    assert_fails(&lab, Some(cg), sa(lab::EXTERNAL_V6, 8081), "port 8081 is no frontend");
     for direct in [sa(lab::CLUSTER_V4, 8080), sa(lab::CLUSTER_V6, 8080), sa(lab::ENDPOINT_V4, 8080)] {
         for req in [Req::Tcp, Req::Udp] {
-            let (data, peer) = client(&lab, Some(&cg), req, direct).unwrap_or_else(|e| panic!("{req:?} {direct}: {e}"));
+            let (data, peer) = client(&lab, Some(cg), req, direct).unwrap_or_else(|e| panic!("{req:?} {direct}: {e}"));
             assert_eq!((data.as_str(), peer), ("echo:x", direct), "{req:?} to {direct} is not rewritten");
         }
     }
@@ -240,39 +210,39 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
     assert!(hooks.iter().all(|h| h["cgroup_path"] == cg.path_str()), "{state:#}");
     assert!(hooks.iter().any(|h| h["hook"] == "getpeername6" && h["attach_type"] == "cgroup_inet6_getpeername"));
     let link_ids: Vec<Value> = hooks.iter().map(|h| h["link_id"].clone()).collect();
-    assert_eq!(attached_to(&cg).len(), 8, "{:?}", attached_to(&cg));
+    assert_eq!(attached_to(cg).len(), 8, "{:?}", attached_to(cg));
 
     // A restarted agent adopts the pinned links: same links, new programs, never two of ours.
     drop(agent); // SIGKILL
-    assert_served(&lab, &cg, ext4, None); // while no agent runs
-    let second = Agent::start(&scratch, &agent_args(&services, &cg, "true"));
+    assert_served(&lab, cg, ext4, None); // while no agent runs
+    let second = Agent::start(&scratch, &agent_args(&services, cg, "true"));
     wait_for("the second agent's socket hooks", Duration::from_secs(15), || {
         second.log().contains("socket hooks attached")
     });
     let state = scratch.inspect();
     let hooks = state["cgroup_hooks"].as_array().unwrap();
     assert_eq!(hooks.iter().map(|h| h["link_id"].clone()).collect::<Vec<_>>(), link_ids, "links kept: {state:#}");
-    let attached = attached_to(&cg);
+    let attached = attached_to(cg);
     assert_eq!(attached.len(), 8, "exactly one program per hook: {attached:?}");
-    assert_served(&lab, &cg, ext6, Some(&second));
+    assert_served(&lab, cg, ext6, Some(&second));
     assert!(second.stop());
 
     // cleanup detaches the hooks too; a second run finds nothing.
     let out = scratch.cleanup();
     assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(attached_to(&cg), Vec::<(String, String)>::new());
-    assert_fails(&lab, Some(&cg), ext4, "after cleanup");
+    assert_eq!(attached_to(cg), Vec::<(String, String)>::new());
+    assert_fails(&lab, Some(cg), ext4, "after cleanup");
     let again = scratch.cleanup();
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 link(s)"), "{}", String::from_utf8_lossy(&again.stdout));
 
     // external-cluster on, then off: the hooks come, then go.
-    let on = Agent::start(&scratch, &agent_args(&services, &cg, "true"));
+    let on = Agent::start(&scratch, &agent_args(&services, cg, "true"));
     wait_for("hooks attached", Duration::from_secs(15), || hooks_ready(&scratch));
     assert!(on.stop());
-    let off = Agent::start(&scratch, &agent_args(&services, &cg, "false"));
+    let off = Agent::start(&scratch, &agent_args(&services, cg, "false"));
     wait_for("hooks detached", Duration::from_secs(15), || off.log().contains("socket hooks detached"));
-    assert_eq!(attached_to(&cg), Vec::<(String, String)>::new());
-    assert_fails(&lab, Some(&cg), ext4, "external-cluster is off");
+    assert_eq!(attached_to(cg), Vec::<(String, String)>::new());
+    assert_fails(&lab, Some(cg), ext4, "external-cluster is off");
     assert!(off.stop());
 }
 
