@@ -168,8 +168,8 @@ fn forward(ctx: &SockAddrContext, family: Family, hook: Forward) -> i32 {
     let key = SockRevKey { cookie: cookie(ctx), cluster_addr, port, pad: [0; 6] };
     // Unconnected UDP sends every datagram through here: write only what is new.
     // SAFETY: read once and compared; a concurrent eviction only causes a redundant insert.
-    let known = unsafe { NM_SOCK_REV.get(&key) }.is_some_and(|r| r.external_addr == external_addr);
-    if !known && NM_SOCK_REV.insert(&key, SockRev { external_addr }, 0).is_err() {
+    let known = unsafe { NM_SOCK_REV.get(key) }.is_some_and(|r| r.external_addr == external_addr);
+    if !known && NM_SOCK_REV.insert(key, SockRev { external_addr }, 0).is_err() {
         count_event(CounterIndex::SockRevInsertFailed);
     }
     count_event(match (hook, family) {
@@ -186,7 +186,7 @@ fn reverse(ctx: &SockAddrContext, family: Family, hook: Reverse) -> i32 {
     let key =
         SockRevKey { cookie: cookie(ctx), cluster_addr: user_addr(ctx, family), port: user_port(ctx), pad: [0; 6] };
     // SAFETY: copied out immediately.
-    let Some(external_addr) = unsafe { NM_SOCK_REV.get(&key) }.map(|r| r.external_addr) else {
+    let Some(external_addr) = unsafe { NM_SOCK_REV.get(key) }.map(|r| r.external_addr) else {
         // Not a redirected peer (the common case, not counted: every UDP receive passes here).
         return ALLOW;
     };
