@@ -227,6 +227,17 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
     assert_served(&lab, cg, ext6, Some(&second));
     assert!(second.stop());
 
+    // The cgroup path changes: the hooks move; the old cgroup keeps none of ours.
+    let other = TestCgroup::new();
+    let moved = Agent::start(&scratch, &agent_args(&services, &other, "true"));
+    wait_for("the hooks to move", Duration::from_secs(15), || moved.log().contains("socket hooks attached"));
+    assert_eq!(attached_to(cg), Vec::<(String, String)>::new(), "{}", moved.log());
+    assert_eq!(attached_to(&other).len(), 8);
+    assert_fails(&lab, Some(cg), ext4, "the hooks moved to another cgroup");
+    assert_served(&lab, &other, ext4, Some(&moved));
+    assert!(moved.stop());
+    // Cleanup with --cgroup-path pointing at the old one still finds the pinned links.
+
     // cleanup detaches the hooks too; a second run finds nothing.
     let out = scratch.cleanup();
     assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
