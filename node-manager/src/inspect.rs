@@ -196,7 +196,7 @@ pub fn render(state: &State) -> String {
     }
     let _ = writeln!(out, "features:");
     for f in &state.features {
-        let _ = writeln!(out, "  {:<30} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
+        let _ = writeln!(out, "  {:<32} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
     }
     let _ = writeln!(out, "interfaces ({}):", state.interfaces.len());
     for i in &state.interfaces {
