@@ -87,7 +87,12 @@ fn open(pins: &Pins, name: &str) -> Result<Map> {
 
 pub fn read(bpffs: &Path) -> Result<State> {
     let pins = Pins::new(bpffs);
-    let installed = pins.map(map_names::FRONTENDS).exists();
+    // Every map the pod datapath needs (NM_SOCK_REV may be missing from an older agent's pins):
+    // an agent that is starting pins them one by one, and reading half of them would fail.
+    let installed =
+        [map_names::FRONTENDS, map_names::POD_CIDRS, map_names::FLOWS, map_names::CONFIG, map_names::COUNTERS]
+            .iter()
+            .all(|name| pins.map(name).exists());
     let mut state = State {
         pins: pins.layout_dir().display().to_string(),
         installed,
