@@ -406,28 +406,7 @@ impl Lab {
     /// [`std::io::Error`] as root cause (e.g. `ErrorKind::ConnectionRefused`, `TimedOut`).
     pub fn tcp_request(&self, ns: Ns, to: SocketAddr, payload: &[u8], timeout: Duration) -> Result<TcpReply> {
         let name = self.ns_name(ns);
-        in_netns(self.netns_path(ns), || {
-            let deadline = Instant::now() + timeout;
-            let mut stream = TcpStream::connect_timeout(&to, timeout).context("connect")?;
-            // Before the exchange: once both sides have closed, getpeername fails.
-            let peer = stream.peer_addr().context("getpeername")?;
-            stream.set_write_timeout(Some(remaining(deadline)?))?;
-            stream.write_all(payload).context("send")?;
-            stream.shutdown(Shutdown::Write).context("shutdown(SHUT_WR)")?;
-            let mut data = Vec::new();
-            let mut buf = [0u8; 16 * 1024];
-            loop {
-                stream.set_read_timeout(Some(remaining(deadline)?))?;
-                match stream.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => data.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => return Err(timed_out(e)).context("receive"),
-                }
-            }
-            Ok(TcpReply { data, peer })
-        })
-        .with_context(|| format!("netns {name}: TCP request to {to}"))
+        tcp_request_in(self.netns_path(ns), to, payload, timeout).with_context(|| format!("netns {name}"))
     }
 
     /// UDP request from namespace `ns`: sends one datagram to `to` and waits up to `timeout`
@@ -444,28 +423,7 @@ impl Lab {
         connected: bool,
     ) -> Result<UdpReply> {
         let name = self.ns_name(ns);
-        in_netns(self.netns_path(ns), || {
-            let any: SocketAddr = match to.ip() {
-                IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-            };
-            let socket = UdpSocket::bind(any).context("bind")?;
-            if connected {
-                socket.connect(to).context("connect")?;
-                socket.send(payload).context("send")?;
-            } else {
-                socket.send_to(payload, to).context("sendto")?;
-            }
-            socket.set_read_timeout(Some(non_zero(timeout)))?;
-            let mut buf = vec![0u8; 65536];
-            let (n, from) = socket.recv_from(&mut buf).map_err(timed_out).context("receive")?;
-            buf.truncate(n);
-            Ok(UdpReply { data: buf, from })
-        })
-        .with_context(|| {
-            let mode = if connected { "connected" } else { "unconnected" };
-            format!("netns {name}: UDP request ({mode}) to {to}")
-        })
+        udp_request_in(self.netns_path(ns), to, payload, timeout, connected).with_context(|| format!("netns {name}"))
     }
 
     /// Client addresses the echo servers have seen (TCP: accepted peer; UDP: datagram source),
@@ -521,6 +479,65 @@ where
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    })
+}
+
+/// [`Lab::tcp_request`] from the network namespace at `netns`, for callers without a [`Lab`]
+/// (for example a child process placed in a test cgroup).
+pub fn tcp_request_in(netns: impl AsRef<Path>, to: SocketAddr, payload: &[u8], timeout: Duration) -> Result<TcpReply> {
+    in_netns(netns, || {
+        let deadline = Instant::now() + timeout;
+        let mut stream = TcpStream::connect_timeout(&to, timeout).context("connect")?;
+        // Before the exchange: once both sides have closed, getpeername fails.
+        let peer = stream.peer_addr().context("getpeername")?;
+        stream.set_write_timeout(Some(remaining(deadline)?))?;
+        stream.write_all(payload).context("send")?;
+        stream.shutdown(Shutdown::Write).context("shutdown(SHUT_WR)")?;
+        let mut data = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            stream.set_read_timeout(Some(remaining(deadline)?))?;
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(timed_out(e)).context("receive"),
+            }
+        }
+        Ok(TcpReply { data, peer })
+    })
+    .with_context(|| format!("TCP request to {to}"))
+}
+
+/// [`Lab::udp_request`] from the network namespace at `netns`, for callers without a [`Lab`].
+pub fn udp_request_in(
+    netns: impl AsRef<Path>,
+    to: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+    connected: bool,
+) -> Result<UdpReply> {
+    in_netns(netns, || {
+        let any: SocketAddr = match to.ip() {
+            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = UdpSocket::bind(any).context("bind")?;
+        if connected {
+            socket.connect(to).context("connect")?;
+            socket.send(payload).context("send")?;
+        } else {
+            socket.send_to(payload, to).context("sendto")?;
+        }
+        socket.set_read_timeout(Some(non_zero(timeout)))?;
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = socket.recv_from(&mut buf).map_err(timed_out).context("receive")?;
+        buf.truncate(n);
+        Ok(UdpReply { data: buf, from })
+    })
+    .with_context(|| {
+        let mode = if connected { "connected" } else { "unconnected" };
+        format!("UDP request ({mode}) to {to}")
     })
 }
 

@@ -26,7 +26,9 @@ pub mod map_names {
     pub const CT_CONFIG: &str = "NM_CT_CONFIG";
     pub const CT_SEEN: &str = "NM_CT_SEEN";
     pub const CT_COUNTERS: &str = "NM_CT_COUNTERS";
-    pub const ALL: [&str; 8] = [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS, CT_CONFIG, CT_SEEN, CT_COUNTERS];
+    pub const SOCK_REV: &str = "NM_SOCK_REV";
+    pub const ALL: [&str; 9] =
+        [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS, SOCK_REV, CT_CONFIG, CT_SEEN, CT_COUNTERS];
 }
 
 /// Program names in the object file.
@@ -37,6 +39,14 @@ pub mod program_names {
     /// aya 0.14 has no netfilter program type).
     pub const DROP_INVALID_V4: &str = "nm_drop_invalid4";
     pub const DROP_INVALID_V6: &str = "nm_drop_invalid6";
+    pub const SOCK_CONNECT4: &str = "nm_sock_connect4";
+    pub const SOCK_CONNECT6: &str = "nm_sock_connect6";
+    pub const SOCK_SENDMSG4: &str = "nm_sock_sendmsg4";
+    pub const SOCK_SENDMSG6: &str = "nm_sock_sendmsg6";
+    pub const SOCK_RECVMSG4: &str = "nm_sock_recvmsg4";
+    pub const SOCK_RECVMSG6: &str = "nm_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME4: &str = "nm_sock_getpeername4";
+    pub const SOCK_GETPEERNAME6: &str = "nm_sock_getpeername6";
 }
 
 /// Capacities. The frontend map holds one entry per (external address, port, protocol) plus one
@@ -46,6 +56,9 @@ pub const POD_CIDRS_MAX: u32 = 64;
 /// Live pod→external flows remembered for the reverse rewrite (LRU: the oldest idle flow is
 /// evicted first when full).
 pub const FLOWS_MAX: u32 = 262_144;
+/// Sockets of host processes that dialled a frontend, remembered so that `getpeername` and
+/// `recvmsg` show the external address (LRU: closed sockets' entries age out).
+pub const SOCK_REV_MAX: u32 = 65_536;
 
 /// A Service frontend as the pod dials it: (external address, port, protocol).
 /// For ICMP echo the port is 0.
@@ -86,6 +99,26 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flow {
+    pub external_addr: [u8; 16],
+}
+
+/// A host socket's view of a rewritten peer: the socket (`bpf_get_socket_cookie`) and the
+/// cluster address and port it was redirected to, as `getpeername`/`recvmsg` report them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    /// IPv4-mapped for IPv4.
+    pub cluster_addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub pad: [u8; 6],
+}
+
+/// The external address the socket dialled, shown in place of the cluster address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRev {
     pub external_addr: [u8; 16],
 }
 
@@ -132,9 +165,28 @@ pub enum CounterIndex {
     /// Rewrite helper failed; the packet was passed (possibly partly rewritten: counted so it
     /// shows).
     RewriteFailed = 10,
+    // Host-network sockets (cgroup socket-address hooks). These count calls, not packets
+    // (their byte count stays 0).
+    /// `connect` to a frontend redirected to the cluster IP.
+    SockConnectV4 = 11,
+    SockConnectV6 = 12,
+    /// Unconnected UDP `sendmsg` to a frontend redirected to the cluster IP.
+    SockSendmsgV4 = 13,
+    SockSendmsgV6 = 14,
+    /// UDP `recvmsg` from the cluster IP shown as coming from the external address.
+    SockRecvmsgV4 = 15,
+    SockRecvmsgV6 = 16,
+    /// `getpeername` shown as the external address.
+    SockGetpeernameV4 = 17,
+    SockGetpeernameV6 = 18,
+    /// `connect`/`sendmsg` to no frontend (or a protocol the hook does not rewrite): untouched.
+    SockPassNoFrontend = 19,
+    /// The socket could not be remembered (map update failed): the call was still redirected,
+    /// but `getpeername`/`recvmsg` will show the cluster IP.
+    SockRevInsertFailed = 20,
 }
 
-pub const COUNTERS_LEN: u32 = 11;
+pub const COUNTERS_LEN: u32 = 21;
 
 impl CounterIndex {
     pub const ALL: [CounterIndex; COUNTERS_LEN as usize] = [
@@ -149,6 +201,16 @@ impl CounterIndex {
         CounterIndex::PassNoFlow,
         CounterIndex::FlowInsertFailed,
         CounterIndex::RewriteFailed,
+        CounterIndex::SockConnectV4,
+        CounterIndex::SockConnectV6,
+        CounterIndex::SockSendmsgV4,
+        CounterIndex::SockSendmsgV6,
+        CounterIndex::SockRecvmsgV4,
+        CounterIndex::SockRecvmsgV6,
+        CounterIndex::SockGetpeernameV4,
+        CounterIndex::SockGetpeernameV6,
+        CounterIndex::SockPassNoFrontend,
+        CounterIndex::SockRevInsertFailed,
     ];
 
     /// Stable snake_case name, used by `inspect` and metrics.
@@ -165,6 +227,16 @@ impl CounterIndex {
             CounterIndex::PassNoFlow => "pass_no_flow",
             CounterIndex::FlowInsertFailed => "flow_insert_failed",
             CounterIndex::RewriteFailed => "rewrite_failed",
+            CounterIndex::SockConnectV4 => "sock_connect_v4",
+            CounterIndex::SockConnectV6 => "sock_connect_v6",
+            CounterIndex::SockSendmsgV4 => "sock_sendmsg_v4",
+            CounterIndex::SockSendmsgV6 => "sock_sendmsg_v6",
+            CounterIndex::SockRecvmsgV4 => "sock_recvmsg_v4",
+            CounterIndex::SockRecvmsgV6 => "sock_recvmsg_v6",
+            CounterIndex::SockGetpeernameV4 => "sock_getpeername_v4",
+            CounterIndex::SockGetpeernameV6 => "sock_getpeername_v6",
+            CounterIndex::SockPassNoFrontend => "sock_pass_no_frontend",
+            CounterIndex::SockRevInsertFailed => "sock_rev_insert_failed",
         }
     }
 }
@@ -245,6 +317,8 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRev {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for CtConfig {}
 }
@@ -255,5 +329,7 @@ const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 4);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 8 + 16 + 2 + 6);
+const _: () = assert!(core::mem::size_of::<SockRev>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<CtConfig>() == 24);

@@ -15,3 +15,12 @@ pub fn count(ctx: &TcContext, index: CounterIndex) {
         }
     }
 }
+
+/// Counts one event of a hook that has no packet (socket-address hooks): bytes stay 0.
+#[inline(always)]
+pub fn count_event(index: CounterIndex) {
+    if let Some(counter) = NM_COUNTERS.get_ptr_mut(index as u32) {
+        // SAFETY: per-CPU slot, valid for the program's run; no other writer on this CPU.
+        unsafe { (*counter).packets += 1 };
+    }
+}

@@ -26,7 +26,14 @@ pub fn from_local_pod(pkt: &Packet) -> bool {
 /// The cluster address for the packet's (destination, port, protocol), if it is a frontend.
 #[inline(always)]
 pub fn frontend(pkt: &Packet) -> Option<[u8; 16]> {
-    let key = FrontendKey { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, pad: 0 };
+    frontend_of(pkt.daddr, pkt.dport, pkt.proto)
+}
+
+/// The cluster address for (address, port in network byte order, protocol), if it is a
+/// frontend. The one lookup both the TC and the socket hooks use.
+#[inline(always)]
+pub fn frontend_of(addr: [u8; 16], port: u16, proto: u8) -> Option<[u8; 16]> {
+    let key = FrontendKey { addr, port, proto, pad: 0 };
     // SAFETY: the value is copied out immediately; a concurrent update can at worst give the
     // previous or the next cluster address, both valid.
     unsafe { NM_FRONTENDS.get(key) }.map(|f| f.cluster_addr)

@@ -5,6 +5,9 @@
 //! mark for masquerade, remember the flow. egress (packets to the pod): the reply's source
 //! cluster IP → the external IP the pod dialled. Everything else continues untouched
 //! (TC_ACT_UNSPEC, which is also TCX_NEXT), so CNI programs on the same device still run.
+//!
+//! Host-network clients are served by the cgroup socket-address hooks in [`sock`], from the
+//! same frontend map.
 #![no_std]
 #![no_main]
 
@@ -14,6 +17,7 @@ mod invalid;
 mod lb;
 mod parse;
 mod rewrite;
+mod sock;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use node_manager_common::CounterIndex;

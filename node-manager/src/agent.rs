@@ -61,6 +61,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     interfaces::watch_links(link_changes.clone())?;
     let mut agent = Agent::new(cfg, datapath, drop_invalid)?;
     agent.sync_interfaces();
+    agent.sync_cgroup()?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -184,6 +185,27 @@ impl Agent {
         {
             tracing::error!(mode = %drop_invalid.mode, error = format!("{e:#}"), "drop-invalid: repair failed; retrying");
         }
+    }
+
+    /// Host-network clients: the socket hooks on the configured cgroup while external-cluster is
+    /// on (re-attached at start, taking over a previous agent's links atomically); detached when
+    /// it is off. Failing to attach is fatal: the feature was asked for and would silently miss
+    /// every host-network client.
+    fn sync_cgroup(&mut self) -> Result<()> {
+        if !self.cfg.external_cluster {
+            let released = self.datapath.detach_cgroup()?;
+            if released > 0 {
+                tracing::info!(hooks = released, "external-cluster is off: socket hooks detached");
+            }
+            return Ok(());
+        }
+        let path = match &self.cfg.cgroup_path {
+            Some(path) => path.clone(),
+            None => crate::datapath::cgroup::default_root()?,
+        };
+        self.datapath.attach_cgroup(&path)?;
+        tracing::info!(cgroup = %path.display(), "socket hooks attached (host-network clients)");
+        Ok(())
     }
 
     /// Attaches to new matching interfaces and releases pins of vanished ones.

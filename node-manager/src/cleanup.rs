@@ -1,11 +1,14 @@
 //! `node-manager cleanup`: removes everything the agent made on the node, from the pins
-//! alone (no API server, no running agent needed). Idempotent.
+//! alone (no API server, no running agent needed). Idempotent. Every pinned link is detached
+//! (BPF_LINK_DETACH) before its pin goes: TCX links on pod interfaces and the cgroup
+//! socket-hook links alike.
 use std::{fs, io, path::Path};
 
 use anyhow::{Context as _, Result};
 
 use crate::datapath::{
     attach::{self, DIRECTIONS},
+    cgroup,
     pins::{self, Pins},
 };
 
@@ -15,15 +18,15 @@ pub struct Report {
     pub pins_removed: bool,
 }
 
-pub fn cleanup(bpffs: &Path) -> Result<Report> {
+/// `cgroup_path`: also detach links of our socket programs on that cgroup that have no pin
+/// (pinned ones are released wherever they are attached).
+pub fn cleanup(bpffs: &Path, cgroup_path: Option<&Path>) -> Result<Report> {
     let mut report = Report::default();
     let root = Pins::new(bpffs).root;
     // The INVALID drop of every mode: netfilter links, our nftables table, our iptables rules,
     // and the conntrack sysctl restored to what it was (recorded in the pins, so before them).
+    // Errors are reported at the end: everything else is still removed.
     let errors = crate::invalid::remove_except(None, &Pins::new(bpffs), None);
-    if let Some(first) = errors.first() {
-        anyhow::bail!("{first} (and {} more)", errors.len() - 1);
-    }
     if pins::is_bpffs(bpffs) && root.exists() {
         // Every layout version's links: unpinning releases the TCX links and so detaches.
         for version in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?.flatten() {
@@ -39,11 +42,19 @@ pub fn cleanup(bpffs: &Path) -> Result<Report> {
             Err(e) => return Err(e).with_context(|| format!("removing {}", root.display())),
         }
     }
+    if let Some(path) = cgroup_path
+        && let Ok(id) = cgroup::cgroup_id(path)
+    {
+        report.links_removed += cgroup::detach_unpinned(id)?;
+    }
     // Netlink filters (kernels without TCX) are not pinned: remove ours from every interface.
     for iface in crate::interfaces::all().unwrap_or_default() {
         for (attach_type, _, _) in DIRECTIONS {
             attach::detach_netlink(&iface.name, attach_type);
         }
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("{}", errors.join("; "));
     }
     Ok(report)
 }

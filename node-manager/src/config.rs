@@ -64,7 +64,9 @@ pub struct RunArgs {
     /// they appear.
     #[arg(long, env = "POD_INTERFACES")]
     pub pod_interfaces: Option<String>,
-    /// cgroup v2 directory for the socket hooks (default: the cgroup v2 root).
+    /// cgroup v2 directory for the socket hooks that serve host-network clients (default: the
+    /// cgroup v2 root, i.e. every process of the node; mounted at /sys/fs/cgroup if the host has
+    /// none mounted and that directory is empty).
     #[arg(long, env = "CGROUP_PATH")]
     pub cgroup_path: Option<PathBuf>,
     /// bpffs mount; pins live under <bpffs>/node-manager/.
@@ -83,6 +85,8 @@ pub struct RunArgs {
 pub struct CleanupArgs {
     #[arg(long, env = "BPFFS")]
     pub bpffs: Option<PathBuf>,
+    /// Also detach our socket hooks from this cgroup where they have no pin (pinned ones are
+    /// detached wherever they are).
     #[arg(long, env = "CGROUP_PATH")]
     pub cgroup_path: Option<PathBuf>,
 }
@@ -114,6 +118,7 @@ pub struct Config {
     pub drop_invalid_mode: crate::invalid::Requested,
     pub external_cluster: bool,
     pub pod_interfaces: Vec<String>,
+    /// Where the socket hooks attach; `None`: the cgroup v2 root (found when needed).
     pub cgroup_path: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub masquerade_mark: u32,
@@ -247,6 +252,10 @@ impl Config {
             glob::Pattern::new(pattern)
                 .with_context(|| format!("--pod-interfaces / POD_INTERFACES: {pattern:?} is not a glob"))?;
         }
+        let cgroup_path = nonempty_path(args.cgroup_path);
+        if let Some(path) = &cgroup_path {
+            crate::datapath::cgroup::validate(path)?;
+        }
         let external_ip_allow = nonempty(args.external_ip_allow)
             .map(|v| parse_cidrs(&v, None, "--external-ip-allow / EXTERNAL_IP_ALLOW"))
             .transpose()?;
@@ -261,7 +270,7 @@ impl Config {
                 .unwrap_or(crate::invalid::Requested::Auto),
             external_cluster,
             pod_interfaces,
-            cgroup_path: nonempty_path(args.cgroup_path),
+            cgroup_path,
             bpffs: bpffs_or_default(args.bpffs),
             masquerade_mark: parse_mark(args.masquerade_mark.as_deref())?,
             external_ip_allow,

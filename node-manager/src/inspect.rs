@@ -4,12 +4,12 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use node_manager_common::{DatapathConfig, Flow, FlowKey, map_names};
+use node_manager_common::{DatapathConfig, Flow, FlowKey, SockRev, SockRevKey, map_names};
 use serde::Serialize;
 
 use crate::datapath::{
     attach::{self, Mechanism},
-    maps,
+    cgroup, maps,
     pins::Pins,
 };
 
@@ -19,6 +19,10 @@ pub struct State {
     pub installed: bool,
     pub features: Vec<Feature>,
     pub interfaces: Vec<Interface>,
+    /// Socket hooks for host-network clients (cgroup v2 socket-address programs).
+    pub cgroup_hooks: Vec<CgroupHook>,
+    /// Host sockets remembered for getpeername/recvmsg.
+    pub sockets: usize,
     pub pod_cidrs: Vec<String>,
     pub frontends: Vec<FrontendEntry>,
     pub flows: usize,
@@ -68,6 +72,18 @@ fn tcx_programs(iface: &str, attach_type: aya::programs::TcAttachType) -> Vec<St
 }
 
 #[derive(Debug, Serialize)]
+pub struct CgroupHook {
+    pub hook: String,
+    pub attach_type: &'static str,
+    pub cgroup_id: u64,
+    /// The cgroup's directory, when found under the cgroup v2 mount.
+    pub cgroup_path: Option<String>,
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub program: String,
+}
+
+#[derive(Debug, Serialize)]
 pub struct FrontendEntry {
     pub frontend: String,
     pub cluster_ip: String,
@@ -88,12 +104,19 @@ fn open(pins: &Pins, name: &str) -> Result<Map> {
 
 pub fn read(bpffs: &Path) -> Result<State> {
     let pins = Pins::new(bpffs);
-    let installed = pins.map(map_names::FRONTENDS).exists();
+    // Every map the pod datapath needs (NM_SOCK_REV may be missing from an older agent's pins):
+    // an agent that is starting pins them one by one, and reading half of them would fail.
+    let installed =
+        [map_names::FRONTENDS, map_names::POD_CIDRS, map_names::FLOWS, map_names::CONFIG, map_names::COUNTERS]
+            .iter()
+            .all(|name| pins.map(name).exists());
     let mut state = State {
         pins: pins.layout_dir().display().to_string(),
         installed,
         features: Vec::new(),
         interfaces: Vec::new(),
+        cgroup_hooks: Vec::new(),
+        sockets: 0,
         pod_cidrs: Vec::new(),
         frontends: Vec::new(),
         flows: 0,
@@ -130,6 +153,44 @@ pub fn read(bpffs: &Path) -> Result<State> {
         mechanism: format!("{} on {} interface(s)", mechanism.name(), state.interfaces.len()),
     });
 
+    let hooks = cgroup::pinned_hooks(&pins.links_dir());
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .flatten()
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let mut paths = std::collections::HashMap::new();
+    for h in hooks {
+        let path = paths.entry(h.cgroup_id).or_insert_with(|| cgroup::path_of(h.cgroup_id)).clone();
+        state.cgroup_hooks.push(CgroupHook {
+            attach_type: cgroup::attach_type_name(h.attach_type),
+            cgroup_id: h.cgroup_id,
+            cgroup_path: path.map(|p| p.display().to_string()),
+            link_id: h.link_id,
+            prog_id: h.prog_id,
+            program: names.get(&h.prog_id).cloned().unwrap_or_else(|| "?".to_owned()),
+            hook: h.hook,
+        });
+    }
+    let cgroups: std::collections::BTreeSet<String> = state
+        .cgroup_hooks
+        .iter()
+        .map(|h| h.cgroup_path.clone().unwrap_or_else(|| format!("cgroup id {}", h.cgroup_id)))
+        .collect();
+    state.features.push(Feature {
+        name: "external-cluster (host, cgroup)",
+        active: !state.cgroup_hooks.is_empty(),
+        mechanism: format!(
+            "{}/{} socket hooks on {}",
+            state.cgroup_hooks.len(),
+            cgroup::HOOKS.len(),
+            if cgroups.is_empty() {
+                "no cgroup".to_owned()
+            } else {
+                cgroups.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        ),
+    });
+
     let frontends: HashMap<MapData, _, _> = HashMap::try_from(open(&pins, map_names::FRONTENDS)?)?;
     for (key, value) in maps::read_frontends(&frontends)? {
         let frontend = maps::frontend_addr(&key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
@@ -139,6 +200,11 @@ pub fn read(bpffs: &Path) -> Result<State> {
     state.pod_cidrs = maps::read_pod_cidrs(&trie)?.iter().map(ToString::to_string).collect();
     let flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(open(&pins, map_names::FLOWS)?)?;
     state.flows = flows.keys().filter(Result::is_ok).count();
+    // Absent when the pins predate the socket hooks (an older agent's).
+    if pins.map(map_names::SOCK_REV).exists() {
+        let socks: HashMap<MapData, SockRevKey, SockRev> = HashMap::try_from(open(&pins, map_names::SOCK_REV)?)?;
+        state.sockets = socks.keys().filter(Result::is_ok).count();
+    }
     let config: Array<MapData, DatapathConfig> = Array::try_from(open(&pins, map_names::CONFIG)?)?;
     state.masquerade_mark = maps::read_config(&config).ok().map(|c| format!("{:#x}", c.masquerade_mark));
     let counters: PerCpuArray<MapData, node_manager_common::Counter> =
@@ -190,7 +256,7 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(out, "node-manager datapath at {}", state.pins);
     let _ = writeln!(out, "features:");
     for f in &state.features {
-        let _ = writeln!(out, "  {:<30} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
+        let _ = writeln!(out, "  {:<32} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
     }
     render_drop_invalid(&mut out, &state.drop_invalid);
     if !state.installed {
@@ -212,6 +278,20 @@ pub fn render(state: &State) -> String {
             i.tcx_egress.join(", ")
         );
     }
+    let _ = writeln!(out, "cgroup socket hooks ({}):", state.cgroup_hooks.len());
+    for h in &state.cgroup_hooks {
+        let _ = writeln!(
+            out,
+            "  {:<13} {:<25} {} (id {})  program {} (id {})  link {}",
+            h.hook,
+            h.attach_type,
+            h.cgroup_path.as_deref().unwrap_or("?"),
+            h.cgroup_id,
+            h.program,
+            h.prog_id,
+            h.link_id
+        );
+    }
     let _ = writeln!(
         out,
         "pod CIDRs: {}",
@@ -223,6 +303,7 @@ pub fn render(state: &State) -> String {
         let _ = writeln!(out, "  {:<40} -> {}", f.frontend, f.cluster_ip);
     }
     let _ = writeln!(out, "flows: {} remembered", state.flows);
+    let _ = writeln!(out, "host sockets: {} remembered", state.sockets);
     let _ = writeln!(out, "counters:{:>28}{:>16}", "packets", "bytes");
     for c in &state.counters {
         let _ = writeln!(out, "  {:<24}{:>12}{:>16}", c.name, c.packets, c.bytes);

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Cleanup(args) => match cleanup::cleanup(&bpffs_or_default(args.bpffs)) {
+        Command::Cleanup(args) => match cleanup::cleanup(
+            &bpffs_or_default(args.bpffs),
+            args.cgroup_path.as_deref().filter(|p| !p.as_os_str().is_empty()),
+        ) {
             Ok(report) => {
                 println!(
                     "cleanup: {} link(s) released, pins {}",

@@ -46,7 +46,10 @@ fn assert_nothing_of_ours(lab: &Lab, scratch: &Scratch) {
     assert!(!scratch.bpffs.join("node-manager").exists(), "pins left under {}", scratch.bpffs.display());
     let progs = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
     let progs = String::from_utf8_lossy(&progs.stdout);
-    assert!(!progs.contains("nm_pod_ingress") && !progs.contains("nm_pod_egress"), "programs still loaded:\n{progs}");
+    assert!(
+        !progs.contains("nm_pod_ingress") && !progs.contains("nm_pod_egress") && !progs.contains("nm_sock_"),
+        "programs still loaded:\n{progs}"
+    );
     let links = Command::new("bpftool").args(["link", "show"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&links.stdout).contains("nm_pod_"), "links still present");
     for args in [

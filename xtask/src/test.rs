@@ -95,7 +95,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Fails, naming them, if network namespaces `nml-*` or the agent's BPF pin directory exist.
+/// Fails, naming them, if network namespaces `nml-*`, test cgroups `nml-test-*` (directly
+/// under the cgroup v2 mount) or the agent's BPF pin directory exist.
 fn check_leftovers() -> Result<()> {
     step(format!("test: checking for leftovers (network namespaces {NETNS_PREFIX}*, {BPF_PIN_DIR})"));
     let out = Cmd::new("ip").args(["netns", "list"]).output()?;
@@ -107,6 +108,9 @@ fn check_leftovers() -> Result<()> {
     let mut problems = Vec::new();
     if !namespaces.is_empty() {
         problems.push(format!("network namespaces {} (remove with `ip netns del NAME`)", namespaces.join(", ")));
+    }
+    for cgroup in leftover_cgroups() {
+        problems.push(format!("test cgroup {cgroup} (remove with `rmdir {cgroup}`)"));
     }
     if Path::new(BPF_PIN_DIR).exists() {
         problems.push(format!("pinned BPF objects in {BPF_PIN_DIR} (remove with `rm -r {BPF_PIN_DIR}`)"));
@@ -120,6 +124,27 @@ fn check_leftovers() -> Result<()> {
         }
         bail!("leftovers: {}", problems.join("; "))
     }
+}
+
+/// Test cgroups (`nml-test-*`) under the cgroup v2 mount, as full paths.
+fn leftover_cgroups() -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(root) = mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let f: Vec<&str> = pre.split_whitespace().collect();
+        (post.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then(|| f.get(4).map(|m| m.to_string()))?
+    }) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nml-test-"))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    found.sort();
+    found
 }
 
 /// The test namespaces in `ip netns list` output (lines like `nml-pod (id: 3)`).

@@ -2,6 +2,7 @@
 //! to pod interfaces, and write the maps by diff.
 pub mod attach;
 pub mod btf;
+pub mod cgroup;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
@@ -76,6 +77,14 @@ impl Datapath {
             // The verifier's log is part of the error.
             program.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
+        for (_, _, name) in cgroup::HOOKS {
+            let program: &mut aya::programs::CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
+            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        }
         Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect() })
     }
 
@@ -104,6 +113,18 @@ impl Datapath {
 
     pub fn detach(&self, iface: &Iface) -> Result<()> {
         attach::detach(&self.pins()?.links_dir(), iface)
+    }
+
+    /// Attaches the socket hooks for host-network clients to the cgroup v2 directory `path`,
+    /// replacing ours atomically where they are already there.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
+        let links_dir = self.pins()?.links_dir();
+        cgroup::attach_all(&mut self.ebpf, &links_dir, path)
+    }
+
+    /// Detaches our socket hooks, wherever they are; returns how many were attached.
+    pub fn detach_cgroup(&self) -> Result<usize> {
+        cgroup::detach_all(&self.pins()?.links_dir())
     }
 
     /// Interfaces that currently have our pinned links.

@@ -5,6 +5,7 @@
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/maps/NM_FRONTENDS ...   pinned maps
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/if<ifindex>_<ingress|egress>   TCX links
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/netfilter_<ipv4|ipv6>     INVALID-drop links
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/cgroup_<hook>   cgroup socket-hook links
 //! ```
 use std::{
     fs,
@@ -15,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
     COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey,
-    Frontend, FrontendKey, LAYOUT_VERSION, POD_CIDRS_MAX, map_names,
+    Frontend, FrontendKey, LAYOUT_VERSION, POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey, map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -117,6 +118,7 @@ pub fn expected_layout(name: &str) -> Option<Layout> {
         map_names::FLOWS => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_MAX),
         map_names::CONFIG => l(MapType::Array, 4, size_of::<DatapathConfig>(), 1),
         map_names::COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), COUNTERS_LEN),
+        map_names::SOCK_REV => l(MapType::LruHash, size_of::<SockRevKey>(), size_of::<SockRev>(), SOCK_REV_MAX),
         map_names::CT_CONFIG => l(MapType::Array, 4, size_of::<CtConfig>(), 1),
         map_names::CT_SEEN => l(MapType::Array, 4, 8, 2),
         map_names::CT_COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), CT_COUNTERS_LEN),

@@ -14,7 +14,12 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
+/// `enum bpf_link_type`'s BPF_LINK_TYPE_CGROUP.
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 pub const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 pub const BPF_NETFILTER: u32 = 45;
@@ -144,7 +149,15 @@ pub fn link_create_netfilter(prog: BorrowedFd<'_>, pf: u32, hooknum: u32, priori
     bpf(BPF_LINK_CREATE, &mut attr).map(owned)
 }
 
-/// What the kernel reports about a link (`struct bpf_link_info`, netfilter part decoded).
+/// Replaces the program inside a link atomically (the hook never runs without one).
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes()); // link_fd
+    attr[4..8].copy_from_slice(&(new_prog.as_raw_fd() as u32).to_ne_bytes()); // new_prog_fd
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The parts of `struct bpf_link_info` node-manager reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
     pub link_type: u32,
@@ -152,12 +165,17 @@ pub struct LinkInfo {
     pub prog_id: u32,
     /// For netfilter links: (pf, hooknum, priority).
     pub netfilter: (u32, u32, i32),
+    /// For cgroup links: the cgroup's id (its directory's inode number) and the attach type.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
 }
 
 pub const BPF_LINK_TYPE_NETFILTER: u32 = 10;
 
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
-    let mut info = [0u8; 64];
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union: cgroup is
+    // { u64 cgroup_id; u32 attach_type; }, netfilter is { u32 pf, hooknum; s32 priority; u32 flags; }.
+    let mut info = [0u8; 128];
     let mut attr = [0u8; 128];
     put_u32(&mut attr, 0, link.as_raw_fd() as u32); // info.bpf_fd
     put_u32(&mut attr, 4, info.len() as u32); // info.info_len
@@ -168,7 +186,33 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         id: get_u32(&info, 4),
         prog_id: get_u32(&info, 8),
         netfilter: (get_u32(&info, 16), get_u32(&info, 20), get_u32(&info, 24) as i32),
+        cgroup_id: u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
+        attach_type: get_u32(&info, 24),
     })
+}
+
+/// Ids of every BPF link in the system.
+pub fn link_ids() -> Vec<u32> {
+    let mut ids = Vec::new();
+    let mut start = 0u32;
+    loop {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&start.to_ne_bytes()); // start_id
+        if bpf(BPF_LINK_GET_NEXT_ID, &mut attr).is_err() {
+            return ids; // ENOENT: no more
+        }
+        start = u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]); // next_id
+        ids.push(start);
+    }
+}
+
+/// Opens a link by id.
+pub fn link_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&id.to_ne_bytes()); // link_id
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Runs a program once on `data` with context `ctx` (BPF_PROG_TEST_RUN); returns its return value.

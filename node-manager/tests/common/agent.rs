@@ -12,11 +12,44 @@ use lab::{Lab, Ns};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_node-manager");
 
-/// A scratch directory with a bpffs mounted in it; `Drop` runs `node-manager cleanup`
-/// against it (so nothing stays attached even if a test failed) and unmounts it.
+/// A cgroup v2 directory of its own under the cgroup2 mount, removed on drop (its processes
+/// must have exited by then).
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> TestCgroup {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = node_manager::datapath::cgroup::cgroup2_mount_in(&mountinfo).expect("a cgroup v2 mount");
+        let path = root.join(format!("nml-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir(&self.path) {
+            eprintln!("removing test cgroup {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A scratch directory with a bpffs mounted in it, and a test cgroup; `Drop` runs
+/// `node-manager cleanup` against it (so nothing stays attached even if a test failed),
+/// unmounts it and removes the cgroup.
 pub struct Scratch {
     pub dir: PathBuf,
     pub bpffs: PathBuf,
+    /// Given to every agent as `--cgroup-path` unless the test passes its own, so that no test
+    /// ever attaches the socket hooks to the machine's root cgroup.
+    pub cgroup: TestCgroup,
     node_netns: PathBuf,
 }
 
@@ -29,14 +62,15 @@ impl Scratch {
         fs::create_dir_all(&bpffs).unwrap();
         let ok = Command::new("mount").args(["-t", "bpf", "bpffs"]).arg(&bpffs).status().unwrap().success();
         assert!(ok, "mounting a private bpffs at {}", bpffs.display());
-        Scratch { dir, bpffs, node_netns: lab.netns_path(Ns::Node) }
+        Scratch { dir, bpffs, cgroup: TestCgroup::new(), node_netns: lab.netns_path(Ns::Node) }
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
-    /// `node-manager <args> --bpffs <ours>` in the node namespace.
+    /// `node-manager <args> --bpffs <ours>` in the node namespace (`run` and `cleanup` also get
+    /// `--cgroup-path <ours>` unless `args` has one).
     pub fn nm(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.node_netns.display()))
@@ -45,6 +79,9 @@ impl Scratch {
             .args(args)
             .arg("--bpffs")
             .arg(&self.bpffs);
+        if matches!(args.first(), Some(&"run" | &"cleanup")) && !args.contains(&"--cgroup-path") {
+            cmd.arg("--cgroup-path").arg(&self.cgroup.path);
+        }
         cmd
     }
 
