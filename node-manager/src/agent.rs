@@ -20,12 +20,9 @@ use crate::{
     datapath::{Datapath, attach::Iface},
     interfaces::{self, Matcher},
     model,
-    source::{Snapshot, file},
+    source::{Snapshot, file, kubernetes},
 };
 
-/// How often the full desired state is rewritten by diff, repairing drift (entries changed
-/// behind our back with bpftool, for instance).
-const RESYNC_PERIOD: Duration = Duration::from_secs(60);
 /// Interfaces are rescanned on every link notification and at least this often.
 const RESCAN_PERIOD: Duration = Duration::from_secs(5);
 const FILE_POLL: Duration = Duration::from_millis(500);
@@ -44,9 +41,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         SourceConfig::File(path) => {
             tokio::spawn(file::watch(path.clone(), tx, FILE_POLL));
         }
-        SourceConfig::Kubernetes { .. } => bail!(
-            "the Kubernetes API source is not part of this build yet; give Services with --services-file / SERVICES_FILE"
-        ),
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            // Served on /readyz once the agent has an HTTP endpoint; transitions are logged.
+            let readiness = kubernetes::Readiness::default();
+            tracing::info!(node = %cfg.node_name, "watching Services and this node's Node");
+            tokio::spawn(kubernetes::watch(client, cfg.node_name.clone(), tx, readiness));
+        }
     }
 
     let mut datapath = Datapath::load_pinned(&cfg.bpffs)?;
@@ -55,12 +56,13 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let link_changes = Arc::new(Notify::new());
     interfaces::watch_links(link_changes.clone())?;
+    let resync_period = cfg.resync_period;
     let mut agent = Agent::new(cfg, datapath)?;
     agent.sync_interfaces();
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut resync = tokio::time::interval(RESYNC_PERIOD);
+    let mut resync = tokio::time::interval(resync_period);
     let mut rescan = tokio::time::interval(RESCAN_PERIOD);
     loop {
         tokio::select! {
@@ -105,11 +107,16 @@ impl Agent {
         }
     }
 
+    /// The Node's pod CIDRs, overridden per family by POD_CIDR_IPV4 / POD_CIDR_IPV6 (a CNI
+    /// such as Calico IPAM does not fill spec.podCIDRs, and may do so for one family only).
     fn pod_cidrs(&self, snapshot: &Snapshot) -> BTreeSet<IpNet> {
-        let cidrs = self.cfg.pod_cidrs_override.as_ref().or(snapshot.node_pod_cidrs.as_ref());
-        cidrs
-            .into_iter()
+        let overridden = |v4: bool| self.cfg.pod_cidrs_override.iter().flatten().any(|n| n.addr().is_ipv4() == v4);
+        let from_node = snapshot.node_pod_cidrs.iter().flatten().filter(|n| !overridden(n.addr().is_ipv4()));
+        self.cfg
+            .pod_cidrs_override
+            .iter()
             .flatten()
+            .chain(from_node)
             .filter(|n| if n.addr().is_ipv4() { self.cfg.ipv4 } else { self.cfg.ipv6 })
             .copied()
             .collect()

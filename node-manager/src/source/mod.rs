@@ -2,6 +2,7 @@
 //! snapshots — level-triggered, never deltas — so the reconciler can always rebuild the full
 //! desired state. The services file is one source; the Kubernetes API is the other.
 pub mod file;
+pub mod kubernetes;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
