@@ -69,7 +69,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             changed = rx.changed() => {
                 if changed.is_err() { bail!("the Service source stopped"); }
                 let snapshot = rx.borrow_and_update().clone();
-                if let Some(snapshot) = snapshot { agent.sync_maps(snapshot); }
+                if let Some(snapshot) = snapshot { agent.sync_maps(snapshot, false); }
             }
             _ = resync.tick() => agent.resync(),
             _ = link_changes.notified() => agent.sync_interfaces(),
@@ -122,7 +122,8 @@ impl Agent {
             .collect()
     }
 
-    fn sync_maps(&mut self, snapshot: Snapshot) {
+    /// `full`: read the maps and repair drift; otherwise diff against what was last written.
+    fn sync_maps(&mut self, snapshot: Snapshot, full: bool) {
         self.report_once(&snapshot.warnings);
         let opts = model::Options {
             external_ip_allow: self.cfg.external_ip_allow.clone(),
@@ -138,7 +139,12 @@ impl Agent {
                 "no pod CIDR is known: pods' traffic is not rewritten; set POD_CIDR_IPV4/POD_CIDR_IPV6".to_owned(),
             ]);
         }
-        match self.datapath.sync_frontends(&desired.frontends) {
+        let synced = if full {
+            self.datapath.sync_frontends(&desired.frontends)
+        } else {
+            self.datapath.sync_frontends_incremental(&desired.frontends)
+        };
+        match synced {
             Ok(stats) => tracing::info!(
                 frontends = desired.frontends.len(),
                 added = stats.added,
@@ -163,7 +169,7 @@ impl Agent {
 
     fn resync(&mut self) {
         if let Some(snapshot) = self.snapshot.clone() {
-            self.sync_maps(snapshot);
+            self.sync_maps(snapshot, true);
         }
     }
 

@@ -222,7 +222,7 @@ pub fn decode_node_pod_cidrs(obj: &DynamicObject, key: &str) -> Result<Vec<IpNet
 /// Services and the Node folded together; pure, so the tests can drive it with events.
 pub struct State {
     node_name: String,
-    services: Fold<Service>,
+    services: Fold<Arc<Service>>,
     node: Fold<Vec<IpNet>>,
 }
 
@@ -230,7 +230,7 @@ impl State {
     pub fn new(node_name: &str) -> State {
         State {
             node_name: node_name.to_owned(),
-            services: Fold::new(decode_service),
+            services: Fold::new(|o, key| decode_service(o, key).map(Arc::new)),
             node: Fold::new(decode_node_pod_cidrs),
         }
     }
@@ -354,7 +354,7 @@ mod tests {
     }
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.services.iter().map(crate::model::service_name).collect()
+        s.services.iter().map(|s| crate::model::service_name(s)).collect()
     }
 
     fn synced_state() -> State {
