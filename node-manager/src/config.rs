@@ -271,7 +271,14 @@ impl Config {
             (Some(file), _) => SourceConfig::File(file),
             (None, kubeconfig) => SourceConfig::Kubernetes { kubeconfig },
         };
-        let node_name = nonempty(args.node_name).unwrap_or_else(hostname);
+        // POD_NODE_NAME: network-node-manager's very first releases.
+        let node_name = nonempty(args.node_name)
+            .or_else(|| {
+                let v = env_nonempty("POD_NODE_NAME")?;
+                warnings.push("POD_NODE_NAME is deprecated; use NODE_NAME".into());
+                Some(v)
+            })
+            .unwrap_or_else(hostname);
         let pod_interfaces = nonempty(args.pod_interfaces)
             .unwrap_or_else(|| DEFAULT_POD_INTERFACES.to_owned())
             .split(',')

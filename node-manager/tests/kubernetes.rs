@@ -199,6 +199,23 @@ fn pod_cidr_override_wins_per_family_over_the_node() {
 }
 
 #[test]
+fn legacy_pod_node_name_selects_the_node_with_a_deprecation_warning() {
+    let env = Env::new();
+    let log = env.scratch.file("legacy.log");
+    let child = env
+        .scratch
+        .nm(&["run", "--kubeconfig", env.kubeconfig.to_str().unwrap()])
+        .env("POD_NODE_NAME", NODE)
+        .env_remove("NODE_NAME")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Agent { child, log };
+    wait_for("node-a's pod CIDRs", WAIT, || env.pod_cidrs() == ["192.0.2.0/25", "2001:db8:1::/64"]);
+    assert!(agent.log().contains("POD_NODE_NAME is deprecated"), "{}", agent.log());
+}
+
+#[test]
 fn entries_survive_agent_and_api_server_outages_and_stale_ones_are_swept() {
     let mut env = Env::new();
     env.server.set_bookmark_interval(Duration::from_millis(200));
