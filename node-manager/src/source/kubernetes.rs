@@ -323,7 +323,8 @@ pub async fn watch(client: Client, node_name: String, tx: watch::Sender<Option<S
                 last_publish = Some(Instant::now());
             }
             _ = probe.tick(), if state.synced() && !readiness.is_ready() => {
-                if client.apiserver_version().await.is_ok() {
+                // Bounded: a black-holed API server must not stall the event loop.
+                if let Ok(Ok(_)) = tokio::time::timeout(PROBE_PERIOD, client.apiserver_version()).await {
                     readiness.set(ReadyState::Ready);
                 }
             }
