@@ -21,12 +21,9 @@ use crate::{
     interfaces::{self, Matcher},
     invalid::{self, DropInvalid},
     model,
-    source::{Snapshot, file},
+    source::{Snapshot, file, kubernetes},
 };
 
-/// How often the full desired state is rewritten by diff, repairing drift (entries changed
-/// behind our back with bpftool, for instance).
-const RESYNC_PERIOD: Duration = Duration::from_secs(60);
 /// Interfaces are rescanned on every link notification and at least this often.
 const RESCAN_PERIOD: Duration = Duration::from_secs(5);
 const FILE_POLL: Duration = Duration::from_millis(500);
@@ -40,9 +37,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         SourceConfig::File(path) => {
             tokio::spawn(file::watch(path.clone(), tx, FILE_POLL));
         }
-        SourceConfig::Kubernetes { .. } => bail!(
-            "the Kubernetes API source is not part of this build yet; give Services with --services-file / SERVICES_FILE"
-        ),
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            // Served on /readyz once the agent has an HTTP endpoint; transitions are logged.
+            let readiness = kubernetes::Readiness::default();
+            tracing::info!(node = %cfg.node_name, "watching Services and this node's Node");
+            tokio::spawn(kubernetes::watch(client, cfg.node_name.clone(), tx, readiness));
+        }
     }
 
     let mut datapath = Datapath::load_pinned(&cfg.bpffs)?;
@@ -59,20 +60,21 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let link_changes = Arc::new(Notify::new());
     interfaces::watch_links(link_changes.clone())?;
+    let resync_period = cfg.resync_period;
     let mut agent = Agent::new(cfg, datapath, drop_invalid)?;
     agent.sync_interfaces();
     agent.sync_cgroup()?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut resync = tokio::time::interval(RESYNC_PERIOD);
+    let mut resync = tokio::time::interval(resync_period);
     let mut rescan = tokio::time::interval(RESCAN_PERIOD);
     loop {
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() { bail!("the Service source stopped"); }
                 let snapshot = rx.borrow_and_update().clone();
-                if let Some(snapshot) = snapshot { agent.sync_maps(snapshot); }
+                if let Some(snapshot) = snapshot { agent.sync_maps(snapshot, false); }
             }
             _ = resync.tick() => agent.resync(),
             _ = link_changes.notified() => agent.sync_interfaces(),
@@ -119,17 +121,23 @@ impl Agent {
         }
     }
 
+    /// The Node's pod CIDRs, overridden per family by POD_CIDR_IPV4 / POD_CIDR_IPV6 (a CNI
+    /// such as Calico IPAM does not fill spec.podCIDRs, and may do so for one family only).
     fn pod_cidrs(&self, snapshot: &Snapshot) -> BTreeSet<IpNet> {
-        let cidrs = self.cfg.pod_cidrs_override.as_ref().or(snapshot.node_pod_cidrs.as_ref());
-        cidrs
-            .into_iter()
+        let overridden = |v4: bool| self.cfg.pod_cidrs_override.iter().flatten().any(|n| n.addr().is_ipv4() == v4);
+        let from_node = snapshot.node_pod_cidrs.iter().flatten().filter(|n| !overridden(n.addr().is_ipv4()));
+        self.cfg
+            .pod_cidrs_override
+            .iter()
             .flatten()
+            .chain(from_node)
             .filter(|n| if n.addr().is_ipv4() { self.cfg.ipv4 } else { self.cfg.ipv6 })
             .copied()
             .collect()
     }
 
-    fn sync_maps(&mut self, snapshot: Snapshot) {
+    /// `full`: read the maps and repair drift; otherwise diff against what was last written.
+    fn sync_maps(&mut self, snapshot: Snapshot, full: bool) {
         self.report_once(&snapshot.warnings);
         let opts = model::Options {
             external_ip_allow: self.cfg.external_ip_allow.clone(),
@@ -145,7 +153,12 @@ impl Agent {
                 "no pod CIDR is known: pods' traffic is not rewritten; set POD_CIDR_IPV4/POD_CIDR_IPV6".to_owned(),
             ]);
         }
-        match self.datapath.sync_frontends(&desired.frontends) {
+        let synced = if full {
+            self.datapath.sync_frontends(&desired.frontends)
+        } else {
+            self.datapath.sync_frontends_incremental(&desired.frontends)
+        };
+        match synced {
             Ok(stats) => tracing::info!(
                 frontends = desired.frontends.len(),
                 added = stats.added,
@@ -170,7 +183,7 @@ impl Agent {
 
     fn resync(&mut self) {
         if let Some(snapshot) = self.snapshot.clone() {
-            self.sync_maps(snapshot);
+            self.sync_maps(snapshot, true);
         }
         self.ensure_drop_invalid(false);
     }

@@ -2,7 +2,7 @@
 //! also reads an environment variable, with network-node-manager's names. Values are taken as
 //! strings by clap and validated here, so that an empty variable means "default" and a bad one
 //! is an error naming the flag, the variable and what is accepted.
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +14,7 @@ use ipnet::IpNet;
 /// Bridges and tunnels are deliberately absent: pod traffic is seen on the pod veth first.
 pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,gke*,eni*,azv*";
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x4000;
+pub const DEFAULT_RESYNC_PERIOD: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Parser)]
 #[command(name = "node-manager", version, about = "Node-level Kubernetes networking fixer (eBPF).")]
@@ -79,6 +80,10 @@ pub struct RunArgs {
     /// Guards against CVE-2020-8554-style hijacking through spec.externalIPs.
     #[arg(long, env = "EXTERNAL_IP_ALLOW")]
     pub external_ip_allow: Option<String>,
+    /// How often the maps are rewritten from the full desired state by diff, repairing drift
+    /// (for example `60s`, `5m`, `1h30m`; default 60s).
+    #[arg(long, env = "RESYNC_PERIOD")]
+    pub resync_period: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +131,7 @@ pub struct Config {
     /// Address families enabled (legacy NET_STACK); both by default.
     pub ipv4: bool,
     pub ipv6: bool,
+    pub resync_period: Duration,
     /// Deprecation notices to log once logging is up.
     pub warnings: Vec<String>,
 }
@@ -173,6 +179,41 @@ pub fn parse_cidrs(value: &str, v4: Option<bool>, what: &str) -> Result<Vec<IpNe
         out.push(net.trunc());
     }
     Ok(out)
+}
+
+/// A humane duration: `500ms`, `45s`, `5m`, `1h30m`, or bare seconds (`60`). Zero is refused:
+/// a resync loop without a pause would spin.
+pub fn parse_duration(value: &str, what: &str) -> Result<Duration> {
+    let v = value.trim();
+    let bad = || anyhow::anyhow!("{what}: {v:?} is not a duration (for example 60s, 5m, 1h30m)");
+    let mut total = Duration::ZERO;
+    if let Ok(secs) = v.parse::<u64>() {
+        total = Duration::from_secs(secs);
+    } else {
+        let mut rest = v;
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+            let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
+            let unit = &rest[digits..digits + unit_len];
+            let part = match unit {
+                "ms" => Duration::from_millis(number),
+                "s" => Duration::from_secs(number),
+                "m" => Duration::from_secs(number.checked_mul(60).ok_or_else(bad)?),
+                "h" => Duration::from_secs(number.checked_mul(3600).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            };
+            total = total.checked_add(part).ok_or_else(bad)?;
+            rest = &rest[digits + unit_len..];
+        }
+    }
+    if total.is_zero() {
+        bail!("{what}: {v:?} must be longer than zero");
+    }
+    Ok(total)
 }
 
 fn parse_mark(value: Option<&str>) -> Result<u32> {
@@ -240,7 +281,14 @@ impl Config {
             (Some(file), _) => SourceConfig::File(file),
             (None, kubeconfig) => SourceConfig::Kubernetes { kubeconfig },
         };
-        let node_name = nonempty(args.node_name).unwrap_or_else(hostname);
+        // POD_NODE_NAME: network-node-manager's very first releases.
+        let node_name = nonempty(args.node_name)
+            .or_else(|| {
+                let v = env_nonempty("POD_NODE_NAME")?;
+                warnings.push("POD_NODE_NAME is deprecated; use NODE_NAME".into());
+                Some(v)
+            })
+            .unwrap_or_else(hostname);
         let pod_interfaces = nonempty(args.pod_interfaces)
             .unwrap_or_else(|| DEFAULT_POD_INTERFACES.to_owned())
             .split(',')
@@ -276,6 +324,10 @@ impl Config {
             external_ip_allow,
             ipv4,
             ipv6,
+            resync_period: nonempty(args.resync_period)
+                .map(|v| parse_duration(&v, "--resync-period / RESYNC_PERIOD"))
+                .transpose()?
+                .unwrap_or(DEFAULT_RESYNC_PERIOD),
             warnings,
         })
     }
@@ -313,6 +365,20 @@ mod tests {
         assert!(
             parse_cidrs("10.0.0.0/33", Some(true), "POD_CIDR_IPV4").unwrap_err().to_string().contains("POD_CIDR_IPV4")
         );
+    }
+
+    #[test]
+    fn durations_are_humane_and_bad_ones_name_the_setting() {
+        let d = |v| parse_duration(v, "RESYNC_PERIOD");
+        assert_eq!(d("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(d("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(d("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(d("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(d(" 90 ").unwrap(), Duration::from_secs(90));
+        for bad in ["", "s", "5x", "m5", "1.5s", "-1s", "0s", "99999999999999999999h"] {
+            let err = d(bad).unwrap_err().to_string();
+            assert!(err.contains("RESYNC_PERIOD"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

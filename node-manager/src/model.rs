@@ -89,9 +89,9 @@ pub fn service_name(svc: &Service) -> String {
 /// Computes the desired frontends. Conflicts (two Services claiming the same address, port
 /// and protocol) go to the Service whose `namespace/name` sorts first, with a warning naming
 /// both, so every agent in the cluster picks the same winner.
-pub fn desired(services: &[Service], opts: &Options) -> Desired {
+pub fn desired<S: std::borrow::Borrow<Service>>(services: &[S], opts: &Options) -> Desired {
     let mut out = Desired::default();
-    let mut sorted: Vec<(String, &Service)> = services.iter().map(|s| (service_name(s), s)).collect();
+    let mut sorted: Vec<(String, &Service)> = services.iter().map(|s| (service_name(s.borrow()), s.borrow())).collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     for (owner, svc) in sorted {
         for (frontend, cluster_ip) in service_frontends(svc, &owner, opts, &mut out.warnings) {

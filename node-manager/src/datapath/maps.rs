@@ -101,15 +101,27 @@ pub fn read_frontends<T: std::borrow::Borrow<MapData>>(
     Ok(out)
 }
 
+pub fn frontend_entries(desired: &BTreeMap<FrontendAddr, Target>) -> BTreeMap<FrontendKey, Frontend> {
+    desired.iter().map(|(f, t)| (frontend_key(f), Frontend { cluster_addr: addr16(t.cluster_ip) })).collect()
+}
+
+/// Makes the map hold exactly `want`, reading what it holds first (repairs any drift).
 pub fn sync_frontends(
     map: &mut FrontendMap<&mut MapData>,
-    desired: &BTreeMap<FrontendAddr, Target>,
+    want: &BTreeMap<FrontendKey, Frontend>,
 ) -> Result<SyncStats> {
-    let want: BTreeMap<FrontendKey, Frontend> =
-        desired.iter().map(|(f, t)| (frontend_key(f), Frontend { cluster_addr: addr16(t.cluster_ip) })).collect();
     let have = read_frontends(map)?;
+    sync_frontends_from(map, &have, want)
+}
+
+/// Writes the differences between `have` (what the map is believed to hold) and `want`.
+pub fn sync_frontends_from(
+    map: &mut FrontendMap<&mut MapData>,
+    have: &BTreeMap<FrontendKey, Frontend>,
+    want: &BTreeMap<FrontendKey, Frontend>,
+) -> Result<SyncStats> {
     let mut stats = SyncStats::default();
-    for (key, value) in &want {
+    for (key, value) in want {
         match have.get(key) {
             Some(v) if v == value => stats.unchanged += 1,
             found => {

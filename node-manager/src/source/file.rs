@@ -58,12 +58,12 @@ pub fn parse(text: &str, last_good: &mut HashMap<String, Service>) -> Result<Sna
                     snapshot.services.retain(|s| crate::model::service_name(s) != key);
                 }
                 last_good.insert(key, svc.clone());
-                snapshot.services.push(svc);
+                snapshot.services.push(svc.into());
             }
             Err(e) => match last_good.get(&name) {
                 Some(previous) if seen.insert(name.clone()) => {
                     snapshot.warnings.push(format!("{name}: malformed ({e}); keeping its last good version"));
-                    snapshot.services.push(previous.clone());
+                    snapshot.services.push(previous.clone().into());
                 }
                 _ => snapshot.warnings.push(format!("{name}: malformed ({e}); skipped")),
             },
@@ -138,7 +138,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.1}]}}
 "#;
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.services.iter().map(crate::model::service_name).collect()
+        s.services.iter().map(|s| crate::model::service_name(s)).collect()
     }
 
     #[test]

@@ -50,11 +50,22 @@ pub struct Scratch {
     /// Given to every agent as `--cgroup-path` unless the test passes its own, so that no test
     /// ever attaches the socket hooks to the machine's root cgroup.
     pub cgroup: TestCgroup,
-    node_netns: PathBuf,
+    /// The namespace the agent runs in; `None`: the test's own (nothing gets attached there:
+    /// `--external-cluster` stays off and the INVALID drop is turned off, see `nm`).
+    node_netns: Option<PathBuf>,
 }
 
 impl Scratch {
     pub fn new(lab: &Lab) -> Scratch {
+        Self::in_netns(Some(lab.netns_path(Ns::Node)))
+    }
+
+    /// For tests of the maps alone: the agent runs in the test's network namespace.
+    pub fn host() -> Scratch {
+        Self::in_netns(None)
+    }
+
+    fn in_netns(node_netns: Option<PathBuf>) -> Scratch {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir =
             std::env::temp_dir().join(format!("nm-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
@@ -62,7 +73,7 @@ impl Scratch {
         fs::create_dir_all(&bpffs).unwrap();
         let ok = Command::new("mount").args(["-t", "bpf", "bpffs"]).arg(&bpffs).status().unwrap().success();
         assert!(ok, "mounting a private bpffs at {}", bpffs.display());
-        Scratch { dir, bpffs, cgroup: TestCgroup::new(), node_netns: lab.netns_path(Ns::Node) }
+        Scratch { dir, bpffs, cgroup: TestCgroup::new(), node_netns }
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -72,23 +83,36 @@ impl Scratch {
     /// `node-manager <args> --bpffs <ours>` in the node namespace (`run` and `cleanup` also get
     /// `--cgroup-path <ours>` unless `args` has one).
     pub fn nm(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.node_netns.display()))
-            .arg("--")
-            .arg(BIN)
-            .args(args)
-            .arg("--bpffs")
-            .arg(&self.bpffs);
+        let mut cmd = match &self.node_netns {
+            Some(netns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", netns.display())).arg("--").arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(args).arg("--bpffs").arg(&self.bpffs);
         if matches!(args.first(), Some(&"run" | &"cleanup")) && !args.contains(&"--cgroup-path") {
             cmd.arg("--cgroup-path").arg(&self.cgroup.path);
+        }
+        // In the test's own (the machine's) namespace, never install the INVALID drop.
+        if self.node_netns.is_none() && args.first() == Some(&"run") && !args.contains(&"--drop-invalid-input") {
+            cmd.args(["--drop-invalid-input", "false"]);
         }
         cmd
     }
 
     pub fn inspect(&self) -> serde_json::Value {
+        self.try_inspect().unwrap_or_else(|e| panic!("inspect failed: {e}"))
+    }
+
+    /// `inspect`, or its error (while an agent is still creating its pins, for instance).
+    pub fn try_inspect(&self) -> Result<serde_json::Value, String> {
         let out = self.nm(&["inspect", "--json"]).output().unwrap();
-        assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
     pub fn cleanup(&self) -> std::process::Output {

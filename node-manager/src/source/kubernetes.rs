@@ -1,0 +1,442 @@
+//! Services (all namespaces) and this node's Node from the Kubernetes API, with kube-runtime
+//! watchers. Each watcher's events are folded into a store keyed by `namespace/name`; a
+//! snapshot is published only once both initial lists are complete (so the agent never sweeps
+//! map entries on a partial list), then after every change, at most once per `coalesce`.
+//!
+//! Objects are watched as `DynamicObject`s and decoded one by one: a Service the typed client
+//! could not decode would otherwise fail the whole list, and with it every other Service.
+//! A relist (after 410 Gone or a restarted API server) fills a buffer that replaces the store
+//! only when complete, so entries stay in force meanwhile.
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::{sync::watch, time::Instant};
+
+use super::Snapshot;
+
+/// Bursts of events are published at most this often; a lone event goes out at once.
+pub const COALESCE: Duration = Duration::from_millis(50);
+/// While the API server is not known to be reachable, probe `/version` this often (a resumed
+/// watch that sees no change produces no event that would tell us it is back).
+const PROBE_PERIOD: Duration = Duration::from_secs(2);
+
+/// A client from `kubeconfig`, or else the environment (`KUBECONFIG`, `~/.kube/config`, the
+/// in-cluster service account), as `kube::Config::infer` finds it.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc =
+                Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig: reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig: {} is not a usable kubeconfig", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig / KUBECONFIG given and no in-cluster configuration found")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Whether the agent's view of the API is complete and live (served on /readyz later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadyState {
+    /// The initial lists are not complete yet; the maps keep what they held.
+    Starting,
+    Ready,
+    /// The last request failed; the maps keep the last known state.
+    Unreachable(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Readiness(Arc<Mutex<ReadyState>>);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness(Arc::new(Mutex::new(ReadyState::Starting)))
+    }
+}
+
+impl Readiness {
+    pub fn get(&self) -> ReadyState {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.get() == ReadyState::Ready
+    }
+
+    /// Sets the state, logging transitions (not repeats).
+    fn set(&self, state: ReadyState) {
+        let mut current = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == state {
+            return;
+        }
+        match &state {
+            ReadyState::Ready => tracing::info!("Kubernetes API: ready (initial lists complete, watches running)"),
+            ReadyState::Unreachable(e) if matches!(*current, ReadyState::Unreachable(_)) => {
+                tracing::debug!(error = %e, "Kubernetes API: still failing")
+            }
+            ReadyState::Unreachable(e) => tracing::warn!(
+                error = %e,
+                "Kubernetes API: not ready; the datapath keeps its last state and the watch retries with backoff"
+            ),
+            ReadyState::Starting => {}
+        }
+        *current = state;
+    }
+}
+
+/// One decoded object, or why it could not be; a malformed update keeps the last good value.
+#[derive(Clone, Debug)]
+struct Entry<T> {
+    value: Option<T>,
+    warning: Option<String>,
+}
+
+/// The watcher events of one kind folded into the current set of objects.
+#[derive(Debug)]
+struct Fold<T> {
+    current: BTreeMap<String, Entry<T>>,
+    /// Objects of a list in progress (between `Init` and `InitDone`).
+    relist: Option<BTreeMap<String, Entry<T>>>,
+    synced: bool,
+    decode: fn(&DynamicObject, &str) -> Result<T, String>,
+}
+
+impl<T: Clone> Fold<T> {
+    fn new(decode: fn(&DynamicObject, &str) -> Result<T, String>) -> Self {
+        Fold { current: BTreeMap::new(), relist: None, synced: false, decode }
+    }
+
+    fn entry(&self, obj: &DynamicObject, previous: Option<&Entry<T>>) -> (String, Entry<T>) {
+        let key = object_key(obj);
+        let entry = match (self.decode)(obj, &key) {
+            Ok(value) => Entry { value: Some(value), warning: None },
+            Err(why) => match previous.and_then(|p| p.value.clone()) {
+                Some(last) => {
+                    Entry { value: Some(last), warning: Some(format!("{why}; keeping its last good version")) }
+                }
+                None => Entry { value: None, warning: Some(format!("{why}; skipped")) },
+            },
+        };
+        (key, entry)
+    }
+
+    /// Applies one event; returns whether the published state may have changed.
+    fn apply(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(obj) => {
+                let key = object_key(&obj);
+                let (key, entry) = self.entry(&obj, self.current.get(&key));
+                self.relist.get_or_insert_default().insert(key, entry);
+                false
+            }
+            watcher::Event::InitDone => {
+                // Objects missing from the new list were deleted while we were not watching.
+                self.current = self.relist.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            watcher::Event::Apply(obj) => {
+                let key = object_key(&obj);
+                let (key, entry) = self.entry(&obj, self.current.get(&key));
+                self.current.insert(key, entry);
+                true
+            }
+            watcher::Event::Delete(obj) => self.current.remove(&object_key(&obj)).is_some(),
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.current.values().filter_map(|e| e.value.as_ref())
+    }
+
+    fn warnings(&self) -> impl Iterator<Item = &String> {
+        self.current.values().filter_map(|e| e.warning.as_ref())
+    }
+}
+
+fn object_key(obj: &DynamicObject) -> String {
+    match &obj.metadata.namespace {
+        Some(ns) => format!("{ns}/{}", obj.metadata.name.as_deref().unwrap_or("<unnamed>")),
+        None => obj.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+    }
+}
+
+/// A Service from its dynamic form, with only what the model reads: metadata beyond the
+/// name (managed fields, annotations such as last-applied-configuration) is dropped to keep
+/// 10,000 Services small.
+pub fn decode_service(obj: &DynamicObject, key: &str) -> Result<Service, String> {
+    let field = |name: &str| obj.data.get(name).filter(|v| !v.is_null()).cloned();
+    let spec = field("spec")
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| format!("Service {key}: malformed spec ({e})"))?;
+    let status = field("status")
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| format!("Service {key}: malformed status ({e})"))?;
+    if obj.metadata.name.is_none() {
+        return Err(format!("Service {key}: no metadata.name"));
+    }
+    let metadata = kube::api::ObjectMeta {
+        name: obj.metadata.name.clone(),
+        namespace: obj.metadata.namespace.clone(),
+        ..Default::default()
+    };
+    Ok(Service { metadata, spec, status })
+}
+
+/// The Node's pod CIDRs: `spec.podCIDRs`, or the older single `spec.podCIDR`.
+pub fn decode_node_pod_cidrs(obj: &DynamicObject, key: &str) -> Result<Vec<IpNet>, String> {
+    let spec = obj.data.get("spec").filter(|v| !v.is_null()).cloned().unwrap_or_default();
+    let node: Node = serde_json::from_value(serde_json::json!({ "spec": spec }))
+        .map_err(|e| format!("Node {key}: malformed spec ({e})"))?;
+    let spec = node.spec.unwrap_or_default();
+    let texts = spec.pod_cidrs.filter(|c| !c.is_empty()).or_else(|| spec.pod_cidr.map(|c| vec![c])).unwrap_or_default();
+    texts
+        .iter()
+        .map(|t| t.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| format!("Node {key}: pod CIDR {t:?} is not a CIDR")))
+        .collect()
+}
+
+/// Services and the Node folded together; pure, so the tests can drive it with events.
+pub struct State {
+    node_name: String,
+    services: Fold<Arc<Service>>,
+    node: Fold<Vec<IpNet>>,
+}
+
+impl State {
+    pub fn new(node_name: &str) -> State {
+        State {
+            node_name: node_name.to_owned(),
+            services: Fold::new(|o, key| decode_service(o, key).map(Arc::new)),
+            node: Fold::new(decode_node_pod_cidrs),
+        }
+    }
+
+    pub fn apply_service(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+        self.services.apply(event)
+    }
+
+    pub fn apply_node(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+        // The field selector should only ever yield our Node; a server ignoring it must not
+        // make another node's CIDRs ours.
+        if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = &event
+            && o.metadata.name.as_deref() != Some(&self.node_name)
+        {
+            return false;
+        }
+        self.node.apply(event)
+    }
+
+    /// Both initial lists are complete.
+    pub fn synced(&self) -> bool {
+        self.services.synced && self.node.synced
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut warnings: Vec<String> = self.services.warnings().chain(self.node.warnings()).cloned().collect();
+        let node_pod_cidrs = self.node.values().next().cloned();
+        if node_pod_cidrs.is_none() && self.node.synced {
+            warnings.push(format!(
+                "Node {}: not found; its pod CIDRs are unknown (check --node-name / NODE_NAME)",
+                self.node_name
+            ));
+        }
+        Snapshot { services: self.services.values().cloned().collect(), node_pod_cidrs, warnings }
+    }
+}
+
+enum Kind {
+    Service(watcher::Result<watcher::Event<DynamicObject>>),
+    Node(watcher::Result<watcher::Event<DynamicObject>>),
+}
+
+/// Watches until the process ends, publishing snapshots on `tx`.
+pub async fn watch(client: Client, node_name: String, tx: watch::Sender<Option<Snapshot>>, readiness: Readiness) {
+    let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
+    let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Node>(&()));
+    let strip = |o: &mut DynamicObject| o.metadata.managed_fields = None;
+    let service_events = watcher(services, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .map(move |e| Kind::Service(e.map(|e| e.modify(strip))));
+    let node_events =
+        watcher(nodes, watcher::Config::default().any_semantic().fields(&format!("metadata.name={node_name}")))
+            .default_backoff()
+            .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
+    let mut events = futures::stream::select(service_events.boxed(), node_events.boxed());
+
+    let mut state = State::new(&node_name);
+    let mut dirty = false;
+    let mut last_publish: Option<Instant> = None;
+    let mut probe = tokio::time::interval(PROBE_PERIOD);
+    let mut logged_sync = false;
+    loop {
+        let publish_at = last_publish.map_or_else(Instant::now, |t| t + COALESCE);
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return };
+                let (kind, result) = match event {
+                    Kind::Service(r) => ("Service", r),
+                    Kind::Node(r) => ("Node", r),
+                };
+                match result {
+                    Ok(event) => {
+                        dirty |= if kind == "Service" { state.apply_service(event) } else { state.apply_node(event) };
+                        if state.synced() { readiness.set(ReadyState::Ready) }
+                    }
+                    Err(e) => {
+                        tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, entries stay in force");
+                        readiness.set(ReadyState::Unreachable(format!("{kind} watch: {e}")));
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(publish_at), if dirty && state.synced() => {
+                let snapshot = state.snapshot();
+                if !logged_sync {
+                    tracing::info!(services = snapshot.services.len(), "initial Service and Node lists complete");
+                    logged_sync = true;
+                }
+                tx.send_replace(Some(snapshot));
+                dirty = false;
+                last_publish = Some(Instant::now());
+            }
+            _ = probe.tick(), if state.synced() && !readiness.is_ready() => {
+                // Bounded: a black-holed API server must not stall the event loop.
+                if let Ok(Ok(_)) = tokio::time::timeout(PROBE_PERIOD, client.apiserver_version()).await {
+                    readiness.set(ReadyState::Ready);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use watcher::Event;
+
+    fn obj(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn svc(ns: &str, name: &str, ip: &str) -> DynamicObject {
+        obj(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": ns, "name": name, "resourceVersion": "1",
+                         "managedFields": [{"manager": "kubectl"}], "annotations": {"a": "b"}},
+            "spec": {"type": "LoadBalancer", "clusterIP": "198.51.100.1", "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}))
+    }
+
+    fn node(name: &str, cidrs: serde_json::Value) -> DynamicObject {
+        obj(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"podCIDRs": cidrs}}))
+    }
+
+    fn names(s: &Snapshot) -> Vec<String> {
+        s.services.iter().map(|s| crate::model::service_name(s)).collect()
+    }
+
+    fn synced_state() -> State {
+        let mut st = State::new("n1");
+        for e in [Event::Init, Event::InitApply(svc("a", "x", "203.0.113.1")), Event::InitDone] {
+            st.apply_service(e);
+        }
+        assert!(!st.synced(), "the Node list is not complete yet");
+        for e in
+            [Event::Init, Event::InitApply(node("n1", json!(["192.0.2.0/25", "2001:db8:1::/64"]))), Event::InitDone]
+        {
+            st.apply_node(e);
+        }
+        st
+    }
+
+    #[test]
+    fn snapshot_waits_for_both_lists_and_carries_pod_cidrs() {
+        let st = synced_state();
+        assert!(st.synced());
+        let s = st.snapshot();
+        assert_eq!(names(&s), vec!["a/x"]);
+        assert_eq!(s.node_pod_cidrs.unwrap().len(), 2);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        // Only what the model reads is kept.
+        assert!(s.services[0].metadata.managed_fields.is_none() && s.services[0].metadata.annotations.is_none());
+    }
+
+    #[test]
+    fn relist_replaces_the_store_only_when_complete() {
+        let mut st = synced_state();
+        st.apply_service(Event::Apply(svc("a", "y", "203.0.113.2")));
+        assert_eq!(names(&st.snapshot()), vec!["a/x", "a/y"]);
+        // 410 → relist: while it runs the old objects stay; at InitDone a/x (deleted while we
+        // were not watching) goes away.
+        assert!(!st.apply_service(Event::Init));
+        assert!(!st.apply_service(Event::InitApply(svc("a", "y", "203.0.113.2"))));
+        assert_eq!(names(&st.snapshot()), vec!["a/x", "a/y"]);
+        assert!(st.apply_service(Event::InitDone));
+        assert_eq!(names(&st.snapshot()), vec!["a/y"]);
+        assert!(st.apply_service(Event::Delete(svc("a", "y", "203.0.113.2"))));
+        assert!(st.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn malformed_objects_are_skipped_or_keep_their_last_good_version_with_a_warning() {
+        let mut st = synced_state();
+        let mut bad = svc("a", "x", "203.0.113.1");
+        bad.data["spec"]["ports"] = json!([{"port": "eighty"}]);
+        st.apply_service(Event::Apply(bad.clone()));
+        let s = st.snapshot();
+        assert_eq!(names(&s), vec!["a/x"], "the last good version stays");
+        assert!(s.warnings[0].contains("a/x") && s.warnings[0].contains("last good"), "{:?}", s.warnings);
+        bad.metadata.name = Some("new".into());
+        st.apply_service(Event::Apply(bad));
+        let s = st.snapshot();
+        assert_eq!(names(&s), vec!["a/x"]);
+        assert!(s.warnings.iter().any(|w| w.contains("a/new") && w.ends_with("skipped")), "{:?}", s.warnings);
+        // A status of the wrong shape, and a Node whose CIDR is garbage.
+        let mut odd = svc("b", "z", "203.0.113.3");
+        odd.data["status"] = json!({"loadBalancer": {"ingress": "nope"}});
+        st.apply_service(Event::Apply(odd));
+        st.apply_node(Event::Apply(node("n1", json!(["not-a-cidr"]))));
+        let s = st.snapshot();
+        assert!(s.warnings.iter().any(|w| w.contains("b/z") && w.contains("status")), "{:?}", s.warnings);
+        assert!(s.warnings.iter().any(|w| w.contains("Node n1") && w.contains("not-a-cidr")), "{:?}", s.warnings);
+        assert_eq!(s.node_pod_cidrs.unwrap().len(), 2, "the Node's last good CIDRs stay");
+    }
+
+    #[test]
+    fn node_changes_apply_and_other_nodes_are_ignored() {
+        let mut st = synced_state();
+        assert!(!st.apply_node(Event::Apply(node("n2", json!(["192.0.2.128/25"])))));
+        st.apply_node(Event::Apply(node("n1", json!(["192.0.2.0/26"]))));
+        assert_eq!(st.snapshot().node_pod_cidrs.unwrap(), vec!["192.0.2.0/26".parse::<IpNet>().unwrap()]);
+        st.apply_node(Event::Delete(node("n1", json!([]))));
+        let s = st.snapshot();
+        assert!(s.node_pod_cidrs.is_none());
+        assert!(s.warnings.iter().any(|w| w.contains("Node n1: not found")), "{:?}", s.warnings);
+        // The single podCIDR field of older clusters.
+        let old = obj(json!({"metadata": {"name": "n1"}, "spec": {"podCIDR": "192.0.2.7/25"}}));
+        assert_eq!(decode_node_pod_cidrs(&old, "n1").unwrap(), vec!["192.0.2.0/25".parse::<IpNet>().unwrap()]);
+    }
+}
