@@ -90,13 +90,7 @@ pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
 }
 
 pub fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs into a zeroed struct owned here.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+    super::pins::fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
 }
 
 /// Checks that `path` is a directory of a cgroup v2 hierarchy; the error names the path and

@@ -86,13 +86,18 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
+    fs_magic(path) == Some(BPF_FS_MAGIC)
+}
+
+/// The filesystem type (statfs `f_type`) of `path`, if it can be read.
+pub fn fs_magic(path: &Path) -> Option<i64> {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
+        return None;
     };
     // SAFETY: statfs into a zeroed struct owned here.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    (rc == 0).then_some(st.f_type as i64)
 }
 
 /// The layout this build expects of each pinned map.

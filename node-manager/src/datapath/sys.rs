@@ -176,11 +176,7 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union: cgroup is
     // { u64 cgroup_id; u32 attach_type; }, netfilter is { u32 pf, hooknum; s32 priority; u32 flags; }.
     let mut info = [0u8; 128];
-    let mut attr = [0u8; 128];
-    put_u32(&mut attr, 0, link.as_raw_fd() as u32); // info.bpf_fd
-    put_u32(&mut attr, 4, info.len() as u32); // info.info_len
-    put_u64(&mut attr, 8, info.as_mut_ptr() as u64); // info.info
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(link, &mut info)?;
     Ok(LinkInfo {
         link_type: get_u32(&info, 0),
         id: get_u32(&info, 4),
@@ -189,6 +185,15 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         cgroup_id: u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
         attach_type: get_u32(&info, 24),
     })
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info` (the kernel fills at most its length).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, fd.as_raw_fd() as u32); // info.bpf_fd
+    put_u32(&mut attr, 4, info.len() as u32); // info.info_len
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64); // info.info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
 }
 
 /// Ids of every BPF link in the system.
@@ -209,10 +214,8 @@ pub fn link_ids() -> Vec<u32> {
 /// Opens a link by id.
 pub fn link_by_id(id: u32) -> io::Result<OwnedFd> {
     let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&id.to_ne_bytes()); // link_id
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
-    // SAFETY: the kernel returned a new fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    put_u32(&mut attr, 0, id); // link_id
+    bpf(BPF_LINK_GET_FD_BY_ID, &mut attr).map(owned)
 }
 
 /// Runs a program once on `data` with context `ctx` (BPF_PROG_TEST_RUN); returns its return value.
@@ -233,10 +236,6 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], ctx: &[u8]) -> io::Resul
 /// The kernel's id of a loaded program (`struct bpf_prog_info.id`).
 pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
     let mut info = [0u8; 256];
-    let mut attr = [0u8; 128];
-    put_u32(&mut attr, 0, prog.as_raw_fd() as u32); // info.bpf_fd
-    put_u32(&mut attr, 4, info.len() as u32); // info.info_len
-    put_u64(&mut attr, 8, info.as_mut_ptr() as u64); // info.info
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(prog, &mut info)?;
     Ok(get_u32(&info, 4))
 }
