@@ -40,7 +40,8 @@ FROM toolchain AS agent
 ARG TARGETARCH
 COPY . .
 COPY --from=ebpf /out/node-manager.bpf.o /out/node-manager.bpf.o
-RUN cargo xtask cross --arch "$TARGETARCH" --release --ebpf-object /out/node-manager.bpf.o --out /out/node-manager
+RUN cargo xtask cross --arch "$TARGETARCH" --release --ebpf-object /out/node-manager.bpf.o \
+      --out /out/node-manager --strip
 
 # The runtime: the binary, and nftables and iptables (nf_tables variant) for the INVALID drop's
 # fallbacks on kernels without BPF netfilter links. The root filesystem may be read-only.

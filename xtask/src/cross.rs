@@ -79,7 +79,7 @@ impl Arch {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Arch::Amd64 => "amd64",
             Arch::Arm64 => "arm64",
@@ -101,6 +101,10 @@ pub struct CrossArgs {
     /// Copy the binary here.
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+    /// Strip debug information from the copy (`--out`), keeping the symbols for backtraces
+    /// (`<gnu triple>-strip --strip-debug`, from Debian's binutils).
+    #[arg(long, requires = "out")]
+    pub strip: bool,
     /// Run the binary (under qemu-user for a foreign architecture) and compare its help,
     /// version and a configuration error with the host build's.
     #[arg(long)]
@@ -145,8 +149,7 @@ pub fn run(args: &CrossArgs) -> Result<()> {
         build = with_cross_env(build, args.arch);
     }
     let messages = build.run_stdout()?;
-    let binary = executable(&messages).context("cargo did not report the node-manager binary")?;
-    check_elf(&binary, args.arch)?;
+    let mut binary = executable(&messages).context("cargo did not report the node-manager binary")?;
     println!("    built {} ({} bytes)", binary.display(), fs::metadata(&binary)?.len());
 
     if let Some(out) = &args.out {
@@ -154,8 +157,13 @@ pub fn run(args: &CrossArgs) -> Result<()> {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         fs::copy(&binary, out).with_context(|| format!("copying {} to {}", binary.display(), out.display()))?;
-        println!("    copied to {}", out.display());
+        if args.strip {
+            Cmd::new(format!("{}-strip", args.arch.gnu())).arg("--strip-debug").arg(out.display().to_string()).run()?;
+        }
+        println!("    copied to {} ({} bytes)", out.display(), fs::metadata(out)?.len());
+        binary = out.clone();
     }
+    check_elf(&binary, args.arch)?;
     if let (true, Some(built)) = (args.check, &host_build) {
         let runner = if native { Vec::new() } else { qemu_runner(args.arch)? };
         compare_cli(&built.binary, &runner, &binary)?;

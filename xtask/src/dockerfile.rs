@@ -86,7 +86,10 @@ fn every_cargo_command_is_an_xtask_command_the_tests_run() {
             match cli.task {
                 Task::EbpfObject { .. } => xtask.insert("ebpf-object"),
                 Task::Cross(cross) => {
-                    assert!(cross.release && cross.ebpf_object.is_some() && cross.out.is_some(), "{command}");
+                    assert!(
+                        cross.release && cross.ebpf_object.is_some() && cross.out.is_some() && cross.strip,
+                        "{command}"
+                    );
                     assert_eq!(format!("{:?}", cross.arch).to_ascii_lowercase(), arch);
                     xtask.insert("cross")
                 }
