@@ -113,6 +113,13 @@ impl Cmd {
         Ok(())
     }
 
+    /// Prints the command, runs it with this process's stdin/stdout/stderr, and returns how it
+    /// ended (for commands whose exit code means something).
+    pub fn status(&self) -> Result<std::process::ExitStatus> {
+        println!("    $ {self}");
+        self.command().status().map_err(|e| self.spawn_error(e))
+    }
+
     /// Runs the command without printing it, capturing its output (a probe). Fails only if
     /// it cannot be started.
     pub fn output(&self) -> Result<Output> {

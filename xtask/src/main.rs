@@ -45,8 +45,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Set up, build, and run the demo (not yet implemented).
-    Demo,
+    /// The demo: set up, build, and show both Kubernetes bugs failing without the agent and
+    /// fixed with it, in a node built from network namespaces; cleans up (also on Ctrl-C).
+    Demo {
+        /// Do not pause between steps (also implied by CI=true or a stdin that is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,7 +63,7 @@ fn main() -> ExitCode {
         Task::Lint => ("lint", lint::run()),
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),
-        Task::Demo => ("demo", demo::run()),
+        Task::Demo { yes } => ("demo", demo::run(yes)),
     };
     let took = cmd::elapsed(started);
     match result {

@@ -29,6 +29,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "iputils-ping",
     "curl",
+    // The demo's host-network client.
+    "socat",
     "procps",
     "psmisc",
     "kmod",

@@ -95,8 +95,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Fails, naming them, if network namespaces `nml-*`, test cgroups `nml-test-*` (directly
-/// under the cgroup v2 mount) or the agent's BPF pin directory exist.
+/// Fails, naming them, if network namespaces `nml-*`, test or demo cgroups `nml-test-*`,
+/// `nml-demo-*` (directly under the cgroup v2 mount), the demo's scratch directories or the
+/// agent's BPF pin directory exist.
 fn check_leftovers() -> Result<()> {
     step(format!("test: checking for leftovers (network namespaces {NETNS_PREFIX}*, {BPF_PIN_DIR})"));
     let out = Cmd::new("ip").args(["netns", "list"]).output()?;
@@ -112,6 +113,9 @@ fn check_leftovers() -> Result<()> {
     for cgroup in leftover_cgroups() {
         problems.push(format!("test cgroup {cgroup} (remove with `rmdir {cgroup}`)"));
     }
+    for dir in leftover_demo_dirs() {
+        problems.push(format!("demo directory {dir} (`umount {dir}/bpffs; rm -r {dir}`)"));
+    }
     if Path::new(BPF_PIN_DIR).exists() {
         problems.push(format!("pinned BPF objects in {BPF_PIN_DIR} (remove with `rm -r {BPF_PIN_DIR}`)"));
     }
@@ -126,7 +130,20 @@ fn check_leftovers() -> Result<()> {
     }
 }
 
-/// Test cgroups (`nml-test-*`) under the cgroup v2 mount, as full paths.
+/// The demo's scratch directories (`nm-demo-*` in the temp directory), as full paths.
+fn leftover_demo_dirs() -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nm-demo-"))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Test and demo cgroups (`nml-test-*`, `nml-demo-*`) under the cgroup v2 mount, as full paths.
 fn leftover_cgroups() -> Vec<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let Some(root) = mountinfo.lines().find_map(|l| {
@@ -140,7 +157,11 @@ fn leftover_cgroups() -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("nml-test-"))
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("nml-test-") || name.starts_with("nml-demo-")
+        })
         .map(|e| e.path().display().to_string())
         .collect();
     found.sort();
