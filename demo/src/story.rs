@@ -36,6 +36,13 @@ pub struct Verdict {
 /// error or Ctrl-C); the bool says whether the teardown left nothing behind.
 pub fn run(agent_bin: &Path, say: &Say) -> Result<(Vec<Verdict>, bool)> {
     intro(say);
+    let stale = crate::stage::remove_stale(agent_bin);
+    if !stale.is_empty() {
+        say.step("removing what an earlier demo left behind when it was killed");
+        for line in &stale {
+            say.text(line);
+        }
+    }
     say.step("building the node: network namespaces, a demo cgroup and a private bpffs");
     let started = Instant::now();
     let mut stage = Stage::build(agent_bin)?;

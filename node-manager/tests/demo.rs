@@ -255,6 +255,46 @@ fn ctrl_c_while_the_agent_runs_removes_everything_and_says_so() {
 }
 
 #[test]
+fn what_a_killed_demo_left_is_removed_by_the_next_run() {
+    let mut killed = DemoRun::start(&["--yes", "--agent", BIN]);
+    killed.wait_for_line("ready after");
+    let ids = killed.agent_ids();
+    let pid = killed.child.id();
+    killed.child.kill().unwrap(); // SIGKILL: no cleanup at all
+    killed.finish();
+    let node = format!("nml-{pid}-0-node");
+    assert!(lab::leftovers().contains(&node), "the killed demo's namespaces are still there");
+    // The agent was told to stop (parent-death signal) instead of running on.
+    let agent_gone = || {
+        !std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("{}{pid}/bpffs", demo::DIR_PREFIX)))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent_gone() {
+        assert!(Instant::now() < deadline, "the killed demo's agent still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut next = DemoRun::start(&["--yes", "--agent", BIN]);
+    assert_eq!(next.finish(), Some(0), "{}", next.text());
+    let text = next.text();
+    for said in [
+        "removing what an earlier demo left behind".to_owned(),
+        format!("removed: network namespace {node} (left by demo {pid})"),
+        "removed: the demo cgroup /sys/fs/cgroup".to_owned(),
+        format!(
+            "removed: the datapath pinned in {}",
+            std::env::temp_dir().join(format!("{}{pid}/bpffs", demo::DIR_PREFIX)).display()
+        ),
+    ] {
+        assert!(text.contains(&said), "{said:?} not said:\n{text}");
+    }
+    killed.assert_nothing_left(&ids);
+}
+
+#[test]
 fn a_missing_agent_binary_is_named_with_what_to_do() {
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "demo_process", "--nocapture", "--test-threads=1"])
