@@ -123,8 +123,9 @@ fn describe_stage(say: &Say, stage: &Stage, started: Instant) {
         "built in {:.1} s:
   network namespaces  pod {}, node {}, endpoint {}
   pod interface       {} on the node (node-manager attaches its TC programs here)
-  demo cgroup         {} (host processes run here; the socket hooks attach here,
-                      never to this machine's root cgroup)
+  demo cgroup         {}
+                      (host processes run here and the socket hooks attach here, never to
+                      this machine's root cgroup)
   private bpffs       {} (node-manager pins its maps and links here)",
         started.elapsed().as_secs_f64(),
         lab.ns_name(Ns::Pod),
