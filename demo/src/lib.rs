@@ -38,6 +38,10 @@ struct Options {
     /// Do not pause between steps. Also implied by CI=true or when stdin is not a terminal.
     #[arg(long, short = 'y')]
     yes: bool,
+    /// Serve the Service (and this node's Node) from a test API server (list/watch over HTTP,
+    /// the project's fake-apiserver) instead of a services file.
+    #[arg(long)]
+    api_server: bool,
 }
 
 /// Runs the demo with these command-line arguments (the first is the program name) and returns
@@ -77,7 +81,8 @@ fn run(opts: &Options) -> Result<bool> {
     }
     interrupt::install()?;
     let say = say::Say::new(opts.yes);
-    let (verdicts, clean) = story::run(&agent, &say)?;
+    let source = if opts.api_server { story::Source::ApiServer } else { story::Source::File };
+    let (verdicts, clean) = story::run(&agent, source, &say)?;
 
     println!();
     println!("==> verdicts (expected: every case FAILED without node-manager and OK with it)");

@@ -28,7 +28,11 @@ pub struct Stage {
     pub cgroup: Option<PathBuf>,
     pub lab: Option<Lab>,
     namespaces: Vec<String>,
+    /// The test API server (`--api-server`), listening on the node namespace's loopback.
+    api: Option<fake_apiserver::FakeApiServer>,
     agent: Option<Child>,
+    /// Whether an agent was started (so there is a datapath to clean up).
+    agent_started: bool,
     torn_down: bool,
     /// Whether the teardown found everything removed.
     pub clean: bool,
@@ -47,7 +51,9 @@ impl Stage {
             cgroup: None,
             lab: None,
             namespaces: Vec::new(),
+            api: None,
             agent: None,
+            agent_started: false,
             torn_down: false,
             clean: false,
         };
@@ -83,6 +89,21 @@ impl Stage {
 
     pub fn bpffs(&self) -> PathBuf {
         self.dir.join("bpffs")
+    }
+
+    /// Starts the test API server in the node namespace (where the agent runs) and writes a
+    /// kubeconfig for it; returns the kubeconfig's path.
+    pub fn start_api_server(&mut self) -> Result<PathBuf> {
+        let server = lab::in_netns(self.lab().netns_path(Ns::Node), || Ok(fake_apiserver::FakeApiServer::start()?))
+            .context("starting the test API server")?;
+        let kubeconfig = self.dir.join("kubeconfig");
+        fs::write(&kubeconfig, server.kubeconfig()).context("writing the kubeconfig")?;
+        self.api = Some(server);
+        Ok(kubeconfig)
+    }
+
+    pub fn api(&self) -> &fake_apiserver::FakeApiServer {
+        self.api.as_ref().expect("the API server runs until teardown")
     }
 
     pub fn agent_log(&self) -> PathBuf {
@@ -142,6 +163,7 @@ impl Stage {
             .spawn()
             .with_context(|| format!("starting {}", self.agent_bin.display()))?;
         self.agent = Some(child);
+        self.agent_started = true;
         Ok(())
     }
 
@@ -194,7 +216,7 @@ impl Stage {
         if let Some(mut child) = self.agent.take() {
             report(stop_agent(&mut child));
         }
-        if self.bpffs_mounted && self.lab.is_some() {
+        if self.agent_started && self.bpffs_mounted && self.lab.is_some() {
             report(self.cleanup_datapath());
         }
         if self.bpffs_mounted {
@@ -208,6 +230,11 @@ impl Stage {
         if let Some(cgroup) = self.cgroup.take() {
             report(remove_cgroup(&cgroup));
         }
+        if let Some(api) = self.api.take() {
+            let url = api.url();
+            drop(api);
+            report(Ok(format!("the test API server at {url} (in the node namespace)")));
+        }
         if let Some(lab) = self.lab.take() {
             drop(lab);
             report(Ok(format!(
@@ -219,7 +246,7 @@ impl Stage {
             self.dir_created = false;
             report(
                 fs::remove_dir_all(&self.dir)
-                    .map(|()| format!("{} (services file, agent log)", self.dir.display()))
+                    .map(|()| format!("{} (services file or kubeconfig, agent log)", self.dir.display()))
                     .with_context(|| format!("removing {}", self.dir.display())),
             );
         }

@@ -22,6 +22,8 @@ pub const RESET_CASE: &str = "pod-connection-after-invalid-segment";
 /// Segments injected beyond the window.
 const INJECTED: u32 = 3;
 const T: Duration = Duration::from_secs(3);
+/// The lab node's name (for the agent and, with the API server, its Node object).
+const NODE_NAME: &str = "demo-node";
 /// How long the agent may take to load, attach and fill its maps.
 const READY_LIMIT: Duration = Duration::from_secs(30);
 
@@ -34,7 +36,16 @@ pub struct Verdict {
 
 /// Runs the whole demo. The stage is torn down before returning (or while unwinding on an
 /// error or Ctrl-C); the bool says whether the teardown left nothing behind.
-pub fn run(agent_bin: &Path, say: &Say) -> Result<(Vec<Verdict>, bool)> {
+/// Where the agent gets the Service from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A services file (`--services-file`).
+    File,
+    /// The test API server (`--kubeconfig`), with this node's Node carrying the pod CIDR.
+    ApiServer,
+}
+
+pub fn run(agent_bin: &Path, source: Source, say: &Say) -> Result<(Vec<Verdict>, bool)> {
     intro(say);
     let stale = crate::stage::remove_stale(agent_bin);
     if !stale.is_empty() {
@@ -47,7 +58,10 @@ pub fn run(agent_bin: &Path, say: &Say) -> Result<(Vec<Verdict>, bool)> {
     let started = Instant::now();
     let mut stage = Stage::build(agent_bin)?;
     describe_stage(say, &stage, started);
-    write_service(say, &stage)?;
+    let source_args = match source {
+        Source::File => write_service(say, &stage)?,
+        Source::ApiServer => serve_service(say, &mut stage)?,
+    };
     say.pause()?;
 
     let mut verdicts = Vec::new();
@@ -61,7 +75,7 @@ pub fn run(agent_bin: &Path, say: &Say) -> Result<(Vec<Verdict>, bool)> {
     say.pause()?;
 
     say.step("3/5 starting node-manager");
-    start_agent(say, &mut stage)?;
+    start_agent(say, &mut stage, &source_args)?;
     say.pause()?;
 
     say.step("4/5 the same, with node-manager");
@@ -137,12 +151,53 @@ fn describe_stage(say: &Say, stage: &Stage, started: Instant) {
     ));
 }
 
-fn write_service(say: &Say, stage: &Stage) -> Result<()> {
+/// Writes the services file; returns the agent's arguments for it.
+fn write_service(say: &Say, stage: &Stage) -> Result<Vec<String>> {
     let yaml = service_yaml();
     std::fs::write(stage.services_file(), &yaml).context("writing the services file")?;
     say.step("the Service (node-manager reads it from a file here; in a cluster, from the API server)");
     say.command(&format!("cat {}", stage.services_file().display()), &yaml);
-    Ok(())
+    Ok(vec![
+        "--services-file".into(),
+        stage.services_file().display().to_string(),
+        "--pod-cidr-ipv4".into(),
+        lab::POD_CIDR_V4.into(),
+    ])
+}
+
+/// Starts the test API server with this node's Node and the Service; returns the agent's
+/// arguments for it (the pod CIDR then comes from the Node).
+fn serve_service(say: &Say, stage: &mut Stage) -> Result<Vec<String>> {
+    let kubeconfig = stage.start_api_server()?;
+    let node = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME},
+        "spec": {"podCIDR": lab::POD_CIDR_V4, "podCIDRs": [lab::POD_CIDR_V4]}
+    });
+    let service = service_json();
+    stage.api().apply(node.clone());
+    stage.api().apply(service.clone());
+    say.step(&format!(
+        "the Service and this node's Node, served by the test API server at {} (list and watch, as \
+         kube-apiserver; node-manager watches it with kube-rs)",
+        stage.api().url()
+    ));
+    for object in [&node, &service] {
+        say.output(&serde_json::to_string_pretty(object).unwrap_or_default());
+    }
+    Ok(vec!["--kubeconfig".into(), kubeconfig.display().to_string()])
+}
+
+/// [`service_yaml`] as the API serves it.
+fn service_json() -> Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "demo", "name": "web"},
+        "spec": {
+            "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "clusterIP": lab::CLUSTER_V4.to_string(), "clusterIPs": [lab::CLUSTER_V4.to_string()],
+            "ports": [{"name": "tcp", "port": SERVICE_PORT, "protocol": "TCP"}]
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": lab::EXTERNAL_V4.to_string()}]}}
+    })
 }
 
 fn service_yaml() -> String {
@@ -311,21 +366,10 @@ fn reset_case(say: &Say, stage: &Stage, with_agent: bool) -> Result<Verdict> {
     Ok(verdict(say, RESET_CASE, what, with_agent, alive && resets == 0, detail))
 }
 
-fn start_agent(say: &Say, stage: &mut Stage) -> Result<()> {
-    let services = stage.services_file().display().to_string();
+fn start_agent(say: &Say, stage: &mut Stage, source_args: &[String]) -> Result<()> {
     let cgroup = stage.cgroup().display().to_string();
-    let args = [
-        "--services-file",
-        services.as_str(),
-        "--external-cluster",
-        "true",
-        "--pod-cidr-ipv4",
-        lab::POD_CIDR_V4,
-        "--cgroup-path",
-        cgroup.as_str(),
-        "--node-name",
-        "demo-node",
-    ];
+    let mut args: Vec<&str> = source_args.iter().map(String::as_str).collect();
+    args.extend(["--external-cluster", "true", "--cgroup-path", cgroup.as_str(), "--node-name", NODE_NAME]);
     say.command(&stage.nm_shown(&format!("run {}", args.join(" "))), "");
     say.text(&format!("(the INVALID drop is on by default; its log goes to {})", stage.agent_log().display()));
     let started = Instant::now();

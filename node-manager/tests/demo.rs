@@ -183,13 +183,9 @@ fn cgroup2_roots(mountinfo: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn the_demo_shows_both_bugs_and_both_fixes_and_leaves_nothing_behind() {
-    let mut run = DemoRun::start(&["--yes", "--agent", BIN]);
-    run.wait_for_line("ready after");
-    let ids = run.agent_ids();
-    let code = run.finish();
-    assert_eq!(code, Some(0), "exit code; output:\n{}", run.text());
+/// Both bugs fail without the agent (for the right reason), both are fixed with it (counted),
+/// and the teardown found nothing left.
+fn assert_verdicts(run: &DemoRun) {
     let verdicts = run.verdicts();
     let expect = [
         (demo::POD_CASE, "without-agent", "FAILED"),
@@ -214,10 +210,36 @@ fn the_demo_shows_both_bugs_and_both_fixes_and_leaves_nothing_behind() {
     assert!(detail(demo::POD_CASE, "with-agent").contains("packet(s) rewritten"), "{}", run.text());
     assert!(detail(demo::HOST_CASE, "with-agent").contains("1 connect() rewritten"), "{}", run.text());
     assert!(detail(demo::RESET_CASE, "with-agent").contains("0 RSTs from the node, 3 dropped"), "{}", run.text());
+}
+
+#[test]
+fn the_demo_shows_both_bugs_and_both_fixes_and_leaves_nothing_behind() {
+    let mut run = DemoRun::start(&["--yes", "--agent", BIN]);
+    run.wait_for_line("ready after");
+    let ids = run.agent_ids();
+    let code = run.finish();
+    assert_eq!(code, Some(0), "exit code; output:\n{}", run.text());
+    assert_verdicts(&run);
     // What inspect and bpftool showed meanwhile.
     let text = run.text();
     for shown in ["node-manager inspect", "203.0.113.10:8080/TCP", "bpftool map lookup pinned", "nm_sock_connect4"] {
         assert!(text.contains(shown), "{shown:?} not shown:\n{text}");
+    }
+    run.assert_nothing_left(&ids);
+}
+
+#[test]
+fn the_demo_with_services_from_the_test_api_server_shows_the_same() {
+    let mut run = DemoRun::start(&["--yes", "--api-server", "--agent", BIN]);
+    run.wait_for_line("ready after");
+    let ids = run.agent_ids();
+    assert_eq!(run.finish(), Some(0), "exit code; output:\n{}", run.text());
+    assert_verdicts(&run);
+    let text = run.text();
+    for said in
+        ["served by the test API server at http://127.0.0.1:", "run --kubeconfig", "removed: the test API server"]
+    {
+        assert!(text.contains(said), "{said:?} not said:\n{text}");
     }
     run.assert_nothing_left(&ids);
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: installs what is missing (`cargo xtask setup`), builds the agent and the
 //! demo with cargo's own progress, and runs the demo (the `demo` crate's `node-manager-demo`).
-//! `--yes`, or CI=true, runs it without pauses. Ctrl-C reaches the demo, which removes what it
+//! `--yes`, or CI=true, runs it without pauses; `--api-server` serves the Service from the test
+//! API server instead of a file. Ctrl-C reaches the demo, which removes what it
 //! made and exits 130; this process waits for it meanwhile.
 
 use std::{path::PathBuf, time::Instant};
@@ -12,7 +13,7 @@ use crate::cmd::{Cmd, elapsed, is_root, step, workspace_root};
 /// The demo's exit code after Ctrl-C (`demo::EXIT_INTERRUPTED`).
 const EXIT_INTERRUPTED: i32 = 130;
 
-pub fn run(yes: bool) -> Result<()> {
+pub fn run(yes: bool, api_server: bool) -> Result<()> {
     if !is_root() {
         bail!(
             "the demo needs root: it creates network namespaces and a cgroup and loads BPF programs; \
@@ -36,6 +37,9 @@ pub fn run(yes: bool) -> Result<()> {
         .arg(bin.join("node-manager").display().to_string());
     if yes {
         demo = demo.arg("--yes");
+    }
+    if api_server {
+        demo = demo.arg("--api-server");
     }
     let status = {
         let _waiting = SigintDeferred::install();

@@ -51,6 +51,9 @@ enum Task {
         /// Do not pause between steps (also implied by CI=true or a stdin that is not a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
+        /// Serve the Service from the test API server (fake-apiserver) instead of a file.
+        #[arg(long)]
+        api_server: bool,
     },
 }
 
@@ -63,7 +66,7 @@ fn main() -> ExitCode {
         Task::Lint => ("lint", lint::run()),
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),
-        Task::Demo { yes } => ("demo", demo::run(yes)),
+        Task::Demo { yes, api_server } => ("demo", demo::run(yes, api_server)),
     };
     let took = cmd::elapsed(started);
     match result {
