@@ -11,6 +11,7 @@ mod host;
 mod interrupt;
 mod say;
 mod stage;
+mod stale;
 mod story;
 
 use std::ffi::OsString;

@@ -34,8 +34,6 @@ pub struct Verdict {
     pub detail: String,
 }
 
-/// Runs the whole demo. The stage is torn down before returning (or while unwinding on an
-/// error or Ctrl-C); the bool says whether the teardown left nothing behind.
 /// Where the agent gets the Service from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -45,9 +43,11 @@ pub enum Source {
     ApiServer,
 }
 
+/// Runs the whole demo. The stage is torn down before returning (or while unwinding on an
+/// error or Ctrl-C); the bool says whether the teardown left nothing behind.
 pub fn run(agent_bin: &Path, source: Source, say: &Say) -> Result<(Vec<Verdict>, bool)> {
     intro(say);
-    let stale = crate::stage::remove_stale(agent_bin);
+    let stale = crate::stale::remove(agent_bin);
     if !stale.is_empty() {
         say.step("removing what an earlier demo left behind when it was killed");
         for line in &stale {
