@@ -83,13 +83,24 @@ impl Scratch {
     /// `node-manager <args> --bpffs <ours>` in the node namespace (`run` and `cleanup` also get
     /// `--cgroup-path <ours>` unless `args` has one).
     pub fn nm(&self, args: &[&str]) -> Command {
+        self.nm_with(Path::new(BIN), &[], args)
+    }
+
+    /// Like `nm`, but runs `bin` (another build of the agent), behind `wrapper` (for example
+    /// `setpriv ...`) when it is not empty.
+    pub fn nm_with(&self, bin: &Path, wrapper: &[&str], args: &[&str]) -> Command {
         let mut cmd = match &self.node_netns {
             Some(netns) => {
                 let mut cmd = Command::new("nsenter");
-                cmd.arg(format!("--net={}", netns.display())).arg("--").arg(BIN);
+                cmd.arg(format!("--net={}", netns.display())).arg("--").args(wrapper).arg(bin);
                 cmd
             }
-            None => Command::new(BIN),
+            None if wrapper.is_empty() => Command::new(bin),
+            None => {
+                let mut cmd = Command::new(wrapper[0]);
+                cmd.args(&wrapper[1..]).arg(bin);
+                cmd
+            }
         };
         cmd.args(args).arg("--bpffs").arg(&self.bpffs);
         if matches!(args.first(), Some(&"run" | &"cleanup")) && !args.contains(&"--cgroup-path") {
@@ -136,11 +147,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(scratch: &Scratch, args: &[&str]) -> Agent {
-        let log = scratch.file("agent.log");
+        Self::start_bin(scratch, Path::new(BIN), args, "agent.log")
+    }
+
+    /// Runs `bin` (another build of the agent) with `args`, logging to `log_name`.
+    pub fn start_bin(scratch: &Scratch, bin: &Path, args: &[&str], log_name: &str) -> Agent {
+        let log = scratch.file(log_name);
         let mut full = vec!["run"];
         full.extend_from_slice(args);
         let child = scratch
-            .nm(&full)
+            .nm_with(bin, &[], &full)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
