@@ -91,7 +91,9 @@ fn init_logging(format: LogFormat) {
             std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()).map(|v| format!("RUST_LOG={v:?}: {e}")),
         ),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: `kubectl logs` and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
