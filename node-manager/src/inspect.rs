@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use node_manager_common::{DatapathConfig, Flow, FlowKey, SockRev, SockRevKey, map_names};
+use node_manager_common::{DatapathConfig, Flow, FlowKey, FrontendKey, Owner, SockRev, SockRevKey, map_names};
 use serde::Serialize;
 
 use crate::datapath::{
@@ -87,6 +87,8 @@ pub struct CgroupHook {
 pub struct FrontendEntry {
     pub frontend: String,
     pub cluster_ip: String,
+    /// The Service (`namespace/name`) the frontend belongs to; None in an older agent's pins.
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -192,9 +194,17 @@ pub fn read(bpffs: &Path) -> Result<State> {
     });
 
     let frontends: HashMap<MapData, _, _> = HashMap::try_from(open(&pins, map_names::FRONTENDS)?)?;
+    let owners: std::collections::BTreeMap<FrontendKey, Owner> = match open(&pins, map_names::OWNERS) {
+        Ok(map) => maps::read_hash(&HashMap::<_, FrontendKey, Owner>::try_from(map)?, map_names::OWNERS)?,
+        Err(_) => Default::default(), // pins of an agent that predates the owners map
+    };
     for (key, value) in maps::read_frontends(&frontends)? {
         let frontend = maps::frontend_addr(&key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
-        state.frontends.push(FrontendEntry { frontend, cluster_ip: maps::addr_from16(value.cluster_addr).to_string() });
+        state.frontends.push(FrontendEntry {
+            frontend,
+            cluster_ip: maps::addr_from16(value.cluster_addr).to_string(),
+            service: owners.get(&key).and_then(|o| o.as_str()).map(str::to_owned),
+        });
     }
     let trie: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(open(&pins, map_names::POD_CIDRS)?)?;
     state.pod_cidrs = maps::read_pod_cidrs(&trie)?.iter().map(ToString::to_string).collect();
@@ -300,7 +310,7 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(out, "masquerade mark: {}", state.masquerade_mark.as_deref().unwrap_or("?"));
     let _ = writeln!(out, "frontends ({}):", state.frontends.len());
     for f in &state.frontends {
-        let _ = writeln!(out, "  {:<40} -> {}", f.frontend, f.cluster_ip);
+        let _ = writeln!(out, "  {:<40} -> {:<26} {}", f.frontend, f.cluster_ip, f.service.as_deref().unwrap_or("?"));
     }
     let _ = writeln!(out, "flows: {} remembered", state.flows);
     let _ = writeln!(out, "host sockets: {} remembered", state.sockets);

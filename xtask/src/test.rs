@@ -54,9 +54,16 @@ pub fn run(args: &TestArgs) -> Result<()> {
              fail too: {e:#}"
         );
     }
+    // The upgrade test replaces the test build of the agent with a different build of it.
+    step("test: building the release agent (the upgrade test's \"new version\"; the benchmarks use it too)");
+    let upgrade = Cmd::cargo().args(["build", "--release", "-p", "node-manager", "--bin", "node-manager"]).run();
     step("test: cargo test, one test at a time (network-namespace tests must not overlap)");
     let started = Instant::now();
-    let tests = Cmd::cargo()
+    let mut tests = Cmd::cargo();
+    if upgrade.is_ok() {
+        tests = tests.env("NM_UPGRADE_BIN", crate::cmd::workspace_root().join("target/release/node-manager"));
+    }
+    let tests = tests
         .args(["test", "--workspace", "--exclude", "node-manager-ebpf", "--all-targets"])
         .args(["--", "--test-threads=1"])
         .args(args.harness_args.iter().cloned())
@@ -65,6 +72,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut failures = Vec::new();
     if let Err(e) = lint {
         failures.push(format!("lint: {e:#}"));
+    }
+    if let Err(e) = upgrade {
+        failures.push(format!("release build: {e:#}"));
     }
     match (tests, leftovers) {
         (Ok(()), Ok(())) => step(format!("test: tests passed, nothing left behind ({})", elapsed(started))),

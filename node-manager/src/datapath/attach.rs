@@ -94,7 +94,13 @@ pub fn attach(
     direction: &str,
 ) -> Result<()> {
     match mechanism {
-        Mechanism::Tcx => attach_tcx(program, links_dir, iface, attach_type, direction),
+        Mechanism::Tcx => {
+            attach_tcx(program, links_dir, iface, attach_type, direction)?;
+            // A filter an agent left on the netlink path (before a kernel upgrade brought
+            // TCX) would run beside the new program: remove it once ours is in place.
+            detach_netlink(&iface.name, attach_type);
+            Ok(())
+        }
         Mechanism::Netlink => attach_netlink(program, iface, attach_type),
     }
 }
@@ -140,19 +146,26 @@ fn attach_netlink(program: &mut SchedClassifier, iface: &Iface, attach_type: TcA
     {
         tracing::debug!(iface = %iface.name, error = %e, "adding clsact (may already exist)");
     }
-    // Replace ours: remove the filter at our fixed priority/handle, then add the new one.
-    detach_netlink(&iface.name, attach_type);
-    let id = program
-        .attach_with_options(
-            &iface.name,
-            attach_type,
-            TcAttachOptions::Netlink(NlOptions {
-                priority: NL_PRIORITY,
-                handle: NL_HANDLE.into(),
-                ..Default::default()
-            }),
-        )
-        .with_context(|| format!("attaching to {} (netlink cls_bpf)", iface.name))?;
+    // Ours already there (fixed priority/handle): change its program in place, which cls_bpf
+    // does atomically (a netlink change without NLM_F_CREATE). Otherwise add it.
+    let existing =
+        aya::programs::tc::SchedClassifierLink::attached(&iface.name, attach_type, NL_PRIORITY, NL_HANDLE.into(), None);
+    let id = match existing {
+        Ok(link) => program
+            .attach_to_link(link)
+            .with_context(|| format!("replacing our program on {} (netlink cls_bpf)", iface.name))?,
+        Err(_) => program
+            .attach_with_options(
+                &iface.name,
+                attach_type,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NL_PRIORITY,
+                    handle: NL_HANDLE.into(),
+                    ..Default::default()
+                }),
+            )
+            .with_context(|| format!("attaching to {} (netlink cls_bpf)", iface.name))?,
+    };
     // Hand the filter to the kernel: it stays attached after the agent exits.
     std::mem::forget(program.take_link(id)?);
     Ok(())

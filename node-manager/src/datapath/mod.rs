@@ -10,6 +10,7 @@ pub mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fs,
     path::Path,
 };
 
@@ -32,34 +33,96 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<Pins>,
     mechanism: Mechanism,
-    /// The frontends as this process last wrote them successfully.
-    written: Option<BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>>,
+    /// The frontends and their owners as this process last wrote them successfully.
+    written: Option<Written>,
+    fresh_maps: Vec<&'static str>,
 }
+
+/// Re-pins, under this version's path, a map an older layout version pinned with the layout
+/// this build expects. Returns where it came from.
+fn adopt_from_other_version(pins: &Pins, name: &str, expected: pins::Layout) -> Option<std::path::PathBuf> {
+    use std::os::fd::AsFd as _;
+    for dir in pins.other_versions() {
+        let old = dir.join("maps").join(name);
+        if !matches!(pins::check_pinned_map(&old, expected), Ok(PinState::Matches)) {
+            continue;
+        }
+        let fd = sys::obj_get(&old).ok()?;
+        match sys::obj_pin(fd.as_fd(), &pins.map(name)) {
+            Ok(()) => return Some(old),
+            Err(e) => {
+                tracing::warn!(map = name, from = %old.display(), error = %e, "could not re-pin an older version's map")
+            }
+        }
+    }
+    None
+}
+
+type Written = (
+    BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>,
+    BTreeMap<node_manager_common::FrontendKey, node_manager_common::Owner>,
+);
 
 impl Datapath {
     /// Loads the programs with their maps pinned under `<bpffs>/node-manager/v<N>/maps`,
     /// reusing pinned maps whose layout matches (their entries keep serving traffic) and
-    /// replacing any whose layout does not.
+    /// replacing any whose layout does not. A map missing from this layout version but pinned
+    /// with the same layout by an older version's agent is adopted too (so live flows survive
+    /// an upgrade that changed another map).
     pub fn load_pinned(bpffs: &Path) -> Result<Datapath> {
         pins::ensure_bpffs(bpffs)?;
         let pins = Pins::new(bpffs);
         pins.create_dirs()?;
         let mut loader = EbpfLoader::new();
+        let mut fresh = Vec::new();
         for name in map_names::ALL {
             let path = pins.map(name);
             let expected = pins::expected_layout(name).ok_or_else(|| anyhow!("no expected layout for {name}"))?;
             match pins::check_pinned_map(&path, expected)? {
-                PinState::Absent => tracing::info!(map = name, "creating map"),
+                PinState::Absent => match adopt_from_other_version(&pins, name, expected) {
+                    Some(from) => {
+                        tracing::info!(map = name, from = %from.display(), "adopting an older version's pinned map (same layout)")
+                    }
+                    None => {
+                        tracing::info!(map = name, "creating map");
+                        fresh.push(name);
+                    }
+                },
                 PinState::Matches => tracing::info!(map = name, "adopting pinned map"),
                 PinState::Foreign(why) => {
-                    tracing::warn!(map = name, pin = %path.display(), %why, "pinned map has a foreign layout; not reusing it, replacing it with a new map filled from the desired state");
+                    tracing::warn!(map = name, pin = %path.display(), %why, "pinned map has a foreign layout: not reusing it; a new map is created, filled from the desired state, and swapped in with the programs (the old programs keep the old map until then)");
                     attach::remove_pin(&path)?;
+                    fresh.push(name);
                 }
             }
             loader.map_pin_path(name, path);
         }
         let ebpf = loader.load(OBJECT).context("loading the eBPF object (maps)")?;
-        Self::finish(ebpf, Some(pins))
+        let mut datapath = Self::finish(ebpf, Some(pins))?;
+        datapath.fresh_maps = fresh;
+        Ok(datapath)
+    }
+
+    /// Maps this process created (absent or of a foreign layout) rather than adopted: until
+    /// they are filled, attaching the new programs would serve from empty maps.
+    pub fn fresh_maps(&self) -> &[&'static str] {
+        &self.fresh_maps
+    }
+
+    /// Removes what agents of other layout versions left: their links are released (after ours
+    /// are attached, so a hook is never empty) and their pins removed. Returns what was removed.
+    pub fn retire_other_versions(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let Some(pins) = &self.pins else { return Ok(removed) };
+        for dir in pins.other_versions() {
+            for link in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
+                attach::release_link(&link.path())?;
+                removed.push(link.path().display().to_string());
+            }
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            removed.push(dir.display().to_string());
+        }
+        Ok(removed)
     }
 
     /// Loads the programs with private, unpinned maps: for BPF_PROG_TEST_RUN tests and
@@ -87,7 +150,7 @@ impl Datapath {
                 .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
             program.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None })
+        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None, fresh_maps: Vec::new() })
     }
 
     pub fn mechanism(&self) -> Mechanism {
@@ -138,13 +201,18 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
     }
 
-    /// Makes the frontends map equal to `desired`, reading the map first: repairs entries
-    /// changed behind our back. The periodic resync and the first sync use this.
+    /// Makes the frontends map (and the owners map beside it) equal to `desired`, reading the
+    /// maps first: repairs entries changed behind our back. The periodic resync and the first
+    /// sync use this.
     pub fn sync_frontends(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
-        let want = maps::frontend_entries(desired);
+        let want = (maps::frontend_entries(desired), maps::owner_entries(desired));
         self.written = None;
         let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-        let stats = maps::sync_frontends(&mut map, &want)?;
+        let have = maps::read_frontends(&map)?;
+        let stats = maps::sync_frontends_from(&mut map, &have, &want.0)?;
+        let mut owners = self.owners_mut()?;
+        let have_owners = maps::read_hash(&owners, map_names::OWNERS)?;
+        maps::sync_hash_from(&mut owners, &have_owners, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
         self.written = Some(want);
         Ok(stats)
     }
@@ -154,11 +222,20 @@ impl Datapath {
     /// Falls back to the full sync when the last write is unknown or failed.
     pub fn sync_frontends_incremental(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
         let Some(have) = self.written.take() else { return self.sync_frontends(desired) };
-        let want = maps::frontend_entries(desired);
+        let want = (maps::frontend_entries(desired), maps::owner_entries(desired));
         let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-        let stats = maps::sync_frontends_from(&mut map, &have, &want)?;
+        let stats = maps::sync_frontends_from(&mut map, &have.0, &want.0)?;
+        let mut owners = self.owners_mut()?;
+        maps::sync_hash_from(&mut owners, &have.1, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
         self.written = Some(want);
         Ok(stats)
+    }
+
+    fn owners_mut(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, node_manager_common::FrontendKey, node_manager_common::Owner>>
+    {
+        aya::maps::HashMap::try_from(self.map_mut(map_names::OWNERS)?).context("NM_OWNERS has an unexpected type")
     }
 
     pub fn sync_pod_cidrs(&mut self, desired: &BTreeSet<IpNet>) -> Result<SyncStats> {

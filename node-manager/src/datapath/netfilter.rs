@@ -90,10 +90,24 @@ pub fn attach(pins: &Pins, programs: &[(Family, OwnedFd)]) -> Result<()> {
         let pin = link_pin(pins, family);
         let old = pin.exists().then(|| sys::obj_get(&pin)).transpose()?;
         let old_priority = old.as_ref().and_then(|fd| sys::link_info(fd.as_fd()).ok()).map(|i| i.netfilter.2);
-        let priority = if old_priority == Some(PRIORITIES[0]) { PRIORITIES[1] } else { PRIORITIES[0] };
-        let link = sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, priority).with_context(
-            || format!("linking {} to the {} LOCAL_IN hook at priority {priority}", family.program, family.name),
-        )?;
+        let (first, second) = if old_priority == Some(PRIORITIES[0]) {
+            (PRIORITIES[1], PRIORITIES[0])
+        } else {
+            (PRIORITIES[0], PRIORITIES[1])
+        };
+        // EBUSY: that priority is taken by a link we have no pin for here (an agent of another
+        // layout version, retired once we are linked): take the other one.
+        let link = match sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, first) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, second)
+                    .map(|link| (link, second))
+            }
+            other => other.map(|link| (link, first)),
+        };
+        let (link, priority) = link.with_context(|| {
+            format!("linking {} to the {} LOCAL_IN hook at priority {first} or {second}", family.program, family.name)
+        })?;
+        tracing::debug!(family = family.name, priority, "netfilter link created");
         if old.is_some() {
             fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
         }
