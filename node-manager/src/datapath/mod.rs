@@ -198,9 +198,28 @@ impl Datapath {
 
     /// Number of remembered flows (iterates the LRU map; for inspection, not the hot path).
     pub fn flow_count(&self) -> Result<usize> {
+        Ok(self.flows_map()?.keys().filter(Result::is_ok).count())
+    }
+
+    /// Every remembered flow (iterates the LRU map; for tests and inspection).
+    pub fn flows(&self) -> Result<std::collections::HashMap<node_manager_common::FlowKey, node_manager_common::Flow>> {
+        Ok(self.flows_map()?.iter().filter_map(Result::ok).collect())
+    }
+
+    /// The flow remembered under `key`, if any (a lookup does not refresh the LRU order: the
+    /// syscall path does not mark the entry as used).
+    pub fn flow(&self, key: &node_manager_common::FlowKey) -> Result<Option<node_manager_common::Flow>> {
+        match self.flows_map()?.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up a flow"),
+        }
+    }
+
+    fn flows_map(
+        &self,
+    ) -> Result<aya::maps::HashMap<&aya::maps::MapData, node_manager_common::FlowKey, node_manager_common::Flow>> {
         let map = self.ebpf.map(map_names::FLOWS).ok_or_else(|| anyhow!("no flows map"))?;
-        let flows: aya::maps::HashMap<_, node_manager_common::FlowKey, node_manager_common::Flow> =
-            aya::maps::HashMap::try_from(map)?;
-        Ok(flows.keys().filter(Result::is_ok).count())
+        Ok(aya::maps::HashMap::try_from(map)?)
     }
 }
