@@ -182,6 +182,12 @@ impl Gen {
         };
         let v6 = spec.src.is_ipv6();
         let mut f = frame(&spec);
+        if spec.proto == frames::TCP && self.rng.bool() {
+            // SYN, SYN|ACK, ACK, FIN|ACK, RST (the builder's default is PSH|ACK).
+            let flags = *self.pick(&[0x02u8, 0x12, 0x10, 0x11, 0x04]);
+            set_tcp_flags(&mut f, v6, flags);
+            what.push_str(&format!(", TCP flags {flags:#04x}"));
+        }
         let mut checksums_valid = true;
         if let Some((old, new)) = self.meant.take()
             && self.rng.u8(..8) == 0
@@ -452,6 +458,19 @@ impl Gen {
     }
 }
 
+/// Sets the TCP flags of a frame built by `frames::frame` and recomputes its checksum.
+fn set_tcp_flags(f: &mut [u8], v6: bool, flags: u8) {
+    let l4 = 14 + if v6 { 40 } else { 20 };
+    let (old, new) = (u16::from_be_bytes([f[l4 + 12], f[l4 + 13]]), u16::from_be_bytes([f[l4 + 12], flags]));
+    f[l4 + 13] = flags;
+    let csum = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+    // RFC 1624: HC' = ~(~HC + ~m + m').
+    let sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    f[l4 + 16..l4 + 18].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+}
+
 fn fix_ipv4_csum(f: &mut [u8]) {
     let ihl = usize::from(f[14] & 0x0f) * 4;
     if ihl < 20 || f.len() < 14 + ihl {
@@ -624,6 +643,8 @@ fn tc_programs_match_the_reference_model_on_random_and_mutated_frames() {
             CounterIndex::PassNotPod,
             CounterIndex::PassNoFrontend,
             CounterIndex::PassNoFlow,
+            CounterIndex::FlowCreated,
+            CounterIndex::FlowLost,
         ] {
             assert!(
                 counters[index.name()] >= total / 100,

@@ -36,8 +36,10 @@ pub struct Outcome {
     pub verdict: u32,
     pub out: Vec<u8>,
     pub mark: u32,
-    /// The counter the run increments.
+    /// The counter that says what happened to the packet.
     pub counter: CounterIndex,
+    /// Further counters the run increments (flow bookkeeping).
+    pub also: Vec<CounterIndex>,
 }
 
 /// A parsed packet: addresses in 16-byte form (IPv4-mapped for IPv4), ports as the two bytes
@@ -110,14 +112,16 @@ impl Model {
             Program::Ingress => self.ingress(frame, mark),
             Program::Egress => self.egress(frame, mark),
         };
-        let c = &mut self.counters[outcome.counter as usize];
-        c.packets += 1;
-        c.bytes += frame.len() as u64;
+        for index in std::iter::once(&outcome.counter).chain(&outcome.also) {
+            let c = &mut self.counters[*index as usize];
+            c.packets += 1;
+            c.bytes += frame.len() as u64;
+        }
         outcome
     }
 
     fn ingress(&mut self, frame: &[u8], mark: u32) -> Outcome {
-        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter };
+        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
         let pkt = match parse(frame, Program::Ingress) {
             Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
@@ -139,13 +143,20 @@ impl Model {
             proto: pkt.proto,
             pad: [0; 3],
         };
-        self.flows.insert(key, pkt.daddr);
+        let mut also = Vec::new();
+        if self.flows.insert(key, pkt.daddr).is_none() {
+            also.push(CounterIndex::FlowCreated);
+            // A TCP segment other than a SYN opening a flow: the connection's entry was lost.
+            if pkt.proto == 6 && frame[pkt.l4_off + 13] & 0x02 == 0 {
+                also.push(CounterIndex::FlowLost);
+            }
+        }
         let counter = if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 };
-        Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter }
+        Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also }
     }
 
     fn egress(&mut self, frame: &[u8], mark: u32) -> Outcome {
-        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter };
+        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
         let pkt = match parse(frame, Program::Egress) {
             Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
@@ -158,7 +169,7 @@ impl Model {
         let mut out = frame.to_vec();
         rewrite(&mut out, &pkt, Side::Source, &external);
         let counter = if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 };
-        Outcome { verdict: CONTINUE, out, mark, counter }
+        Outcome { verdict: CONTINUE, out, mark, counter, also: vec![] }
     }
 
     /// The flow key a reply frame belongs to, if the frame is one the egress program parses.
