@@ -8,7 +8,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use common::frames::{Spec, frame};
+use common::{
+    capacity::{LRU_LOCAL_FREE_PER_CPU, documented_capacity, online_cpus, pin_to_cpu, possible_cpus},
+    frames::{Spec, frame},
+};
 use node_manager::{
     datapath::Datapath,
     model::{FrontendAddr, Protocol, Target},
@@ -195,43 +198,4 @@ fn no_flow_is_evicted_up_to_the_documented_capacity_and_beyond_it_the_least_rece
     assert_eq!(after["pass_no_flow"] - before["pass_no_flow"], 1);
     assert_eq!(after["flow_lost"], 1, "{after:?}");
     assert_eq!(after["flow_insert_failed"], 0);
-}
-
-fn documented_capacity() -> u32 {
-    FLOWS_MAX - LRU_LOCAL_FREE_PER_CPU * possible_cpus()
-}
-
-/// The kernel's LRU hash keeps up to this many free entries in each CPU's local free list
-/// (`LOCAL_FREE_TARGET`; less for small maps): eviction may begin while that many entries per
-/// CPU other than the inserting one are still free.
-const LRU_LOCAL_FREE_PER_CPU: u32 = 128;
-
-/// Possible CPUs, from `/sys/devices/system/cpu/possible` ("0-63", "0,2-3").
-fn possible_cpus() -> u32 {
-    cpu_list("/sys/devices/system/cpu/possible").len() as u32
-}
-
-fn online_cpus() -> Vec<usize> {
-    cpu_list("/sys/devices/system/cpu/online")
-}
-
-fn cpu_list(path: &str) -> Vec<usize> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut cpus = Vec::new();
-    for part in text.trim().split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
-            None => cpus.push(part.parse().unwrap()),
-        }
-    }
-    cpus
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
-    }
 }

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
 pub mod agent;
+pub mod capacity;
 pub mod frames;
 pub mod model;
