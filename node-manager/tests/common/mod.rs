@@ -3,3 +3,4 @@ pub mod agent;
 pub mod capacity;
 pub mod frames;
 pub mod model;
+pub mod scale;
