@@ -24,7 +24,8 @@ use crate::{
     source::{Snapshot, file, kubernetes},
 };
 
-/// Interfaces are rescanned on every link notification and at least this often.
+/// Interfaces are rescanned on every link notification and at least this often; removed pins
+/// are restored at the same period (`datapath::repair`).
 const RESCAN_PERIOD: Duration = Duration::from_secs(5);
 const FILE_POLL: Duration = Duration::from_millis(500);
 
@@ -78,7 +79,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = resync.tick() => agent.resync(),
             _ = link_changes.notified() => agent.sync_interfaces(),
-            _ = rescan.tick() => { agent.sync_interfaces(); agent.ensure_drop_invalid(true); }
+            _ = rescan.tick() => {
+                agent.datapath.repair_pins();
+                agent.sync_interfaces();
+                agent.ensure_drop_invalid(true);
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
+pub mod repair;
 pub mod sys;
 
 use std::{
@@ -34,6 +35,8 @@ pub struct Datapath {
     mechanism: Mechanism,
     /// The frontends as this process last wrote them successfully.
     written: Option<BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>>,
+    /// Our own references to the links we pinned (see `repair`).
+    held: repair::HeldLinks,
 }
 
 impl Datapath {
@@ -87,7 +90,7 @@ impl Datapath {
                 .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
             program.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None })
+        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None, held: Default::default() })
     }
 
     pub fn mechanism(&self) -> Mechanism {
@@ -109,24 +112,39 @@ impl Datapath {
         for (attach_type, direction, name) in DIRECTIONS {
             let program = self.program(name)?;
             attach::attach(program, mechanism, &links_dir, iface, attach_type, direction)?;
+            if mechanism == Mechanism::Tcx {
+                self.held.hold(&attach::link_pin(&links_dir, iface, direction));
+            }
         }
         Ok(())
     }
 
-    pub fn detach(&self, iface: &Iface) -> Result<()> {
-        attach::detach(&self.pins()?.links_dir(), iface)
+    pub fn detach(&mut self, iface: &Iface) -> Result<()> {
+        let links_dir = self.pins()?.links_dir();
+        for (_, direction, _) in DIRECTIONS {
+            self.held.release(&attach::link_pin(&links_dir, iface, direction));
+        }
+        attach::detach(&links_dir, iface)
     }
 
     /// Attaches the socket hooks for host-network clients to the cgroup v2 directory `path`,
     /// replacing ours atomically where they are already there.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
         let links_dir = self.pins()?.links_dir();
-        cgroup::attach_all(&mut self.ebpf, &links_dir, path)
+        cgroup::attach_all(&mut self.ebpf, &links_dir, path)?;
+        for (hook, _, _) in cgroup::HOOKS {
+            self.held.hold(&cgroup::link_pin(&links_dir, hook));
+        }
+        Ok(())
     }
 
     /// Detaches our socket hooks, wherever they are; returns how many were attached.
-    pub fn detach_cgroup(&self) -> Result<usize> {
-        cgroup::detach_all(&self.pins()?.links_dir())
+    pub fn detach_cgroup(&mut self) -> Result<usize> {
+        let links_dir = self.pins()?.links_dir();
+        for (hook, _, _) in cgroup::HOOKS {
+            self.held.release(&cgroup::link_pin(&links_dir, hook));
+        }
+        cgroup::detach_all(&links_dir)
     }
 
     /// Interfaces that currently have our pinned links.

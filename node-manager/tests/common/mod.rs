@@ -4,3 +4,4 @@ pub mod capacity;
 pub mod frames;
 pub mod model;
 pub mod scale;
+pub mod stable;
