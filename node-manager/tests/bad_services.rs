@@ -54,7 +54,7 @@ fn ten_thousand_valid_services_apply_and_each_of_a_thousand_malformed_ones_is_re
     // Interleaved, so that the list's pages mix both kinds.
     for n in 0..VALID {
         server.apply(valid_service(n));
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             server.apply(malformed_service(n / 10));
         }
     }

@@ -187,7 +187,7 @@ fn api_server_killed_and_restarted_mid_stream() {
             }
             server.apply(valid_service(n));
             std::thread::sleep(Duration::from_millis(5));
-            if n % 50 == 0 {
+            if n.is_multiple_of(50) {
                 lowest = lowest.min(pinned_frontends(&scratch.bpffs).len());
             }
         }

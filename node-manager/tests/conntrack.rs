@@ -30,7 +30,7 @@ const RESULT_PREFIX: &str = "NM_TEST_RESULT ";
 const STATS: [&str; 5] = ["invalid", "insert_failed", "drop", "early_drop", "error"];
 
 fn ext(i: usize) -> SocketAddr {
-    let ip: IpAddr = if i % 2 == 0 { lab::EXTERNAL_V4.into() } else { lab::EXTERNAL_V6.into() };
+    let ip: IpAddr = if i.is_multiple_of(2) { lab::EXTERNAL_V4.into() } else { lab::EXTERNAL_V6.into() };
     SocketAddr::new(ip, lab::SERVICE_PORT)
 }
 

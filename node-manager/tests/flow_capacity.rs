@@ -105,7 +105,7 @@ fn counters(dp: &Datapath) -> BTreeMap<&'static str, u64> {
 fn insert(dp: &mut Datapath, frames: &mut Frames, range: std::ops::Range<u32>, active: &[u32], touch_every: u32) {
     let cpus = online_cpus();
     for n in range {
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             pin_to_cpu(cpus[(n / 1000) as usize % cpus.len()]);
         }
         run(dp, program_names::POD_INGRESS, frames.request(n));

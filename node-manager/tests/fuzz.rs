@@ -148,8 +148,8 @@ fn port_of(wire: u16) -> u16 {
 }
 
 impl Gen {
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.rng.usize(..items.len())]
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.rng.usize(..items.len())]
     }
 
     fn payload(&mut self) -> Vec<u8> {
@@ -167,7 +167,7 @@ impl Gen {
             let len = self.rng.usize(0..120);
             let mut f: Vec<u8> = (0..len).map(|_| self.rng.u8(..)).collect();
             if f.len() >= 14 && self.rng.bool() {
-                let et = *self.pick(&[[0x08, 0x00], [0x86, 0xdd]]);
+                let et = self.pick(&[[0x08, 0x00], [0x86, 0xdd]]);
                 f[12..14].copy_from_slice(&et);
             }
             let program = if self.rng.bool() { Program::Ingress } else { Program::Egress };
@@ -184,7 +184,7 @@ impl Gen {
         let mut f = frame(&spec);
         if spec.proto == frames::TCP && self.rng.bool() {
             // SYN, SYN|ACK, ACK, FIN|ACK, RST (the builder's default is PSH|ACK).
-            let flags = *self.pick(&[0x02u8, 0x12, 0x10, 0x11, 0x04]);
+            let flags = self.pick(&[0x02u8, 0x12, 0x10, 0x11, 0x04]);
             set_tcp_flags(&mut f, v6, flags);
             what.push_str(&format!(", TCP flags {flags:#04x}"));
         }
@@ -234,7 +234,7 @@ impl Gen {
             16..=18 => Spec { payload, ..Spec::echo(&s, &d, echo_type, sport) },
             _ => {
                 // ICMP of another type (an error, the other echo direction) or code.
-                let ty = *self.pick(&[0u8, 3, 8, 11, 1, 128, 129, 135]);
+                let ty = self.pick(&[0u8, 3, 8, 11, 1, 128, 129, 135]);
                 let mut spec = Spec { payload, ..Spec::echo(&s, &d, ty, sport) };
                 spec.icmp.1 = if self.rng.bool() { 0 } else { self.rng.u8(..) };
                 spec
@@ -248,10 +248,10 @@ impl Gen {
     fn request(&mut self) -> (Spec, String) {
         if self.rng.bool() {
             // Aimed at a frontend from a pod (more often a hit than chance would give).
-            let (ext, port, protocol, cluster) = *self.pick(FRONTENDS);
+            let (ext, port, protocol, cluster) = self.pick(FRONTENDS);
             self.meant = Some((model::addr16(parse_ip(ext)), model::addr16(parse_ip(cluster))));
             let dst = parse_ip(ext);
-            let src = parse_ip(if dst.is_ipv6() { *self.pick(&SRC6[..4]) } else { *self.pick(&SRC4[..5]) });
+            let src = parse_ip(if dst.is_ipv6() { self.pick(&SRC6[..4]) } else { self.pick(&SRC4[..5]) });
             let (choice, echo) = match (protocol, dst.is_ipv6()) {
                 (Protocol::Tcp, _) => (0, 0),
                 (Protocol::Udp, _) => (8, 0),
@@ -263,16 +263,16 @@ impl Gen {
             return (spec, format!("request to a frontend {what}"));
         }
         let v6 = self.rng.bool();
-        let src = parse_ip(if v6 { *self.pick(SRC6) } else { *self.pick(SRC4) });
+        let src = parse_ip(if v6 { self.pick(SRC6) } else { self.pick(SRC4) });
         let dst = match (self.rng.u8(..10), v6) {
             (0, false) => IpAddr::from(self.rng.u32(..).to_be_bytes()),
             (0, true) => IpAddr::from(self.rng.u128(..).to_be_bytes()),
-            (_, false) => parse_ip(*self.pick(DST4)),
-            (_, true) => parse_ip(*self.pick(DST6)),
+            (_, false) => parse_ip(self.pick(DST4)),
+            (_, true) => parse_ip(self.pick(DST6)),
         };
         // Pod ports from a small pool, so that flows repeat and replies find them.
         let sport = if self.rng.u8(..10) == 0 { self.rng.u16(..) } else { 40000 + self.rng.u16(..64) };
-        let dport = if self.rng.u8(..10) == 0 { self.rng.u16(..) } else { *self.pick(PORTS) };
+        let dport = if self.rng.u8(..10) == 0 { self.rng.u16(..) } else { self.pick(PORTS) };
         let echo = if v6 { 128 } else { 8 };
         let (spec, what) = self.l4(src, dst, sport, dport, echo, None);
         (spec, format!("request {what}"))
@@ -314,7 +314,7 @@ impl Gen {
         let word = |w: &[u8]| u64::from(u16::from_be_bytes([w[0], w[1]]));
         let d: u64 = old.chunks(2).map(|w| 0xffff - word(w)).sum::<u64>() + new.chunks(2).map(word).sum::<u64>();
         let t = d % 0xffff;
-        let not_hc = if t == 0 { *self.pick(&[0u16, 0xffff]) } else { (0xffff - t) as u16 };
+        let not_hc = if t == 0 { self.pick(&[0u16, 0xffff]) } else { (0xffff - t) as u16 };
         let ip_len = if v6 { 40 } else { 20 };
         let off = match f[if v6 { 20 } else { 23 }] {
             _ if !v6 && self.rng.bool() => 24,
@@ -349,13 +349,13 @@ impl Gen {
                     2 => (0x2000 | self.rng.u16(1..0x2000), "middle fragment"),
                     _ => (0x4000, "DF set"),
                 };
-                f[20..22].copy_from_slice(&(flags as u16).to_be_bytes());
+                f[20..22].copy_from_slice(&flags.to_be_bytes());
                 fix_ipv4_csum(f);
                 (what.into(), flags == 0x4000)
             }
             3 if !v6 && f.len() >= 34 => {
                 let words = self.rng.usize(1..=10);
-                let opts: Vec<u8> = (0..words * 4).map(|_| *self.pick(&[1u8, 0, 7, 68, 148, 4])).collect();
+                let opts: Vec<u8> = (0..words * 4).map(|_| self.pick(&[1u8, 0, 7, 68, 148, 4])).collect();
                 f.splice(34..34, opts);
                 f[14] = 0x40 | (5 + words as u8);
                 let total = u16::from_be_bytes([f[16], f[17]]) + 4 * words as u16;
@@ -364,7 +364,7 @@ impl Gen {
                 (format!("{words} words of IPv4 options"), false)
             }
             4 if v6 && f.len() >= 54 => {
-                let ext = *self.pick(&[0u8, 43, 44, 60, 51, 135]);
+                let ext = self.pick(&[0u8, 43, 44, 60, 51, 135]);
                 let mut hdr = vec![f[20], 0, 0, 0, 0, 0, 0, 0];
                 if ext == 44 {
                     hdr[2..4].copy_from_slice(&self.rng.u16(..).to_be_bytes());
@@ -376,7 +376,7 @@ impl Gen {
                 (format!("IPv6 extension header {ext}"), false)
             }
             5 if f.len() >= 14 => {
-                let tpid = *self.pick(&[[0x81u8, 0x00], [0x88, 0xa8]]);
+                let tpid = self.pick(&[[0x81u8, 0x00], [0x88, 0xa8]]);
                 let tci = self.rng.u16(..).to_be_bytes();
                 f.splice(12..12, [tpid[0], tpid[1], tci[0], tci[1]]);
                 (format!("VLAN tag {:02x}{:02x}", tpid[0], tpid[1]), false)
@@ -393,7 +393,7 @@ impl Gen {
                     _ => 14 + ip_len + 2,
                 };
                 let random = self.rng.u16(..);
-                let c = *self.pick(&[0u16, 0xffff, random]);
+                let c = self.pick(&[0u16, 0xffff, random]);
                 f[off..off + 2].copy_from_slice(&c.to_be_bytes());
                 (format!("L4 checksum set to {c:#06x}"), false)
             }
@@ -421,7 +421,7 @@ impl Gen {
             }
             10 if f.len() >= 14 + ip_len => {
                 let random = self.rng.u8(..);
-                let p = *self.pick(&[0u8, 1, 2, 6, 17, 41, 47, 50, 58, 132, 136, 255, random]);
+                let p = self.pick(&[0u8, 1, 2, 6, 17, 41, 47, 50, 58, 132, 136, 255, random]);
                 f[if v6 { 20 } else { 23 }] = p;
                 if !v6 {
                     fix_ipv4_csum(f);
@@ -429,7 +429,7 @@ impl Gen {
                 (format!("protocol {p}"), false)
             }
             11 if f.len() >= 14 => {
-                let et = *self.pick(&[[0x08u8, 0x06], [0x86, 0xdd], [0x08, 0x00], [0x88, 0x47], [0, 0]]);
+                let et = self.pick(&[[0x08u8, 0x06], [0x86, 0xdd], [0x08, 0x00], [0x88, 0x47], [0, 0]]);
                 f[12..14].copy_from_slice(&et);
                 (format!("ethertype {:02x}{:02x}", et[0], et[1]), false)
             }
@@ -563,7 +563,7 @@ fn tc_programs_match_the_reference_model_on_random_and_mutated_frames() {
                 compare_state(&dp, &model, seed, i);
             }
             let random = generator.rng.u32(..);
-            let mark = *generator.pick(&[0u32, 0x4000, 0x4000, random]);
+            let mark = generator.pick(&[0u32, 0x4000, 0x4000, random]);
             dp.set_config(DatapathConfig { masquerade_mark: mark }).unwrap();
             model.masquerade_mark = mark;
         }
