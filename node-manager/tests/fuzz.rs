@@ -646,8 +646,9 @@ fn tc_programs_match_the_reference_model_on_random_and_mutated_frames() {
             CounterIndex::FlowCreated,
             CounterIndex::FlowLost,
         ] {
+            // Flows saturate (the generator's key space is small on purpose): at most 2,000.
             assert!(
-                counters[index.name()] >= total / 100,
+                counters[index.name()] >= (total / 100).min(2_000),
                 "seed {seed}: only {} of {}",
                 counters[index.name()],
                 index.name()
