@@ -215,9 +215,17 @@ pub enum CounterIndex {
     /// The socket could not be remembered (map update failed): the call was still redirected,
     /// but `getpeername`/`recvmsg` will show the cluster IP.
     SockRevInsertFailed = 20,
+    /// A rewritten pod packet whose flow was not remembered yet: a new entry in the flow map
+    /// (the rate of new rewritten flows; a full map evicts its least recently used entry).
+    FlowCreated = 21,
+    /// A rewritten TCP segment without SYN whose flow was not remembered: the entry of an open
+    /// connection was evicted (flow map full) or removed, so replies sent meanwhile reached the
+    /// pod untranslated (from the cluster IP) and the connection most likely broke. The entry
+    /// is created again.
+    FlowLost = 22,
 }
 
-pub const COUNTERS_LEN: u32 = 21;
+pub const COUNTERS_LEN: u32 = 23;
 
 impl CounterIndex {
     pub const ALL: [CounterIndex; COUNTERS_LEN as usize] = [
@@ -242,6 +250,8 @@ impl CounterIndex {
         CounterIndex::SockGetpeernameV6,
         CounterIndex::SockPassNoFrontend,
         CounterIndex::SockRevInsertFailed,
+        CounterIndex::FlowCreated,
+        CounterIndex::FlowLost,
     ];
 
     /// Stable snake_case name, used by `inspect` and metrics.
@@ -268,6 +278,8 @@ impl CounterIndex {
             CounterIndex::SockGetpeernameV6 => "sock_getpeername_v6",
             CounterIndex::SockPassNoFrontend => "sock_pass_no_frontend",
             CounterIndex::SockRevInsertFailed => "sock_rev_insert_failed",
+            CounterIndex::FlowCreated => "flow_created",
+            CounterIndex::FlowLost => "flow_lost",
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::{
     source::{Snapshot, file, kubernetes},
 };
 
-/// Interfaces are rescanned on every link notification and at least this often.
+/// Interfaces are rescanned on every link notification and at least this often; removed pins
+/// are restored at the same period (`datapath::repair`).
 const RESCAN_PERIOD: Duration = Duration::from_secs(5);
 const FILE_POLL: Duration = Duration::from_millis(500);
 
@@ -95,7 +96,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = resync.tick() => agent.resync(),
             _ = link_changes.notified(), if agent.taken_over => agent.sync_interfaces(),
-            _ = rescan.tick(), if agent.taken_over => { agent.sync_interfaces(); agent.ensure_drop_invalid(true); }
+            _ = rescan.tick(), if agent.taken_over => {
+                agent.datapath.repair_pins();
+                agent.sync_interfaces();
+                agent.ensure_drop_invalid(true);
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
+pub mod repair;
 pub mod sys;
 
 use std::{
@@ -36,6 +37,8 @@ pub struct Datapath {
     /// The frontends and their owners as this process last wrote them successfully.
     written: Option<Written>,
     fresh_maps: Vec<&'static str>,
+    /// Our own references to the links we pinned (see `repair`).
+    held: repair::HeldLinks,
 }
 
 /// Re-pins, under this version's path, a map an older layout version pinned with the layout
@@ -150,7 +153,14 @@ impl Datapath {
                 .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
             program.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None, fresh_maps: Vec::new() })
+        Ok(Datapath {
+            ebpf,
+            pins,
+            mechanism: Mechanism::detect(),
+            written: None,
+            fresh_maps: Vec::new(),
+            held: Default::default(),
+        })
     }
 
     pub fn mechanism(&self) -> Mechanism {
@@ -172,24 +182,39 @@ impl Datapath {
         for (attach_type, direction, name) in DIRECTIONS {
             let program = self.program(name)?;
             attach::attach(program, mechanism, &links_dir, iface, attach_type, direction)?;
+            if mechanism == Mechanism::Tcx {
+                self.held.hold(&attach::link_pin(&links_dir, iface, direction));
+            }
         }
         Ok(())
     }
 
-    pub fn detach(&self, iface: &Iface) -> Result<()> {
-        attach::detach(&self.pins()?.links_dir(), iface)
+    pub fn detach(&mut self, iface: &Iface) -> Result<()> {
+        let links_dir = self.pins()?.links_dir();
+        for (_, direction, _) in DIRECTIONS {
+            self.held.release(&attach::link_pin(&links_dir, iface, direction));
+        }
+        attach::detach(&links_dir, iface)
     }
 
     /// Attaches the socket hooks for host-network clients to the cgroup v2 directory `path`,
     /// replacing ours atomically where they are already there.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
         let links_dir = self.pins()?.links_dir();
-        cgroup::attach_all(&mut self.ebpf, &links_dir, path)
+        cgroup::attach_all(&mut self.ebpf, &links_dir, path)?;
+        for (hook, _, _) in cgroup::HOOKS {
+            self.held.hold(&cgroup::link_pin(&links_dir, hook));
+        }
+        Ok(())
     }
 
     /// Detaches our socket hooks, wherever they are; returns how many were attached.
-    pub fn detach_cgroup(&self) -> Result<usize> {
-        cgroup::detach_all(&self.pins()?.links_dir())
+    pub fn detach_cgroup(&mut self) -> Result<usize> {
+        let links_dir = self.pins()?.links_dir();
+        for (hook, _, _) in cgroup::HOOKS {
+            self.held.release(&cgroup::link_pin(&links_dir, hook));
+        }
+        cgroup::detach_all(&links_dir)
     }
 
     /// Interfaces that currently have our pinned links.
@@ -275,9 +300,28 @@ impl Datapath {
 
     /// Number of remembered flows (iterates the LRU map; for inspection, not the hot path).
     pub fn flow_count(&self) -> Result<usize> {
+        Ok(self.flows_map()?.keys().filter(Result::is_ok).count())
+    }
+
+    /// Every remembered flow (iterates the LRU map; for tests and inspection).
+    pub fn flows(&self) -> Result<std::collections::HashMap<node_manager_common::FlowKey, node_manager_common::Flow>> {
+        Ok(self.flows_map()?.iter().filter_map(Result::ok).collect())
+    }
+
+    /// The flow remembered under `key`, if any (a lookup does not refresh the LRU order: the
+    /// syscall path does not mark the entry as used).
+    pub fn flow(&self, key: &node_manager_common::FlowKey) -> Result<Option<node_manager_common::Flow>> {
+        match self.flows_map()?.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up a flow"),
+        }
+    }
+
+    fn flows_map(
+        &self,
+    ) -> Result<aya::maps::HashMap<&aya::maps::MapData, node_manager_common::FlowKey, node_manager_common::Flow>> {
         let map = self.ebpf.map(map_names::FLOWS).ok_or_else(|| anyhow!("no flows map"))?;
-        let flows: aya::maps::HashMap<_, node_manager_common::FlowKey, node_manager_common::Flow> =
-            aya::maps::HashMap::try_from(map)?;
-        Ok(flows.keys().filter(Result::is_ok).count())
+        Ok(aya::maps::HashMap::try_from(map)?)
     }
 }

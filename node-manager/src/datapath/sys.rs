@@ -168,13 +168,17 @@ pub struct LinkInfo {
     /// For cgroup links: the cgroup's id (its directory's inode number) and the attach type.
     pub cgroup_id: u64,
     pub attach_type: u32,
+    /// For TCX links: the interface index (0 once detached).
+    pub tcx_ifindex: u32,
 }
 
 pub const BPF_LINK_TYPE_NETFILTER: u32 = 10;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union: cgroup is
-    // { u64 cgroup_id; u32 attach_type; }, netfilter is { u32 pf, hooknum; s32 priority; u32 flags; }.
+    // { u64 cgroup_id; u32 attach_type; }, netfilter is { u32 pf, hooknum; s32 priority; u32 flags; },
+    // tcx is { u32 ifindex; u32 attach_type; }.
     let mut info = [0u8; 128];
     obj_info(link, &mut info)?;
     Ok(LinkInfo {
@@ -184,6 +188,7 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         netfilter: (get_u32(&info, 16), get_u32(&info, 20), get_u32(&info, 24) as i32),
         cgroup_id: u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
         attach_type: get_u32(&info, 24),
+        tcx_ifindex: get_u32(&info, 16),
     })
 }
 
