@@ -120,6 +120,19 @@ impl Cmd {
         self.command().status().map_err(|e| self.spawn_error(e))
     }
 
+    /// Prints the command and runs it like [`Cmd::run`], but returns its stdout (stderr still
+    /// goes to this process's).
+    pub fn run_stdout(&self) -> Result<String> {
+        println!("    $ {self}");
+        let started = Instant::now();
+        let out =
+            self.command().stdin(Stdio::null()).stderr(Stdio::inherit()).output().map_err(|e| self.spawn_error(e))?;
+        if !out.status.success() {
+            bail!("`{self}` failed ({}) after {}", out.status, elapsed(started));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs the command without printing it, capturing its output (a probe). Fails only if
     /// it cannot be started.
     pub fn output(&self) -> Result<Output> {

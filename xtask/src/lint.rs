@@ -1,5 +1,5 @@
-//! `cargo xtask lint`: rustfmt, clippy on the host crates, clippy on the eBPF crate. All three
-//! run; the failures are reported together.
+//! `cargo xtask lint`: rustfmt, clippy on the host crates, clippy on the eBPF crate, hadolint on
+//! the Dockerfile. All run; the failures are reported together.
 
 use anyhow::{Result, bail};
 
@@ -37,6 +37,11 @@ pub fn run() -> Result<()> {
         .with_llvm_path()
         .run()
     {
+        failures.push(e);
+    }
+
+    step("lint: hadolint on the Dockerfile");
+    if let Err(e) = crate::hadolint::lint_dockerfile() {
         failures.push(e);
     }
 

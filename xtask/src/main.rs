@@ -6,13 +6,20 @@
 mod bench;
 mod build;
 mod cmd;
+mod cross;
 mod demo;
+#[cfg(test)]
+mod dockerfile;
+mod ebpf_object;
+mod hadolint;
 mod lint;
 mod setup;
 mod test;
 mod toolchain;
 
 use std::{process::ExitCode, time::Instant};
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -34,7 +41,17 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// rustfmt check, clippy on the host crates and clippy on the eBPF crate.
+    /// Build the eBPF object once (host build) and copy it to PATH, for `cross --ebpf-object`
+    /// and the Dockerfile: the object is the same for every little-endian architecture.
+    EbpfObject {
+        /// Where to put the object.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// Build node-manager for another architecture (default arm64) with Debian's compiler,
+    /// `-Z build-std` and Debian's cross gcc; `--check` runs it under qemu-user.
+    Cross(cross::CrossArgs),
+    /// rustfmt check, clippy on the host crates and on the eBPF crate, hadolint on the Dockerfile.
     Lint,
     /// The project's test command: setup, lint, all tests (as root, one at a time), bench
     /// smoke, and a check that no test left namespaces or pinned BPF objects behind.
@@ -63,6 +80,8 @@ fn main() -> ExitCode {
     let (name, result) = match cli.task {
         Task::Setup => ("setup", setup::run()),
         Task::Build { release } => ("build", build::run(release)),
+        Task::EbpfObject { out } => ("ebpf-object", ebpf_object::run(&out)),
+        Task::Cross(args) => ("cross", cross::run(&args)),
         Task::Lint => ("lint", lint::run()),
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),

