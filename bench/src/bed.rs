@@ -62,7 +62,7 @@ impl Labs {
             servers.push((Sink::start(&ep, CONN_PORT)?, IperfServer::start(&ep, IPERF_PORT)?));
             labs.insert(v, lab);
         }
-        Ok(Labs { servers: servers, labs })
+        Ok(Labs { servers, labs })
     }
 
     fn get(&self, v: Variant) -> &Lab {

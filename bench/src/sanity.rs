@@ -84,3 +84,71 @@ impl Problems {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        agent::{Change, Start},
+        baseline::PerRule,
+        prog_cost::ProgCost,
+        results::ConnSample,
+    };
+
+    fn plan() -> Plan {
+        Plan { ns: vec![1], map_only: vec![10], ..Plan::new(true) }
+    }
+
+    fn s(v: f64) -> Summary {
+        Summary { median: v, min: v, max: v, count: 1 }
+    }
+
+    /// Every figure of `plan`, sane.
+    fn complete(plan: &Plan) -> Results {
+        let mut r = Results::default();
+        let ms = Duration::from_millis(5);
+        for &n in &plan.ns {
+            for v in Variant::ALL {
+                let c = ConnSample { rate: 1e4, median_us: 40.0, p99_us: 80.0, connections: 5000, errors: 0 };
+                r.conn.insert((n, v), vec![c; plan.rounds]);
+                r.iperf.insert((n, v), vec![1e10; plan.rounds]);
+            }
+            for b in Backend::ALL {
+                r.restore_apply.insert((n, b), vec![ms]);
+                r.per_rule_apply.insert((n, b), PerRule { done: n, of: n, elapsed: ms, per_service_at_end: ms });
+                r.per_rule_change.insert((n, b), vec![ms]);
+                r.restore_change.insert((n, b), vec![ms]);
+            }
+        }
+        for n in plan.all_ns() {
+            r.agent_start.insert(n, vec![Start { end_to_end: ms * 10, sync: ms, rss_kib: 20_000 }]);
+            r.agent_change.insert(n, vec![Change { end_to_end: ms, sync: ms / 2 }]);
+            r.prog.insert(n, ProgCost { hit: s(300.0), miss: s(140.0), empty: s(40.0) });
+        }
+        r
+    }
+
+    #[test]
+    fn a_complete_run_is_sound() {
+        let plan = plan();
+        assert_eq!(problems(&plan, &complete(&plan)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn missing_or_nonsensical_figures_are_named() {
+        let plan = plan();
+        let mut r = complete(&plan);
+        r.iperf.remove(&(1, Variant::B));
+        r.conn.get_mut(&(1, Variant::C)).unwrap()[0].rate = f64::NAN;
+        r.prog.get_mut(&10).unwrap().hit = s(100.0);
+        r.agent_start.get_mut(&10).unwrap()[0].rss_kib = 0;
+        let p = problems(&plan, &r);
+        assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
+        assert!(p.iter().any(|l| l.starts_with("N = 10: per-packet hit < miss")), "{p:#?}");
+        assert!(p.iter().any(|l| l.starts_with("N = 10, node-manager: RSS: not positive")), "{p:#?}");
+        assert_eq!(p.len(), 4, "{p:#?}");
+    }
+}
