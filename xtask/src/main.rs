@@ -56,9 +56,11 @@ enum Task {
     /// The project's test command: setup, lint, all tests (as root, one at a time), bench
     /// smoke, and a check that no test left namespaces or pinned BPF objects behind.
     Test(test::TestArgs),
-    /// Run the datapath benchmark (node-manager's `bench_datapath` example) if there is one.
+    /// The side-by-side benchmark (node-manager vs network-node-manager's iptables rules vs
+    /// no rewrite, in the lab): writes BENCHMARKS.md and docs/bench/*.png. Needs root.
     Bench {
-        /// A short run, for CI smoke testing.
+        /// A short run for CI (writes under target/bench-quick/; fails only on a broken
+        /// measurement, never on a threshold).
         #[arg(long)]
         quick: bool,
     },
