@@ -214,12 +214,13 @@ fn a_restarted_agent_adopts_the_pinned_datapath_and_replaces_its_programs() {
     });
     assert!(!second.log().contains("creating map"), "maps must be adopted, not recreated:\n{}", second.log());
     // Exactly one program per direction is attached to the interface: the old one was
-    // replaced inside the same link, not joined by a second.
+    // replaced inside the same link (TCX) or filter (netlink cls_bpf), not joined by a second.
     let state = scratch.inspect();
     let iface =
         state["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == lab.pod_host_if()).unwrap().clone();
-    assert_eq!(iface["tcx_ingress"], serde_json::json!(["nm_pod_ingress"]), "{state:#}");
-    assert_eq!(iface["tcx_egress"], serde_json::json!(["nm_pod_egress"]), "{state:#}");
+    let hook = if common::kernel::has_tcx() { "tcx" } else { "tc" };
+    assert_eq!(iface[format!("{hook}_ingress")], serde_json::json!(["nm_pod_ingress"]), "{state:#}");
+    assert_eq!(iface[format!("{hook}_egress")], serde_json::json!(["nm_pod_egress"]), "{state:#}");
     request_all(&lab, Ns::Pod, lab::EXTERNAL_V6.into()).unwrap();
     assert!(second.stop());
 }
@@ -260,8 +261,12 @@ fn bad_configuration_exits_2_with_a_message_naming_the_setting() {
     assert!(!std::path::Path::new("/nonexistent").exists(), "the agent must not create directories to mount on");
 }
 
-/// Program names on the pod interface's TCX hook, queried from inside the node namespace.
+/// Program names on the pod interface's TCX hook, queried from inside the node namespace (none
+/// on kernels without TCX).
 fn tcx_programs(lab: &Lab, hook: &str) -> Vec<String> {
+    if !common::kernel::has_tcx() {
+        return Vec::new();
+    }
     let iface = lab.pod_host_if().to_owned();
     let attach_type =
         if hook == "ingress" { aya::programs::TcAttachType::Ingress } else { aya::programs::TcAttachType::Egress };

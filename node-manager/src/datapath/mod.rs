@@ -6,7 +6,9 @@ pub mod cgroup;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
+pub mod probe;
 pub mod sys;
+pub mod tc_netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,6 +24,7 @@ use self::{
     attach::{DIRECTIONS, Iface, Mechanism},
     maps::SyncStats,
     pins::{PinState, Pins},
+    probe::{Loads, Probes, Report},
 };
 use crate::model::{FrontendAddr, Target};
 
@@ -34,6 +37,68 @@ pub struct Datapath {
     mechanism: Mechanism,
     /// The frontends as this process last wrote them successfully.
     written: Option<BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>>,
+    /// The verifier's verdict on each feature's programs: a feature whose programs it rejects
+    /// is unavailable, the others run.
+    loads: Loads,
+    /// The kernel's features, probed on first use.
+    probes: Option<Probes>,
+}
+
+/// Loads every program of one feature; the first refusal is the feature's reason (the
+/// verifier's last lines).
+fn load_each<P>(ebpf: &mut Ebpf, names: &[&str], kind: &str) -> Result<(), String>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    P: LoadProgram,
+{
+    for name in names {
+        if fault_injected(name) {
+            return Err(format!("{name}: {}", probe::verifier_rejection(name)));
+        }
+        let program = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from the object"))?;
+        let program: &mut P = program.try_into().map_err(|_| format!("{name} is not a {kind}"))?;
+        program.load_program().map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
+    }
+    Ok(())
+}
+
+/// Test hook: the programs named in this variable (comma-separated) are not loaded; in their
+/// place a program of the same type that the verifier rejects is, and its verdict stands for
+/// theirs. Shows, with the real verifier, that a rejected program costs only its feature.
+pub const FAULT_ENV: &str = "NODE_MANAGER_FAULT_REJECT";
+
+fn fault_injected(name: &str) -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
+}
+
+/// The two program types a feature loads through aya.
+pub trait LoadProgram {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl LoadProgram for SchedClassifier {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadProgram for aya::programs::CgroupSockAddr {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+/// The errno and the end of the verifier's log (which says why), not the whole log.
+fn describe_load_error(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.trim().lines().collect();
+            let tail = lines[lines.len().saturating_sub(6)..].join(" | ");
+            if tail.is_empty() { io_error.to_string() } else { format!("{io_error}; verifier: {tail}") }
+        }
+        other => other.to_string(),
+    }
 }
 
 impl Datapath {
@@ -70,24 +135,58 @@ impl Datapath {
     }
 
     fn finish(mut ebpf: Ebpf, pins: Option<Pins>) -> Result<Datapath> {
-        for (_, _, name) in DIRECTIONS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a TC program"))?;
-            // The verifier's log is part of the error.
-            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        let tc_names = DIRECTIONS.map(|(_, _, name)| name);
+        let pod_tc = load_each::<SchedClassifier>(&mut ebpf, &tc_names, "TC program");
+        let sock_names = cgroup::HOOKS.map(|(_, _, name)| name);
+        let socket_hooks =
+            load_each::<aya::programs::CgroupSockAddr>(&mut ebpf, &sock_names, "cgroup socket-address program");
+        for (feature, result) in [(probe::POD_TC, &pod_tc), (probe::SOCKET_HOOKS, &socket_hooks)] {
+            if let Err(why) = result {
+                tracing::error!(feature, why = %why, "the kernel refused the programs: feature unavailable");
+            }
         }
-        for (_, _, name) in cgroup::HOOKS {
-            let program: &mut aya::programs::CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
-            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        let loads = Loads { pod_tc: Some(pod_tc), socket_hooks: Some(socket_hooks), drop_invalid_bpf: None };
+        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None, loads, probes: None })
+    }
+
+    /// The verifier's verdict on the pod datapath's programs (`Err`: why it is unavailable).
+    pub fn pod_tc_loaded(&self) -> Result<(), String> {
+        self.loads.pod_tc.clone().unwrap_or(Ok(()))
+    }
+
+    /// The same for the socket hooks of host-network clients.
+    pub fn socket_hooks_loaded(&self) -> Result<(), String> {
+        self.loads.socket_hooks.clone().unwrap_or(Ok(()))
+    }
+
+    /// The kernel's features (probed once, on first use).
+    pub fn probes(&mut self) -> &Probes {
+        self.probes.get_or_insert_with(probe::probe)
+    }
+
+    /// The kernel-feature report at start: logged, and pinned for `inspect`. `drop_invalid`:
+    /// the mode chosen and why, and the verifier's verdict on the bpf mode's programs if loaded.
+    pub fn report_features(&mut self, drop_invalid: Option<(String, String)>, bpf_load: Option<Result<(), String>>) {
+        let probes = self.probes().clone();
+        let loads = Loads { drop_invalid_bpf: bpf_load, ..self.loads.clone() };
+        let report = Report::new("agent", probes, loads, drop_invalid);
+        report.log();
+        if let Some(pins) = &self.pins
+            && let Err(e) = probe::pin_report(&pins.layout_dir(), &report)
+        {
+            tracing::warn!(error = format!("{e:#}"), "could not pin the kernel-feature report (inspect will probe)");
         }
-        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None })
+    }
+
+    /// A pinned map's fd by name, from the loaded object (for loading the netfilter programs
+    /// against this datapath's maps).
+    pub fn map_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
+        use aya::maps::Map;
+        let data = match self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))? {
+            Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::PerCpuArray(d) => d,
+            _ => anyhow::bail!("map {name} has a type node-manager does not use"),
+        };
+        Ok(std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned()?)
     }
 
     pub fn mechanism(&self) -> Mechanism {
@@ -104,6 +203,7 @@ impl Datapath {
 
     /// Attaches both programs to the interface, replacing ours atomically if already there.
     pub fn attach(&mut self, iface: &Iface) -> Result<()> {
+        self.pod_tc_loaded().map_err(|why| anyhow!("the pod datapath is unavailable on this kernel: {why}"))?;
         let links_dir = self.pins()?.links_dir();
         let mechanism = self.mechanism;
         for (attach_type, direction, name) in DIRECTIONS {
@@ -120,6 +220,7 @@ impl Datapath {
     /// Attaches the socket hooks for host-network clients to the cgroup v2 directory `path`,
     /// replacing ours atomically where they are already there.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
+        self.socket_hooks_loaded().map_err(|why| anyhow!("the socket hooks are unavailable on this kernel: {why}"))?;
         let links_dir = self.pins()?.links_dir();
         cgroup::attach_all(&mut self.ebpf, &links_dir, path)
     }

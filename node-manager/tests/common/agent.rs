@@ -136,12 +136,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(scratch: &Scratch, args: &[&str]) -> Agent {
+        Self::start_with_env(scratch, args, &[])
+    }
+
+    pub fn start_with_env(scratch: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let log = scratch.file("agent.log");
         let mut full = vec!["run"];
         full.extend_from_slice(args);
         let child = scratch
             .nm(&full)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()

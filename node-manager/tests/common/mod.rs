@@ -1,3 +1,4 @@
 #![allow(dead_code)]
 pub mod agent;
 pub mod frames;
+pub mod kernel;

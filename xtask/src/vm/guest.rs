@@ -29,6 +29,13 @@ pub fn run(plan_path: &Path, as_init: bool) -> Result<()> {
     }
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
     fs::write(out.join(plan::KERNEL_RELEASE), format!("{release}\n"))?;
+    if let Some(command) = &plan.exec {
+        println!("[guest] kernel {release}: $ {command}");
+        let status = Command::new("/bin/sh").args(["-c", command]).status().context("running /bin/sh")?;
+        println!("[guest] {status}");
+        fs::write(out.join(plan::DONE), format!("{status}\n"))?;
+        return Ok(());
+    }
     println!("[guest] kernel {release}: running {} test binaries", plan.suites.len());
     feature_report(&plan);
 

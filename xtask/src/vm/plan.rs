@@ -19,6 +19,9 @@ pub struct Plan {
     /// Only tests whose names contain one of these (all when empty).
     pub filters: Vec<String>,
     pub test_timeout_secs: u64,
+    /// Instead of the tests: a shell command to run in the guest (for investigating a kernel).
+    #[serde(default)]
+    pub exec: Option<String>,
 }
 
 /// One test binary.
