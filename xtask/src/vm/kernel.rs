@@ -70,8 +70,10 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// `boot/vmlinuz-<release>`, or `lib/modules/<release>/vmlinuz` where newer packages put it.
     pub fn vmlinuz(&self) -> PathBuf {
-        self.root.join(format!("boot/vmlinuz-{}", self.release))
+        let boot = self.root.join(format!("boot/vmlinuz-{}", self.release));
+        if boot.exists() { boot } else { self.root.join(format!("lib/modules/{}/vmlinuz", self.release)) }
     }
 }
 
@@ -272,8 +274,8 @@ pub fn fetch(vm_dir: &Path, series: &Series) -> Result<Kernel> {
         println!("    {image} {version}: unpacked in {}", kernel.root.display());
         return Ok(kernel);
     }
-    // Newer Debian kernels split the image: the metapackage-named package pulls the binary and
-    // the modules packages of the same version.
+    // Newer Debian kernels split the image: the package pulls the image (`linux-binary-*`), the
+    // modules (`linux-modules-*`) and their indexes (`linux-base-<release>`) of the same version.
     let stanza_text = apt.show(&format!("{image}={version}"))?;
     let stanza = stanzas(&stanza_text).into_iter().next().context("empty apt-cache show")?;
     let mut packages = vec![image.clone()];
@@ -281,7 +283,11 @@ pub fn fetch(vm_dir: &Path, series: &Series) -> Result<Kernel> {
         packages.extend(
             depends(deps)
                 .into_iter()
-                .filter(|d| d.starts_with("linux-binary-") || d.starts_with("linux-modules-"))
+                .filter(|d| {
+                    d.starts_with("linux-binary-")
+                        || d.starts_with("linux-modules-")
+                        || d.strip_prefix("linux-base-").is_some_and(|rest| rest == kernel.release)
+                })
                 .map(str::to_owned),
         );
     }
@@ -304,7 +310,7 @@ pub fn fetch(vm_dir: &Path, series: &Series) -> Result<Kernel> {
         fs::remove_file(&deb)?;
     }
     if !kernel.vmlinuz().exists() {
-        bail!("{} has no boot/vmlinuz-{}", packages.join(" + "), kernel.release);
+        bail!("{} has no kernel image ({})", packages.join(" + "), kernel.vmlinuz().display());
     }
     Cmd::new("depmod")
         .args(["-b", &kernel.root.display().to_string(), &kernel.release])
@@ -334,7 +340,7 @@ fn wanted(member: &str) -> bool {
     }
     let Some(rest) = path.strip_prefix("lib/modules/") else { return false };
     let Some((_, inside)) = rest.split_once('/') else { return false };
-    !inside.ends_with('/') && MODULE_PREFIXES.iter().any(|p| inside.starts_with(p))
+    inside == "vmlinuz" || (!inside.ends_with('/') && MODULE_PREFIXES.iter().any(|p| inside.starts_with(p)))
 }
 
 fn unpack(deb: &Path, kernel: &Kernel) -> Result<()> {
@@ -402,5 +408,7 @@ mod tests {
         assert!(!wanted("./lib/modules/6.1.0-56-amd64/kernel/drivers/gpu/drm/i915/i915.ko"));
         assert!(!wanted("./lib/modules/6.1.0-56-amd64/kernel/net/"));
         assert!(!wanted("./usr/share/doc/linux-image/changelog.gz"));
+        // Newer packages keep the image next to the modules.
+        assert!(wanted("./usr/lib/modules/7.2.13+deb14-amd64/vmlinuz"));
     }
 }

@@ -26,11 +26,8 @@ use crate::cmd::{Cmd, elapsed, is_root, step, workspace_root};
 
 pub use self::guest::run as run_guest;
 
-/// The test binaries run in every kernel: (package, integration test targets).
-const SUITES: [(&str, &[&str]); 2] = [
-    ("node-manager", &["kernel_features", "test_run", "netfilter", "netns", "cgroup", "drop_invalid"]),
-    ("lab", &["lab"]),
-];
+/// The test binaries run in every kernel (integration tests of node-manager and lab).
+const SUITES: [&str; 7] = ["kernel_features", "test_run", "netfilter", "netns", "cgroup", "drop_invalid", "lab"];
 /// The matrix, in order; `host` is this machine's kernel.
 pub const MATRIX: [&str; 5] = ["5.10", "6.1", "6.12", "sid", "host"];
 /// What CI boots (`cargo xtask test`): the oldest supported kernel.
@@ -131,8 +128,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     for name in kernels.iter().filter(|k| *k != "host") {
         kernel::series(name)?;
     }
-    let suites = build_suites(&args.suites)?;
-    let agent = target_dir().join("debug/node-manager");
+    let (suites, agent) = build_suites(&args.suites)?;
     let mut runs = Vec::new();
     for name in &kernels {
         let started = Instant::now();
@@ -183,55 +179,54 @@ fn vm_dir() -> PathBuf {
     target_dir().join("vm")
 }
 
-/// Builds the test binaries (and the agent they run) and returns them, from cargo's JSON.
-fn build_suites(only: &[String]) -> Result<Vec<Suite>> {
-    let known: Vec<&str> = SUITES.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+/// Builds the test binaries (and the agent they run) with the very command `cargo xtask test`
+/// builds them with (so nothing is rebuilt after it), and returns those of `SUITES` and the agent,
+/// from cargo's JSON messages.
+fn build_suites(only: &[String]) -> Result<(Vec<Suite>, PathBuf)> {
+    let known = SUITES;
     if let Some(unknown) = only.iter().find(|s| !known.contains(&s.as_str())) {
         bail!("unknown test binary {unknown:?}: use one of {}", known.join(", "));
     }
     step("vm: building the test binaries (cargo test --no-run)");
-    let mut suites = Vec::new();
-    for (package, targets) in SUITES {
-        let targets: Vec<&str> =
-            targets.iter().copied().filter(|t| only.is_empty() || only.iter().any(|o| o == t)).collect();
-        if targets.is_empty() {
-            continue;
-        }
-        let mut cmd = Cmd::cargo().args(["test", "--no-run", "--message-format=json", "-p", package]);
-        for t in &targets {
-            cmd = cmd.args(["--test", t]);
-        }
-        println!("    $ {cmd}");
-        let out = cmd.output()?;
-        if !out.status.success() {
-            bail!("building the test binaries of {package} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        suites.extend(test_executables(&String::from_utf8_lossy(&out.stdout), &targets)?);
+    let cmd = Cmd::cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "node-manager-ebpf",
+        "--all-targets",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    println!("    $ {cmd}");
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("building the test binaries failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
-    // The agent itself, for the feature report (integration tests build it too).
-    Cmd::cargo().args(["build", "-p", "node-manager", "--bin", "node-manager"]).run()?;
-    Ok(suites)
+    let json = String::from_utf8_lossy(&out.stdout);
+    let wanted: Vec<&str> = known.into_iter().filter(|t| only.is_empty() || only.iter().any(|o| o == t)).collect();
+    let agent = artifact(&json, "bin", "node-manager").context("cargo built no node-manager binary")?;
+    Ok((test_executables(&json, &wanted)?, agent.binary))
 }
 
-/// The integration-test executables in cargo's `--message-format=json` output, in `targets`' order.
+/// The executable of the target `name` of kind `kind` in cargo's `--message-format=json` output.
+fn artifact(json_lines: &str, kind: &str, name: &str) -> Option<Suite> {
+    json_lines.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|msg| {
+        let exe = msg["executable"].as_str()?;
+        let is_kind = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind));
+        let cwd = Path::new(msg["manifest_path"].as_str()?).parent()?;
+        (is_kind && msg["target"]["name"] == name).then(|| Suite {
+            name: name.to_owned(),
+            binary: exe.into(),
+            cwd: cwd.to_owned(),
+        })
+    })
+}
+
+/// The integration-test executables in cargo's JSON output, in `targets`' order.
 fn test_executables(json_lines: &str, targets: &[&str]) -> Result<Vec<Suite>> {
-    let mut found = Vec::new();
-    for line in json_lines.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str()) else {
-            continue;
-        };
-        let is_test = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
-        let manifest = msg["manifest_path"].as_str().map(Path::new).and_then(Path::parent);
-        if is_test && let Some(cwd) = manifest {
-            found.push(Suite { name: name.to_owned(), binary: exe.into(), cwd: cwd.to_owned() });
-        }
-    }
     targets
         .iter()
-        .map(|t| {
-            found.iter().find(|s| s.name == *t).cloned().with_context(|| format!("cargo built no test binary {t}"))
-        })
+        .map(|t| artifact(json_lines, "test", t).with_context(|| format!("cargo built no test binary {t}")))
         .collect()
 }
 
