@@ -201,18 +201,18 @@ fn release_clsact(links_dir: &Path, iface: &Iface) -> Result<()> {
         return Ok(());
     }
     if !iface.name.is_empty() {
-        let others: usize = [true, false]
-            .into_iter()
-            .map(|ingress| tc_netlink::filters(iface.index, ingress).map(|f| f.len()).unwrap_or(0))
-            .sum();
-        if others == 0 {
-            match tc_netlink::delete_clsact(iface.index) {
+        let others: io::Result<usize> =
+            [true, false].into_iter().map(|ingress| tc_netlink::filters(iface.index, ingress).map(|f| f.len())).sum();
+        match others {
+            Ok(0) => match tc_netlink::delete_clsact(iface.index) {
                 Ok(()) => tracing::info!(iface = %iface.name, "removed the clsact qdisc it had created"),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL) | Some(libc::ENODEV)) => {}
                 Err(e) => return Err(e).with_context(|| format!("removing the clsact qdisc of {}", iface.name)),
+            },
+            Ok(n) => tracing::info!(iface = %iface.name, filters = n, "leaving the clsact qdisc: other filters use it"),
+            Err(e) => {
+                tracing::warn!(iface = %iface.name, error = %e, "leaving the clsact qdisc: its filters could not be listed")
             }
-        } else {
-            tracing::info!(iface = %iface.name, filters = others, "leaving the clsact qdisc: other filters use it");
         }
     }
     remove_pin(&pin)

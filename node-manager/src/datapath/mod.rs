@@ -44,20 +44,21 @@ pub struct Datapath {
     probes: Option<Probes>,
 }
 
-/// Loads every program of one feature; the first refusal is the feature's reason (the
-/// verifier's last lines).
-fn load_each<P>(ebpf: &mut Ebpf, names: &[&str], kind: &str) -> Result<(), String>
-where
-    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-    P: LoadProgram,
-{
+/// Loads every program of one feature (TC or cgroup socket-address programs); the first refusal
+/// is the feature's reason (the verifier's last lines).
+fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
+    use aya::programs::Program;
     for name in names {
         if fault_injected(name) {
             return Err(format!("{name}: {}", probe::verifier_rejection(name)));
         }
-        let program = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from the object"))?;
-        let program: &mut P = program.try_into().map_err(|_| format!("{name} is not a {kind}"))?;
-        program.load_program().map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
+        let loaded = match ebpf.program_mut(name) {
+            Some(Program::SchedClassifier(p)) => p.load(),
+            Some(Program::CgroupSockAddr(p)) => p.load(),
+            Some(_) => return Err(format!("{name} is neither a TC nor a cgroup socket-address program")),
+            None => return Err(format!("program {name} missing from the object")),
+        };
+        loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
     }
     Ok(())
 }
@@ -69,23 +70,6 @@ pub const FAULT_ENV: &str = "NODE_MANAGER_FAULT_REJECT";
 
 fn fault_injected(name: &str) -> bool {
     std::env::var(FAULT_ENV).is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
-}
-
-/// The two program types a feature loads through aya.
-pub trait LoadProgram {
-    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
-}
-
-impl LoadProgram for SchedClassifier {
-    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
-        self.load()
-    }
-}
-
-impl LoadProgram for aya::programs::CgroupSockAddr {
-    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
-        self.load()
-    }
 }
 
 /// The errno and the end of the verifier's log (which says why), not the whole log.
@@ -135,16 +119,10 @@ impl Datapath {
     }
 
     fn finish(mut ebpf: Ebpf, pins: Option<Pins>) -> Result<Datapath> {
-        let tc_names = DIRECTIONS.map(|(_, _, name)| name);
-        let pod_tc = load_each::<SchedClassifier>(&mut ebpf, &tc_names, "TC program");
-        let sock_names = cgroup::HOOKS.map(|(_, _, name)| name);
-        let socket_hooks =
-            load_each::<aya::programs::CgroupSockAddr>(&mut ebpf, &sock_names, "cgroup socket-address program");
-        for (feature, result) in [(probe::POD_TC, &pod_tc), (probe::SOCKET_HOOKS, &socket_hooks)] {
-            if let Err(why) = result {
-                tracing::error!(feature, why = %why, "the kernel refused the programs: feature unavailable");
-            }
-        }
+        // A feature whose programs the kernel refuses is unavailable (the agent's kernel-feature
+        // report says why); the others load and run.
+        let pod_tc = load_each(&mut ebpf, &DIRECTIONS.map(|(_, _, name)| name));
+        let socket_hooks = load_each(&mut ebpf, &cgroup::HOOKS.map(|(_, _, name)| name));
         let loads = Loads { pod_tc: Some(pod_tc), socket_hooks: Some(socket_hooks), drop_invalid_bpf: None };
         Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None, loads, probes: None })
     }
