@@ -74,6 +74,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         invalid::disable(&mut datapath);
         None
     };
+    // Kernel features: which mechanism each feature uses here, or why it is unavailable (logged,
+    // and pinned for `inspect`); unavailable features are skipped, the rest runs.
+    let bpf_load = drop_invalid.as_ref().and_then(|d| d.bpf_load.clone());
+    datapath.report_features(drop_invalid.as_ref().map(DropInvalid::summary), bpf_load);
 
     let link_changes = Arc::new(Notify::new());
     interfaces::watch_links(link_changes.clone())?;
@@ -293,6 +297,10 @@ impl Agent {
     /// it is off. Failing to attach is fatal: the feature was asked for and would silently miss
     /// every host-network client.
     fn sync_cgroup(&mut self) -> Result<()> {
+        // Unavailable on this kernel (reported at start): leave whatever is attached alone.
+        if self.datapath.socket_hooks_loaded().is_err() {
+            return Ok(());
+        }
         if !self.cfg.external_cluster {
             let released = self.datapath.detach_cgroup()?;
             if released > 0 {
@@ -311,6 +319,10 @@ impl Agent {
 
     /// Attaches to new matching interfaces and releases pins of vanished ones.
     fn sync_interfaces(&mut self) {
+        // Unavailable on this kernel (reported at start): leave whatever is attached alone.
+        if self.datapath.pod_tc_loaded().is_err() {
+            return;
+        }
         let started = Instant::now();
         let ok = self.sync_interfaces_inner();
         self.telemetry.reconciled("interfaces", started.elapsed(), ok);

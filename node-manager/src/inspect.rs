@@ -29,6 +29,8 @@ pub struct State {
     pub masquerade_mark: Option<String>,
     pub counters: Vec<CounterEntry>,
     pub drop_invalid: DropInvalidState,
+    /// Which mechanism each feature uses on this kernel, or why it is unavailable.
+    pub kernel_features: Option<crate::datapath::probe::Report>,
 }
 
 /// The conntrack-INVALID drop: the mode recorded by the agent, why, what is installed in the
@@ -62,6 +64,16 @@ pub struct Interface {
     /// Programs on the interface's TCX hooks, in run order (ours and others', e.g. a CNI's).
     pub tcx_ingress: Vec<String>,
     pub tcx_egress: Vec<String>,
+    /// Kernels without TCX: the cls_bpf filters on the clsact hooks (program names), in run order.
+    pub tc_ingress: Vec<String>,
+    pub tc_egress: Vec<String>,
+}
+
+/// Names of the cls_bpf programs on an interface's clsact hook (other filters by kind).
+fn tc_filters(ifindex: u32, ingress: bool) -> Vec<String> {
+    crate::datapath::tc_netlink::filters(ifindex, ingress)
+        .map(|f| f.into_iter().map(|f| f.name.unwrap_or(f.kind)).collect())
+        .unwrap_or_default()
 }
 
 /// Names of the programs attached to an interface's TCX hook, in order.
@@ -125,6 +137,7 @@ pub fn read(bpffs: &Path) -> Result<State> {
         masquerade_mark: None,
         counters: Vec::new(),
         drop_invalid: drop_invalid_state(&pins),
+        kernel_features: crate::datapath::probe::for_inspect(&pins, installed),
     };
     if let Some(mode) = state.drop_invalid.mode {
         state.features.push(Feature {
@@ -146,6 +159,8 @@ pub fn read(bpffs: &Path) -> Result<State> {
             present: !i.name.is_empty(),
             tcx_ingress: tcx_programs(&i.name, aya::programs::TcAttachType::Ingress),
             tcx_egress: tcx_programs(&i.name, aya::programs::TcAttachType::Egress),
+            tc_ingress: tc_filters(i.index, true),
+            tc_egress: tc_filters(i.index, false),
         })
         .collect();
     let mechanism = Mechanism::detect();
@@ -269,6 +284,9 @@ pub fn render(state: &State) -> String {
         let _ = writeln!(out, "  {:<32} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
     }
     render_drop_invalid(&mut out, &state.drop_invalid);
+    if let Some(report) = &state.kernel_features {
+        out.push_str(&report.to_string());
+    }
     if !state.installed {
         let _ = writeln!(out, "  not installed (no pinned maps)");
         return out;
@@ -279,13 +297,18 @@ pub fn render(state: &State) -> String {
             let _ = writeln!(out, "  ifindex {} — gone, pin is stale", i.ifindex);
             continue;
         }
+        let (hook, ingress, egress) = if i.tc_ingress.is_empty() && i.tc_egress.is_empty() {
+            ("tcx", &i.tcx_ingress, &i.tcx_egress)
+        } else {
+            ("tc", &i.tc_ingress, &i.tc_egress)
+        };
         let _ = writeln!(
             out,
-            "  {} (ifindex {})  tcx ingress: [{}]  tcx egress: [{}]",
+            "  {} (ifindex {})  {hook} ingress: [{}]  {hook} egress: [{}]",
             i.name,
             i.ifindex,
-            i.tcx_ingress.join(", "),
-            i.tcx_egress.join(", ")
+            ingress.join(", "),
+            egress.join(", ")
         );
     }
     let _ = writeln!(out, "cgroup socket hooks ({}):", state.cgroup_hooks.len());

@@ -30,6 +30,7 @@ struct Run {
 
 fn datapath() -> Datapath {
     let mut dp = Datapath::load_unpinned().expect("load the eBPF object (run as root)");
+    dp.pod_tc_loaded().unwrap_or_else(|why| panic!("the verifier refused the TC programs: {why}"));
     let mut fe = BTreeMap::new();
     for (ext, cluster) in [(EXT4, CLUSTER4), (EXT6, CLUSTER6)] {
         for (port, protocol) in [(8080, Protocol::Tcp), (8080, Protocol::Udp), (0, Protocol::IcmpEcho)] {

@@ -82,6 +82,12 @@ impl Cmd {
         self
     }
 
+    /// Runs the command in `dir` instead of the workspace root.
+    pub fn in_dir(mut self, dir: &Path) -> Self {
+        self.cwd = dir.to_path_buf();
+        self
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(&self.program);
         c.args(&self.args).current_dir(&self.cwd);

@@ -16,10 +16,9 @@ mod lint;
 mod setup;
 mod test;
 mod toolchain;
+mod vm;
 
-use std::{process::ExitCode, time::Instant};
-
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use clap::{Parser, Subcommand};
 
@@ -74,6 +73,18 @@ enum Task {
         #[arg(long)]
         api_server: bool,
     },
+    /// The kernel matrix: boot Debian's 5.10, 6.1, 6.12 or newest kernel under QEMU (TCG) and
+    /// run the kernel-facing tests inside; `--matrix` runs them all and prints the table.
+    Vm(vm::VmArgs),
+    /// Inside a guest: the test runner its /init starts (not for direct use).
+    #[command(hide = true)]
+    VmGuest {
+        #[arg(long)]
+        plan: PathBuf,
+        /// Prepare the guest first (module autoloader, loopback).
+        #[arg(long)]
+        init: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +99,8 @@ fn main() -> ExitCode {
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),
         Task::Demo { yes, api_server } => ("demo", demo::run(yes, api_server)),
+        Task::Vm(args) => ("vm", vm::run(&args)),
+        Task::VmGuest { plan, init } => ("vm-guest", vm::run_guest(&plan, init)),
     };
     let took = cmd::elapsed(started);
     match result {

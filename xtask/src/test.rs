@@ -26,6 +26,9 @@ pub struct TestArgs {
     /// Skip the cross build for the other architecture and its check under qemu-user.
     #[arg(long)]
     no_cross: bool,
+    /// Skip the kernel 5.10 guest (`cargo xtask vm --kernel 5.10`, several minutes under TCG).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for the test harness, after `--` (e.g. a test name filter).
     #[arg(last = true)]
     harness_args: Vec<String>,
@@ -107,10 +110,25 @@ pub fn run(args: &TestArgs) -> Result<()> {
             failures.push(format!("benchmark smoke run: {e:#}"));
         }
     }
+    // The oldest supported kernel, in a guest: the fallbacks (netlink cls_bpf, nftables and
+    // iptables instead of BPF netfilter links) run only there.
+    if !failures.is_empty() {
+        step(format!("test: skipping the kernel {} guest (something failed above)", crate::vm::CI_KERNEL));
+    } else if args.no_vm {
+        step(format!("test: skipping the kernel {} guest (--no-vm)", crate::vm::CI_KERNEL));
+    } else {
+        step(format!("test: the tests on kernel {} in a guest (cargo xtask vm --kernel {0})", crate::vm::CI_KERNEL));
+        if let Err(e) = crate::vm::run(&crate::vm::VmArgs::ci()) {
+            failures.push(format!("kernel {} guest: {e:#}", crate::vm::CI_KERNEL));
+        }
+    }
     if !failures.is_empty() {
         bail!("{} part(s) failed:\n{}", failures.len(), failures.join("\n"));
     }
-    println!("xtask test: lint, tests, bench smoke and leftover check all passed");
+    println!(
+        "xtask test: lint, tests, bench smoke, leftover check and the kernel {} guest all passed",
+        crate::vm::CI_KERNEL
+    );
     Ok(())
 }
 

@@ -6,8 +6,10 @@ pub mod cgroup;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
+pub mod probe;
 pub mod repair;
 pub mod sys;
+pub mod tc_netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +26,7 @@ use self::{
     attach::{DIRECTIONS, Iface, Mechanism},
     maps::SyncStats,
     pins::{PinState, Pins},
+    probe::{Loads, Probes, Report},
 };
 use crate::model::{FrontendAddr, Target};
 
@@ -39,6 +42,52 @@ pub struct Datapath {
     fresh_maps: Vec<&'static str>,
     /// Our own references to the links we pinned (see `repair`).
     held: repair::HeldLinks,
+    /// The verifier's verdict on each feature's programs: a feature whose programs it rejects
+    /// is unavailable, the others run.
+    loads: Loads,
+    /// The kernel's features, probed on first use.
+    probes: Option<Probes>,
+}
+
+/// Loads every program of one feature (TC or cgroup socket-address programs); the first refusal
+/// is the feature's reason (the verifier's last lines).
+fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
+    use aya::programs::Program;
+    for name in names {
+        if fault_injected(name) {
+            return Err(format!("{name}: {}", probe::verifier_rejection(name)));
+        }
+        let loaded = match ebpf.program_mut(name) {
+            Some(Program::SchedClassifier(p)) => p.load(),
+            Some(Program::CgroupSockAddr(p)) => p.load(),
+            Some(_) => return Err(format!("{name} is neither a TC nor a cgroup socket-address program")),
+            None => return Err(format!("program {name} missing from the object")),
+        };
+        loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
+    }
+    Ok(())
+}
+
+/// Test hook: the programs named in this variable (comma-separated) are not loaded; in their
+/// place a program of the same type that the verifier rejects is, and its verdict stands for
+/// theirs. Shows, with the real verifier, that a rejected program costs only its feature.
+pub const FAULT_ENV: &str = "NODE_MANAGER_FAULT_REJECT";
+
+fn fault_injected(name: &str) -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
+}
+
+/// The errno and the end of the verifier's log (which says why), not the whole log.
+fn describe_load_error(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.trim().lines().collect();
+            let tail = lines[lines.len().saturating_sub(6)..].join(" | ");
+            if tail.is_empty() { io_error.to_string() } else { format!("{io_error}; verifier: {tail}") }
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Re-pins, under this version's path, a map an older layout version pinned with the layout
@@ -136,23 +185,11 @@ impl Datapath {
     }
 
     fn finish(mut ebpf: Ebpf, pins: Option<Pins>) -> Result<Datapath> {
-        for (_, _, name) in DIRECTIONS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a TC program"))?;
-            // The verifier's log is part of the error.
-            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        for (_, _, name) in cgroup::HOOKS {
-            let program: &mut aya::programs::CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
-            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
-        }
+        // A feature whose programs the kernel refuses is unavailable (the agent's kernel-feature
+        // report says why); the others load and run.
+        let pod_tc = load_each(&mut ebpf, &DIRECTIONS.map(|(_, _, name)| name));
+        let socket_hooks = load_each(&mut ebpf, &cgroup::HOOKS.map(|(_, _, name)| name));
+        let loads = Loads { pod_tc: Some(pod_tc), socket_hooks: Some(socket_hooks), drop_invalid_bpf: None };
         Ok(Datapath {
             ebpf,
             pins,
@@ -160,7 +197,49 @@ impl Datapath {
             written: None,
             fresh_maps: Vec::new(),
             held: Default::default(),
+            loads,
+            probes: None,
         })
+    }
+
+    /// The verifier's verdict on the pod datapath's programs (`Err`: why it is unavailable).
+    pub fn pod_tc_loaded(&self) -> Result<(), String> {
+        self.loads.pod_tc.clone().unwrap_or(Ok(()))
+    }
+
+    /// The same for the socket hooks of host-network clients.
+    pub fn socket_hooks_loaded(&self) -> Result<(), String> {
+        self.loads.socket_hooks.clone().unwrap_or(Ok(()))
+    }
+
+    /// The kernel's features (probed once, on first use).
+    pub fn probes(&mut self) -> &Probes {
+        self.probes.get_or_insert_with(probe::probe)
+    }
+
+    /// The kernel-feature report at start: logged, and pinned for `inspect`. `drop_invalid`:
+    /// the mode chosen and why, and the verifier's verdict on the bpf mode's programs if loaded.
+    pub fn report_features(&mut self, drop_invalid: Option<(String, String)>, bpf_load: Option<Result<(), String>>) {
+        let probes = self.probes().clone();
+        let loads = Loads { drop_invalid_bpf: bpf_load, ..self.loads.clone() };
+        let report = Report::new("agent", probes, loads, drop_invalid);
+        report.log();
+        if let Some(pins) = &self.pins
+            && let Err(e) = probe::pin_report(&pins.layout_dir(), &report)
+        {
+            tracing::warn!(error = format!("{e:#}"), "could not pin the kernel-feature report (inspect will probe)");
+        }
+    }
+
+    /// A pinned map's fd by name, from the loaded object (for loading the netfilter programs
+    /// against this datapath's maps).
+    pub fn map_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
+        use aya::maps::Map;
+        let data = match self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))? {
+            Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::PerCpuArray(d) => d,
+            _ => anyhow::bail!("map {name} has a type node-manager does not use"),
+        };
+        Ok(std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned()?)
     }
 
     pub fn mechanism(&self) -> Mechanism {
@@ -177,6 +256,7 @@ impl Datapath {
 
     /// Attaches both programs to the interface, replacing ours atomically if already there.
     pub fn attach(&mut self, iface: &Iface) -> Result<()> {
+        self.pod_tc_loaded().map_err(|why| anyhow!("the pod datapath is unavailable on this kernel: {why}"))?;
         let links_dir = self.pins()?.links_dir();
         let mechanism = self.mechanism;
         for (attach_type, direction, name) in DIRECTIONS {
@@ -200,6 +280,7 @@ impl Datapath {
     /// Attaches the socket hooks for host-network clients to the cgroup v2 directory `path`,
     /// replacing ours atomically where they are already there.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
+        self.socket_hooks_loaded().map_err(|why| anyhow!("the socket hooks are unavailable on this kernel: {why}"))?;
         let links_dir = self.pins()?.links_dir();
         cgroup::attach_all(&mut self.ebpf, &links_dir, path)?;
         for (hook, _, _) in cgroup::HOOKS {

@@ -41,17 +41,18 @@ pub fn link_pin(pins: &Pins, family: &Family) -> PathBuf {
 /// Loads both programs, their map references bound to the maps pinned under `pins`.
 /// An error carries the verifier's reason (the kernel may not know the program type).
 pub fn load_programs(pins: &Pins) -> Result<Vec<(Family, OwnedFd)>> {
+    load_programs_with(|name| {
+        let path = pins.map(name);
+        sys::obj_get(&path).with_context(|| format!("opening pinned map {}", path.display()))
+    })
+}
+
+/// Loads both programs, their map references bound to the maps `map_fd` returns by name.
+pub fn load_programs_with(map_fd: impl Fn(&str) -> Result<OwnedFd>) -> Result<Vec<(Family, OwnedFd)>> {
     let mut obj = aya_obj::Object::parse(OBJECT).context("parsing the eBPF object")?;
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
     let maps = obj.maps.clone();
-    let fds = maps
-        .keys()
-        .map(|name| {
-            let path = pins.map(name);
-            let fd = sys::obj_get(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok((name.clone(), fd))
-        })
-        .collect::<Result<Vec<(String, OwnedFd)>>>()?;
+    let fds = maps.keys().map(|name| Ok((name.clone(), map_fd(name)?))).collect::<Result<Vec<(String, OwnedFd)>>>()?;
     obj.relocate_maps(fds.iter().map(|(name, fd)| (name.as_str(), fd.as_raw_fd(), &maps[name])), &text_sections)
         .map_err(|e| anyhow!("relocating map references: {e}"))?;
     obj.relocate_calls(&text_sections).map_err(|e| anyhow!("relocating calls: {e}"))?;

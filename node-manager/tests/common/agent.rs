@@ -147,17 +147,26 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(scratch: &Scratch, args: &[&str]) -> Agent {
-        Self::start_bin(scratch, Path::new(BIN), args, "agent.log")
+        Self::start_with_env(scratch, args, &[])
+    }
+
+    pub fn start_with_env(scratch: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Self::start_bin_env(scratch, Path::new(BIN), args, env, "agent.log")
     }
 
     /// Runs `bin` (another build of the agent) with `args`, logging to `log_name`.
     pub fn start_bin(scratch: &Scratch, bin: &Path, args: &[&str], log_name: &str) -> Agent {
+        Self::start_bin_env(scratch, bin, args, &[], log_name)
+    }
+
+    fn start_bin_env(scratch: &Scratch, bin: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Agent {
         let log = scratch.file(log_name);
         let mut full = vec!["run"];
         full.extend_from_slice(args);
         let child = scratch
             .nm_with(bin, &[], &full)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod capacity;
 pub mod deploy;
 pub mod frames;
+pub mod kernel;
 pub mod model;
 pub mod scale;
 pub mod stable;
