@@ -426,6 +426,19 @@ impl Lab {
         udp_request_in(self.netns_path(ns), to, payload, timeout, connected).with_context(|| format!("netns {name}"))
     }
 
+    /// Makes the Service serve one more port: kube-proxy's DNAT of the cluster IPs on `port`
+    /// (TCP and UDP) to the endpoint on the same port, like [`SERVICE_PORT`]. The lab runs no
+    /// server on it: the caller starts one in [`Ns::Ep`] (for example a benchmark's sink).
+    pub fn add_service_port(&self, port: u16) -> Result<()> {
+        if port == SERVICE_PORT {
+            bail!("port {port} is already the Service's port");
+        }
+        let node = &self.node_ns;
+        let script: String =
+            service_port_rules(port).iter().map(|r| format!("add rule inet {NFT_TABLE} services {r}\n")).collect();
+        run_with_stdin(self.nsenter(node, "nft").args(["-f", "-"]), node, &script)
+    }
+
     /// Client addresses the echo servers have seen (TCP: accepted peer; UDP: datagram source),
     /// oldest first (the most recent few thousand). Shows whether traffic reached the
     /// endpoint with the pod's address or a masqueraded one.
@@ -605,16 +618,28 @@ fn configure_pod(ns: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
     ip_batch(ns, &b)
 }
 
+/// kube-proxy's rules for one port of the Service (cluster IP:port → endpoint:port, TCP and
+/// UDP, both families; marked for masquerading unless the source is a pod), as the lines of
+/// the `services` chain.
+fn service_port_rules(p: u16) -> [String; 4] {
+    [
+        format!(
+            "ip daddr {CLUSTER_V4} meta l4proto {{ tcp, udp }} th dport {p} ip saddr != {POD_CIDR_V4} meta mark set meta mark | 0x4000"
+        ),
+        format!("ip daddr {CLUSTER_V4} meta l4proto {{ tcp, udp }} th dport {p} dnat ip to {ENDPOINT_V4}:{p}"),
+        format!(
+            "ip6 daddr {CLUSTER_V6} meta l4proto {{ tcp, udp }} th dport {p} ip6 saddr != {POD_CIDR_V6} meta mark set meta mark | 0x4000"
+        ),
+        format!("ip6 daddr {CLUSTER_V6} meta l4proto {{ tcp, udp }} th dport {p} dnat ip6 to [{ENDPOINT_V6}]:{p}"),
+    ]
+}
+
 fn kube_proxy_ruleset() -> String {
-    let p = SERVICE_PORT;
+    let services: String = service_port_rules(SERVICE_PORT).iter().map(|r| format!("        {r}\n")).collect();
     format!(
         "table inet {NFT_TABLE} {{
     chain services {{
-        ip daddr {CLUSTER_V4} meta l4proto {{ tcp, udp }} th dport {p} ip saddr != {POD_CIDR_V4} meta mark set meta mark | 0x4000
-        ip daddr {CLUSTER_V4} meta l4proto {{ tcp, udp }} th dport {p} dnat ip to {ENDPOINT_V4}:{p}
-        ip6 daddr {CLUSTER_V6} meta l4proto {{ tcp, udp }} th dport {p} ip6 saddr != {POD_CIDR_V6} meta mark set meta mark | 0x4000
-        ip6 daddr {CLUSTER_V6} meta l4proto {{ tcp, udp }} th dport {p} dnat ip6 to [{ENDPOINT_V6}]:{p}
-    }}
+{services}    }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         jump services

@@ -218,3 +218,32 @@ fn stale_namespaces_of_dead_processes_are_removed() -> Result<()> {
     assert!(left.iter().any(|n| n == lab.ns_name(Ns::Node)), "{left:?}");
     Ok(())
 }
+
+#[test]
+fn add_service_port_dnats_the_cluster_ips_on_that_port() -> Result<()> {
+    const PORT: u16 = 9000;
+    let lab = Lab::new()?;
+    let (l4, l6) = lab::in_netns(lab.netns_path(Ns::Ep), || {
+        Ok((
+            std::net::TcpListener::bind(SocketAddr::new(ENDPOINT_V4.into(), PORT))?,
+            std::net::TcpListener::bind(SocketAddr::new(ENDPOINT_V6.into(), PORT))?,
+        ))
+    })?;
+    let connect = |ip: IpAddr| {
+        lab::in_netns(lab.netns_path(Ns::Pod), || Ok(std::net::TcpStream::connect_timeout(&(ip, PORT).into(), SHORT)?))
+    };
+    let targets = [(IpAddr::from(CLUSTER_V4), IpAddr::from(POD_V4), &l4), (CLUSTER_V6.into(), POD_V6.into(), &l6)];
+    for (cluster, _, _) in &targets {
+        assert!(connect(*cluster).is_err(), "{cluster}:{PORT} must not work before the port is added");
+    }
+    lab.add_service_port(PORT)?;
+    for (cluster, pod, listener) in targets {
+        let stream = connect(cluster)?;
+        assert_eq!(stream.peer_addr()?, SocketAddr::new(cluster, PORT));
+        let (_, peer) = listener.accept()?;
+        assert_eq!(peer.ip(), pod, "DNATed to the endpoint, not masqueraded");
+    }
+    let err = lab.add_service_port(SERVICE_PORT).expect_err("the Service's own port");
+    assert!(format!("{err:#}").contains("already"), "{err:#}");
+    Ok(())
+}

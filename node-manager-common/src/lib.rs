@@ -27,8 +27,11 @@ pub mod map_names {
     pub const CT_SEEN: &str = "NM_CT_SEEN";
     pub const CT_COUNTERS: &str = "NM_CT_COUNTERS";
     pub const SOCK_REV: &str = "NM_SOCK_REV";
-    pub const ALL: [&str; 9] =
-        [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS, SOCK_REV, CT_CONFIG, CT_SEEN, CT_COUNTERS];
+    /// Which Service each frontend belongs to: written by the agent for `inspect` and
+    /// `bpftool`, never read by the programs.
+    pub const OWNERS: &str = "NM_OWNERS";
+    pub const ALL: [&str; 10] =
+        [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS, SOCK_REV, CT_CONFIG, CT_SEEN, CT_COUNTERS, OWNERS];
 }
 
 /// Program names in the object file.
@@ -53,6 +56,8 @@ pub mod program_names {
 /// ICMP entry per external address; 131072 leaves room for 100,000 Services' ports.
 pub const FRONTENDS_MAX: u32 = 131_072;
 pub const POD_CIDRS_MAX: u32 = 64;
+/// One owner per frontend (allocated on write: BPF_F_NO_PREALLOC).
+pub const OWNERS_MAX: u32 = FRONTENDS_MAX;
 /// Live pod→external flows remembered for the reverse rewrite (LRU: the oldest idle flow is
 /// evicted first when full).
 pub const FLOWS_MAX: u32 = 262_144;
@@ -78,6 +83,32 @@ pub struct FrontendKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Frontend {
     pub cluster_addr: [u8; 16],
+}
+
+/// The Service that owns a frontend, as `namespace/name` (each at most 63 characters), NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub service: [u8; 128],
+}
+
+impl Owner {
+    /// `namespace/name`, cut at 127 bytes on a character boundary (Kubernetes names fit).
+    pub fn new(service: &str) -> Owner {
+        let mut end = service.len().min(127);
+        while !service.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut out = Owner { service: [0; 128] };
+        out.service[..end].copy_from_slice(&service.as_bytes()[..end]);
+        out
+    }
+
+    /// The name up to the first NUL; `None` if it is not UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self.service.iter().position(|&b| b == 0).unwrap_or(self.service.len());
+        core::str::from_utf8(&self.service[..len]).ok()
+    }
 }
 
 /// A rewritten flow as its replies are seen on the pod interface's egress:
@@ -184,9 +215,17 @@ pub enum CounterIndex {
     /// The socket could not be remembered (map update failed): the call was still redirected,
     /// but `getpeername`/`recvmsg` will show the cluster IP.
     SockRevInsertFailed = 20,
+    /// A rewritten pod packet whose flow was not remembered yet: a new entry in the flow map
+    /// (the rate of new rewritten flows; a full map evicts its least recently used entry).
+    FlowCreated = 21,
+    /// A rewritten TCP segment without SYN whose flow was not remembered: the entry of an open
+    /// connection was evicted (flow map full) or removed, so replies sent meanwhile reached the
+    /// pod untranslated (from the cluster IP) and the connection most likely broke. The entry
+    /// is created again.
+    FlowLost = 22,
 }
 
-pub const COUNTERS_LEN: u32 = 21;
+pub const COUNTERS_LEN: u32 = 23;
 
 impl CounterIndex {
     pub const ALL: [CounterIndex; COUNTERS_LEN as usize] = [
@@ -211,6 +250,8 @@ impl CounterIndex {
         CounterIndex::SockGetpeernameV6,
         CounterIndex::SockPassNoFrontend,
         CounterIndex::SockRevInsertFailed,
+        CounterIndex::FlowCreated,
+        CounterIndex::FlowLost,
     ];
 
     /// Stable snake_case name, used by `inspect` and metrics.
@@ -237,6 +278,8 @@ impl CounterIndex {
             CounterIndex::SockGetpeernameV6 => "sock_getpeername_v6",
             CounterIndex::SockPassNoFrontend => "sock_pass_no_frontend",
             CounterIndex::SockRevInsertFailed => "sock_rev_insert_failed",
+            CounterIndex::FlowCreated => "flow_created",
+            CounterIndex::FlowLost => "flow_lost",
         }
     }
 }
@@ -321,6 +364,7 @@ mod user {
     unsafe impl aya::Pod for SockRev {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for CtConfig {}
+    unsafe impl aya::Pod for Owner {}
 }
 
 // Padding-free layouts: the sum of the fields equals the size.
@@ -333,3 +377,4 @@ const _: () = assert!(core::mem::size_of::<SockRevKey>() == 8 + 16 + 2 + 6);
 const _: () = assert!(core::mem::size_of::<SockRev>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<CtConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<Owner>() == 128);

@@ -35,13 +35,28 @@ pub fn key_to_pod(pkt: &Packet) -> FlowKey {
     }
 }
 
+/// What `remember` found.
+pub enum Remembered {
+    /// The same entry was there: nothing written.
+    Known,
+    /// No entry: one was created.
+    Created,
+    /// An entry with another external address (the pod's port reused towards another
+    /// external address of the same cluster IP): replaced.
+    Replaced,
+}
+
 /// Remembers the flow; writes only when it is new or its external address changed, so a
 /// long-lived flow costs one lookup per packet, not one map write.
 #[inline(always)]
-pub fn remember(key: &FlowKey, external_addr: [u8; 16]) -> Result<(), i32> {
+pub fn remember(key: &FlowKey, external_addr: [u8; 16]) -> Result<Remembered, i32> {
     // SAFETY: read once and compared; a concurrent eviction only causes a redundant insert.
-    let known = unsafe { NM_FLOWS.get(key) }.is_some_and(|f| f.external_addr == external_addr);
-    if known { Ok(()) } else { NM_FLOWS.insert(key, Flow { external_addr }, 0).map(|_| ()) }
+    let found = match unsafe { NM_FLOWS.get(key) } {
+        Some(f) if f.external_addr == external_addr => return Ok(Remembered::Known),
+        Some(_) => Remembered::Replaced,
+        None => Remembered::Created,
+    };
+    NM_FLOWS.insert(key, Flow { external_addr }, 0).map(|_| found)
 }
 
 #[inline(always)]

@@ -4,12 +4,18 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
-use node_manager_common::{DatapathConfig, FRONTENDS_MAX, Frontend, FrontendKey, POD_CIDRS_MAX};
+use node_manager_common::{DatapathConfig, FRONTENDS_MAX, Frontend, FrontendKey, OWNERS_MAX, Owner, POD_CIDRS_MAX};
 
 use crate::parse::Packet;
 
 #[btf_map]
 static NM_FRONTENDS: HashMap<FrontendKey, Frontend, { FRONTENDS_MAX as usize }> = HashMap::new();
+
+/// The Service behind each frontend, for `inspect` and `bpftool map dump`; no program reads it.
+/// Declared here so the map is created, typed (BTF) and pinned with the others.
+/// Flags 1 = BPF_F_NO_PREALLOC: memory only for the frontends that exist.
+#[btf_map]
+static NM_OWNERS: HashMap<FrontendKey, Owner, { OWNERS_MAX as usize }, 1> = HashMap::new();
 
 /// This node's pod CIDRs (IPv4-mapped for IPv4); the value is unused.
 #[btf_map]

@@ -20,7 +20,7 @@ mod rewrite;
 mod sock;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
-use node_manager_common::CounterIndex;
+use node_manager_common::{CounterIndex, PROTO_TCP};
 
 use crate::{
     counters::count,
@@ -53,8 +53,15 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
         let current = unsafe { (*ctx.skb.skb).mark };
         ctx.set_mark(current | mark);
     }
-    if flow::remember(&flow::key_from_pod(&pkt, cluster_addr), external_addr).is_err() {
-        count(&ctx, CounterIndex::FlowInsertFailed);
+    match flow::remember(&flow::key_from_pod(&pkt, cluster_addr), external_addr) {
+        Ok(flow::Remembered::Known | flow::Remembered::Replaced) => {}
+        Ok(flow::Remembered::Created) => {
+            count(&ctx, CounterIndex::FlowCreated);
+            if pkt.proto == PROTO_TCP && !tcp_syn(&ctx, &pkt) {
+                count(&ctx, CounterIndex::FlowLost);
+            }
+        }
+        Err(_) => count(&ctx, CounterIndex::FlowInsertFailed),
     }
     count(&ctx, if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 });
     CONTINUE
@@ -76,6 +83,14 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     }
     count(&ctx, if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 });
     CONTINUE
+}
+
+/// Whether a TCP segment has SYN set (read only for segments of flows not remembered).
+#[inline(always)]
+fn tcp_syn(ctx: &TcContext, pkt: &parse::Packet) -> bool {
+    const TCP_FLAGS_OFF: usize = 13;
+    const SYN: u8 = 0x02;
+    ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).map_or(true, |flags| flags & SYN != 0)
 }
 
 #[inline(always)]

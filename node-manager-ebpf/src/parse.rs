@@ -2,7 +2,8 @@
 //! bounds-checks against the skb and works on non-linear skbs, so there is no direct packet
 //! access to prove to the verifier. Anything we cannot rewrite safely is reported as
 //! `Unparsed` and passed untouched: IPv4 options and fragments, IPv6 extension headers,
-//! protocols other than TCP/UDP/ICMP echo, truncated headers.
+//! IPv6 packets with IPv4-mapped addresses, protocols other than TCP/UDP/ICMP echo,
+//! truncated headers.
 use aya_ebpf::programs::TcContext;
 use node_manager_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, v4_mapped};
 
@@ -103,11 +104,25 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     let mut daddr = [0u8; 16];
     saddr.copy_from_slice(&hdr[8..24]);
     daddr.copy_from_slice(&hdr[24..40]);
+    // IPv4 entries are stored IPv4-mapped (::ffff:a.b.c.d): an IPv6 packet carrying such an
+    // address (which has no place on the wire, RFC 4291 2.5.5.2) must not match them.
+    if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
+        return Parsed::Unparsed;
+    }
     let echo_type = match direction {
         Direction::FromPod => ICMPV6_ECHO_REQUEST,
         Direction::ToPod => ICMPV6_ECHO_REPLY,
     };
     parse_l4(ctx, direction, true, proto, PROTO_ICMPV6, echo_type, ETH_HLEN + IPV6_HLEN, payload_len, saddr, daddr)
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 #[inline(always)]

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -20,11 +20,13 @@ use crate::{
     datapath::{Datapath, attach::Iface},
     interfaces::{self, Matcher},
     invalid::{self, DropInvalid},
+    metrics::{self, Telemetry},
     model,
     source::{Snapshot, file, kubernetes},
 };
 
-/// Interfaces are rescanned on every link notification and at least this often.
+/// Interfaces are rescanned on every link notification and at least this often; removed pins
+/// are restored at the same period (`datapath::repair`).
 const RESCAN_PERIOD: Duration = Duration::from_secs(5);
 const FILE_POLL: Duration = Duration::from_millis(500);
 
@@ -32,6 +34,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     for warning in &cfg.warnings {
         tracing::warn!("{warning}");
     }
+    let telemetry = Telemetry::new(cfg.bpffs.clone());
+    // First, so that /healthz answers while the rest starts (and a busy port fails fast).
+    if let Some(addr) = cfg.metrics_addr {
+        metrics::serve(addr, telemetry.clone()).await?;
+    }
+    crate::privileges::check(&cfg)?;
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
     match &cfg.source {
         SourceConfig::File(path) => {
@@ -39,16 +47,25 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            // Served on /readyz once the agent has an HTTP endpoint; transitions are logged.
             let readiness = kubernetes::Readiness::default();
             tracing::info!(node = %cfg.node_name, "watching Services and this node's Node");
-            tokio::spawn(kubernetes::watch(client, cfg.node_name.clone(), tx, readiness));
+            tokio::spawn(kubernetes::watch(client, cfg.node_name.clone(), tx, readiness, telemetry.clone()));
         }
     }
 
     let mut datapath = Datapath::load_pinned(&cfg.bpffs)?;
     datapath.set_config(DatapathConfig { masquerade_mark: cfg.masquerade_mark })?;
     tracing::info!(mechanism = datapath.mechanism().name(), bpffs = %cfg.bpffs.display(), "datapath loaded");
+    // Maps adopted from the previous agent keep serving, so its programs can be replaced at
+    // once. Maps created anew are empty: the previous programs (holding the previous maps)
+    // keep serving until the first sync has filled the new ones.
+    let attach_after_sync = !datapath.fresh_maps().is_empty();
+    if attach_after_sync {
+        tracing::info!(
+            maps = ?datapath.fresh_maps(),
+            "new maps: programs are attached after the first sync fills them"
+        );
+    }
     // Not gated on pod CIDRs or on the Service source (network-node-manager dropped nothing
     // without POD_CIDR): INVALID replies hurt every masqueraded connection.
     let drop_invalid = if cfg.drop_invalid_input {
@@ -57,13 +74,18 @@ pub async fn run(cfg: Config) -> Result<()> {
         invalid::disable(&mut datapath);
         None
     };
+    // Kernel features: which mechanism each feature uses here, or why it is unavailable (logged,
+    // and pinned for `inspect`); unavailable features are skipped, the rest runs.
+    let bpf_load = drop_invalid.as_ref().and_then(|d| d.bpf_load.clone());
+    datapath.report_features(drop_invalid.as_ref().map(DropInvalid::summary), bpf_load);
 
     let link_changes = Arc::new(Notify::new());
     interfaces::watch_links(link_changes.clone())?;
     let resync_period = cfg.resync_period;
-    let mut agent = Agent::new(cfg, datapath, drop_invalid)?;
-    agent.sync_interfaces();
-    agent.sync_cgroup()?;
+    let mut agent = Agent::new(cfg, datapath, drop_invalid, telemetry)?;
+    if !attach_after_sync {
+        agent.take_over()?;
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -77,13 +99,30 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Some(snapshot) = snapshot { agent.sync_maps(snapshot, false); }
             }
             _ = resync.tick() => agent.resync(),
-            _ = link_changes.notified() => agent.sync_interfaces(),
-            _ = rescan.tick() => { agent.sync_interfaces(); agent.ensure_drop_invalid(true); }
+            _ = link_changes.notified(), if agent.taken_over => agent.sync_interfaces(),
+            _ = rescan.tick(), if agent.taken_over => {
+                agent.datapath.repair_pins();
+                agent.sync_interfaces();
+                agent.ensure_drop_invalid(true);
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        if !agent.taken_over && agent.synced {
+            agent.take_over()?;
+        }
     }
-    tracing::info!("stopping; the datapath stays in place and keeps serving (remove it with `node-manager cleanup`)");
+    if agent.cfg.cleanup_on_exit {
+        let (bpffs, cgroup_path) = (agent.cfg.bpffs.clone(), agent.cfg.cgroup_path.clone());
+        drop(agent); // close our map and program fds first
+        tracing::info!("stopping; --cleanup-on-exit: removing the datapath");
+        let report = crate::cleanup::cleanup(&bpffs, cgroup_path.as_deref())?;
+        tracing::info!(links = report.links_removed, pins_removed = report.pins_removed, "datapath removed");
+    } else {
+        tracing::info!(
+            "stopping; the datapath stays in place and keeps serving (remove it with `node-manager cleanup`)"
+        );
+    }
     Ok(())
 }
 
@@ -97,10 +136,20 @@ struct Agent {
     attached: BTreeSet<Iface>,
     /// Warnings already logged, so a resync does not repeat them.
     reported: HashSet<String>,
+    telemetry: Arc<Telemetry>,
+    /// The first snapshot was written to the maps.
+    synced: bool,
+    /// This process attached its programs (replacing a previous agent's).
+    taken_over: bool,
 }
 
 impl Agent {
-    fn new(cfg: Config, datapath: Datapath, drop_invalid: Option<DropInvalid>) -> Result<Agent> {
+    fn new(
+        cfg: Config,
+        datapath: Datapath,
+        drop_invalid: Option<DropInvalid>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Agent> {
         let matcher = Matcher::new(&cfg.pod_interfaces)?;
         Ok(Agent {
             cfg,
@@ -110,7 +159,38 @@ impl Agent {
             snapshot: None,
             attached: BTreeSet::new(),
             reported: HashSet::new(),
+            telemetry,
+            synced: false,
+            taken_over: false,
         })
+    }
+
+    /// Attaches our programs, replacing a previous agent's atomically, then removes what
+    /// agents of other layout versions left attached.
+    fn take_over(&mut self) -> Result<()> {
+        let started = Instant::now();
+        self.sync_interfaces();
+        let cgroup = self.sync_cgroup();
+        self.telemetry.reconciled("socket_hooks", started.elapsed(), cgroup.is_ok());
+        cgroup?;
+        self.taken_over = true;
+        match self.datapath.retire_other_versions() {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(removed = ?removed, "removed what an agent of another layout version left")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = format!("{e:#}"), "removing another version's datapath failed"),
+        }
+        self.update_attached();
+        Ok(())
+    }
+
+    /// Ready once every wanted interface has our programs (and the INVALID drop is in place).
+    fn update_attached(&self) {
+        let interfaces_done = !self.cfg.external_cluster
+            || interfaces::scan(&self.matcher).is_ok_and(|found| found.iter().all(|i| self.attached.contains(i)));
+        let drop_invalid_ok = !self.cfg.drop_invalid_input || self.drop_invalid.is_some();
+        self.telemetry.set_attached(self.taken_over && interfaces_done && drop_invalid_ok);
     }
 
     fn report_once(&mut self, warnings: &[String]) {
@@ -144,7 +224,7 @@ impl Agent {
             ipv4: self.cfg.ipv4,
             ipv6: self.cfg.ipv6,
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let desired = model::desired(&snapshot.services, &opts);
         self.report_once(&desired.warnings);
         let pod_cidrs = self.pod_cidrs(&snapshot);
@@ -158,6 +238,11 @@ impl Agent {
         } else {
             self.datapath.sync_frontends_incremental(&desired.frontends)
         };
+        self.telemetry.reconciled("maps", started.elapsed(), synced.is_ok());
+        if synced.is_ok() && !self.synced {
+            self.synced = true;
+            self.telemetry.set_synced();
+        }
         match synced {
             Ok(stats) => tracing::info!(
                 frontends = desired.frontends.len(),
@@ -171,7 +256,10 @@ impl Agent {
                 tracing::error!(error = format!("{e:#}"), "syncing frontends failed; retrying at the next resync")
             }
         }
-        match self.datapath.sync_pod_cidrs(&pod_cidrs) {
+        let cidrs_started = Instant::now();
+        let cidrs_synced = self.datapath.sync_pod_cidrs(&pod_cidrs);
+        self.telemetry.reconciled("pod_cidrs", cidrs_started.elapsed(), cidrs_synced.is_ok());
+        match cidrs_synced {
             Ok(stats) if stats.added + stats.removed > 0 => tracing::info!(pod_cidrs = ?pod_cidrs, "pod CIDRs synced"),
             Ok(_) => {}
             Err(e) => {
@@ -194,9 +282,13 @@ impl Agent {
     fn ensure_drop_invalid(&mut self, only_cheap: bool) {
         if let Some(drop_invalid) = &mut self.drop_invalid
             && (!only_cheap || drop_invalid.mode == invalid::Mode::Bpf)
-            && let Err(e) = drop_invalid.ensure(&mut self.datapath)
         {
-            tracing::error!(mode = %drop_invalid.mode, error = format!("{e:#}"), "drop-invalid: repair failed; retrying");
+            let started = Instant::now();
+            let ensured = drop_invalid.ensure(&mut self.datapath);
+            self.telemetry.reconciled("drop_invalid", started.elapsed(), ensured.is_ok());
+            if let Err(e) = ensured {
+                tracing::error!(mode = %drop_invalid.mode, error = format!("{e:#}"), "drop-invalid: repair failed; retrying");
+            }
         }
     }
 
@@ -205,6 +297,10 @@ impl Agent {
     /// it is off. Failing to attach is fatal: the feature was asked for and would silently miss
     /// every host-network client.
     fn sync_cgroup(&mut self) -> Result<()> {
+        // Unavailable on this kernel (reported at start): leave whatever is attached alone.
+        if self.datapath.socket_hooks_loaded().is_err() {
+            return Ok(());
+        }
         if !self.cfg.external_cluster {
             let released = self.datapath.detach_cgroup()?;
             if released > 0 {
@@ -223,12 +319,25 @@ impl Agent {
 
     /// Attaches to new matching interfaces and releases pins of vanished ones.
     fn sync_interfaces(&mut self) {
+        // Unavailable on this kernel (reported at start): leave whatever is attached alone.
+        if self.datapath.pod_tc_loaded().is_err() {
+            return;
+        }
+        let started = Instant::now();
+        let ok = self.sync_interfaces_inner();
+        self.telemetry.reconciled("interfaces", started.elapsed(), ok);
+        self.update_attached();
+    }
+
+    /// Returns false if something failed (reported; retried at the next rescan).
+    fn sync_interfaces_inner(&mut self) -> bool {
+        let mut ok = true;
         let wanted: BTreeSet<Iface> = if self.cfg.external_cluster {
             match interfaces::scan(&self.matcher) {
                 Ok(found) => found.into_iter().collect(),
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "listing interfaces failed");
-                    return;
+                    return false;
                 }
             }
         } else {
@@ -242,6 +351,7 @@ impl Agent {
                 }
                 // Vanished meanwhile, or refused: reported, retried at the next rescan.
                 Err(e) if interfaces::exists(iface) => {
+                    ok = false;
                     tracing::error!(iface = %iface.name, error = format!("{e:#}"), "attaching failed")
                 }
                 Err(_) => {}
@@ -252,9 +362,13 @@ impl Agent {
         for iface in stale {
             match self.datapath.detach(&iface) {
                 Ok(()) => tracing::info!(iface = %iface.name, ifindex = iface.index, "detached"),
-                Err(e) => tracing::error!(iface = %iface.name, error = format!("{e:#}"), "detaching failed"),
+                Err(e) => {
+                    ok = false;
+                    tracing::error!(iface = %iface.name, error = format!("{e:#}"), "detaching failed")
+                }
             }
             self.attached.remove(&iface);
         }
+        ok
     }
 }

@@ -31,6 +31,11 @@ pub fn cleanup(bpffs: &Path, cgroup_path: Option<&Path>) -> Result<Report> {
         // Every layout version's links: unpinning releases the TCX links and so detaches.
         for version in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?.flatten() {
             let links = version.path().join("links");
+            // Pod interfaces first: in netlink mode that also removes a clsact qdisc we created.
+            for iface in attach::pinned_ifaces(&links) {
+                attach::detach(&links, &iface)?;
+                report.links_removed += 1;
+            }
             for link in fs::read_dir(&links).into_iter().flatten().flatten() {
                 attach::release_link(&link.path())?;
                 report.links_removed += 1;

@@ -19,8 +19,30 @@ pub const DEFAULT_RESYNC_PERIOD: Duration = Duration::from_secs(60);
 #[derive(Debug, Parser)]
 #[command(name = "node-manager", version, about = "Node-level Kubernetes networking fixer (eBPF).")]
 pub struct Cli {
+    /// Log format: human (default) or json (one object per line). The level filter is RUST_LOG
+    /// (for example `info`, `node_manager=debug`); the default is info.
+    #[arg(long, global = true, env = "LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written (stderr).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(value: Option<&str>) -> Result<LogFormat> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(LogFormat::Human),
+            Some(v) if v.eq_ignore_ascii_case("human") || v.eq_ignore_ascii_case("text") => Ok(LogFormat::Human),
+            Some(v) if v.eq_ignore_ascii_case("json") => Ok(LogFormat::Json),
+            Some(v) => bail!("--log-format / LOG_FORMAT: {v:?} is not a log format; use human or json"),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +106,14 @@ pub struct RunArgs {
     /// (for example `60s`, `5m`, `1h30m`; default 60s).
     #[arg(long, env = "RESYNC_PERIOD")]
     pub resync_period: Option<String>,
+    /// Serve Prometheus metrics on /metrics and health on /healthz and /readyz at this address
+    /// (for example `0.0.0.0:9617`; empty: off).
+    #[arg(long, env = "METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Remove the datapath when the agent stops (SIGTERM/SIGINT) instead of leaving it serving
+    /// (true/false; default false: restarts and upgrades lose no packets).
+    #[arg(long, env = "CLEANUP_ON_EXIT")]
+    pub cleanup_on_exit: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +162,8 @@ pub struct Config {
     pub ipv4: bool,
     pub ipv6: bool,
     pub resync_period: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub cleanup_on_exit: bool,
     /// Deprecation notices to log once logging is up.
     pub warnings: Vec<String>,
 }
@@ -214,6 +246,18 @@ pub fn parse_duration(value: &str, what: &str) -> Result<Duration> {
         bail!("{what}: {v:?} must be longer than zero");
     }
     Ok(total)
+}
+
+/// `host:port`, `[v6]:port` or `:port` (all addresses).
+fn parse_listen_addr(value: &str) -> Result<std::net::SocketAddr> {
+    let v = value.trim();
+    let full = if v.starts_with(':') { format!("0.0.0.0{v}") } else { v.to_owned() };
+    full.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--metrics-addr / METRICS_ADDR: {v:?} is not an address:port (for example 0.0.0.0:9617, \
+             [::]:9617 or :9617; empty turns metrics off)"
+        )
+    })
 }
 
 fn parse_mark(value: Option<&str>) -> Result<u32> {
@@ -328,6 +372,8 @@ impl Config {
                 .map(|v| parse_duration(&v, "--resync-period / RESYNC_PERIOD"))
                 .transpose()?
                 .unwrap_or(DEFAULT_RESYNC_PERIOD),
+            metrics_addr: nonempty(args.metrics_addr).map(|v| parse_listen_addr(&v)).transpose()?,
+            cleanup_on_exit: parse_bool(args.cleanup_on_exit.as_deref(), false, "--cleanup-on-exit / CLEANUP_ON_EXIT")?,
             warnings,
         })
     }
@@ -387,5 +433,17 @@ mod tests {
         assert_eq!(parse_mark(Some("0x8000")).unwrap(), 0x8000);
         assert_eq!(parse_mark(Some("0")).unwrap(), 0);
         assert!(parse_mark(Some("lots")).is_err());
+    }
+
+    #[test]
+    fn metrics_addr_and_log_format() {
+        assert_eq!(parse_listen_addr(":9617").unwrap(), "0.0.0.0:9617".parse().unwrap());
+        assert_eq!(parse_listen_addr("[::1]:9617").unwrap(), "[::1]:9617".parse().unwrap());
+        for bad in ["9617", "localhost:x", "0.0.0.0"] {
+            assert!(parse_listen_addr(bad).unwrap_err().to_string().contains("METRICS_ADDR"), "{bad}");
+        }
+        assert_eq!(LogFormat::parse(None).unwrap(), LogFormat::Human);
+        assert_eq!(LogFormat::parse(Some("JSON")).unwrap(), LogFormat::Json);
+        assert!(LogFormat::parse(Some("xml")).unwrap_err().to_string().contains("LOG_FORMAT"));
     }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use node_manager_common::{DatapathConfig, Flow, FlowKey, SockRev, SockRevKey, map_names};
+use node_manager_common::{DatapathConfig, Flow, FlowKey, FrontendKey, Owner, SockRev, SockRevKey, map_names};
 use serde::Serialize;
 
 use crate::datapath::{
@@ -29,6 +29,8 @@ pub struct State {
     pub masquerade_mark: Option<String>,
     pub counters: Vec<CounterEntry>,
     pub drop_invalid: DropInvalidState,
+    /// Which mechanism each feature uses on this kernel, or why it is unavailable.
+    pub kernel_features: Option<crate::datapath::probe::Report>,
 }
 
 /// The conntrack-INVALID drop: the mode recorded by the agent, why, what is installed in the
@@ -62,6 +64,16 @@ pub struct Interface {
     /// Programs on the interface's TCX hooks, in run order (ours and others', e.g. a CNI's).
     pub tcx_ingress: Vec<String>,
     pub tcx_egress: Vec<String>,
+    /// Kernels without TCX: the cls_bpf filters on the clsact hooks (program names), in run order.
+    pub tc_ingress: Vec<String>,
+    pub tc_egress: Vec<String>,
+}
+
+/// Names of the cls_bpf programs on an interface's clsact hook (other filters by kind).
+fn tc_filters(ifindex: u32, ingress: bool) -> Vec<String> {
+    crate::datapath::tc_netlink::filters(ifindex, ingress)
+        .map(|f| f.into_iter().map(|f| f.name.unwrap_or(f.kind)).collect())
+        .unwrap_or_default()
 }
 
 /// Names of the programs attached to an interface's TCX hook, in order.
@@ -87,6 +99,8 @@ pub struct CgroupHook {
 pub struct FrontendEntry {
     pub frontend: String,
     pub cluster_ip: String,
+    /// The Service (`namespace/name`) the frontend belongs to; None in an older agent's pins.
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +137,7 @@ pub fn read(bpffs: &Path) -> Result<State> {
         masquerade_mark: None,
         counters: Vec::new(),
         drop_invalid: drop_invalid_state(&pins),
+        kernel_features: crate::datapath::probe::for_inspect(&pins, installed),
     };
     if let Some(mode) = state.drop_invalid.mode {
         state.features.push(Feature {
@@ -144,6 +159,8 @@ pub fn read(bpffs: &Path) -> Result<State> {
             present: !i.name.is_empty(),
             tcx_ingress: tcx_programs(&i.name, aya::programs::TcAttachType::Ingress),
             tcx_egress: tcx_programs(&i.name, aya::programs::TcAttachType::Egress),
+            tc_ingress: tc_filters(i.index, true),
+            tc_egress: tc_filters(i.index, false),
         })
         .collect();
     let mechanism = Mechanism::detect();
@@ -192,9 +209,17 @@ pub fn read(bpffs: &Path) -> Result<State> {
     });
 
     let frontends: HashMap<MapData, _, _> = HashMap::try_from(open(&pins, map_names::FRONTENDS)?)?;
+    let owners: std::collections::BTreeMap<FrontendKey, Owner> = match open(&pins, map_names::OWNERS) {
+        Ok(map) => maps::read_hash(&HashMap::<_, FrontendKey, Owner>::try_from(map)?, map_names::OWNERS)?,
+        Err(_) => Default::default(), // pins of an agent that predates the owners map
+    };
     for (key, value) in maps::read_frontends(&frontends)? {
         let frontend = maps::frontend_addr(&key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
-        state.frontends.push(FrontendEntry { frontend, cluster_ip: maps::addr_from16(value.cluster_addr).to_string() });
+        state.frontends.push(FrontendEntry {
+            frontend,
+            cluster_ip: maps::addr_from16(value.cluster_addr).to_string(),
+            service: owners.get(&key).and_then(|o| o.as_str()).map(str::to_owned),
+        });
     }
     let trie: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(open(&pins, map_names::POD_CIDRS)?)?;
     state.pod_cidrs = maps::read_pod_cidrs(&trie)?.iter().map(ToString::to_string).collect();
@@ -259,6 +284,9 @@ pub fn render(state: &State) -> String {
         let _ = writeln!(out, "  {:<32} {:<8} {}", f.name, if f.active { "active" } else { "inactive" }, f.mechanism);
     }
     render_drop_invalid(&mut out, &state.drop_invalid);
+    if let Some(report) = &state.kernel_features {
+        out.push_str(&report.to_string());
+    }
     if !state.installed {
         let _ = writeln!(out, "  not installed (no pinned maps)");
         return out;
@@ -269,13 +297,18 @@ pub fn render(state: &State) -> String {
             let _ = writeln!(out, "  ifindex {} — gone, pin is stale", i.ifindex);
             continue;
         }
+        let (hook, ingress, egress) = if i.tc_ingress.is_empty() && i.tc_egress.is_empty() {
+            ("tcx", &i.tcx_ingress, &i.tcx_egress)
+        } else {
+            ("tc", &i.tc_ingress, &i.tc_egress)
+        };
         let _ = writeln!(
             out,
-            "  {} (ifindex {})  tcx ingress: [{}]  tcx egress: [{}]",
+            "  {} (ifindex {})  {hook} ingress: [{}]  {hook} egress: [{}]",
             i.name,
             i.ifindex,
-            i.tcx_ingress.join(", "),
-            i.tcx_egress.join(", ")
+            ingress.join(", "),
+            egress.join(", ")
         );
     }
     let _ = writeln!(out, "cgroup socket hooks ({}):", state.cgroup_hooks.len());
@@ -300,7 +333,7 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(out, "masquerade mark: {}", state.masquerade_mark.as_deref().unwrap_or("?"));
     let _ = writeln!(out, "frontends ({}):", state.frontends.len());
     for f in &state.frontends {
-        let _ = writeln!(out, "  {:<40} -> {}", f.frontend, f.cluster_ip);
+        let _ = writeln!(out, "  {:<40} -> {:<26} {}", f.frontend, f.cluster_ip, f.service.as_deref().unwrap_or("?"));
     }
     let _ = writeln!(out, "flows: {} remembered", state.flows);
     let _ = writeln!(out, "host sockets: {} remembered", state.sockets);

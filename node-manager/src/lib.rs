@@ -10,5 +10,7 @@ pub mod datapath;
 pub mod inspect;
 pub mod interfaces;
 pub mod invalid;
+pub mod metrics;
 pub mod model;
+pub mod privileges;
 pub mod source;

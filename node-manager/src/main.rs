@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use node_manager::{
     agent, cleanup,
-    config::{Cli, Command, Config, bpffs_or_default},
+    config::{Cli, Command, Config, LogFormat, bpffs_or_default},
     inspect,
 };
 
@@ -12,10 +12,14 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = match LogFormat::parse(cli.log_format.as_deref()) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("node-manager: invalid configuration: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(log_format);
     match cli.command {
         Command::Run(args) => {
             let cfg = match Config::from_run_args(*args) {
@@ -75,5 +79,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`); a bad RUST_LOG is reported, not fatal.
+fn init_logging(format: LogFormat) {
+    let (filter, bad) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            "info".into(),
+            std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()).map(|v| format!("RUST_LOG={v:?}: {e}")),
+        ),
+    };
+    // Colours only on a terminal: `kubectl logs` and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+    if let Some(bad) = bad {
+        tracing::warn!("{bad}; logging at info");
     }
 }

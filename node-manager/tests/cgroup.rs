@@ -119,15 +119,25 @@ fn counter(state: &Value, name: &str) -> u64 {
     state["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["packets"].as_u64().unwrap()
 }
 
-/// Program names attached to the cgroup itself (not inherited), from bpftool.
+/// Programs linked to the cgroup itself (not inherited): (attach type, program name), from
+/// bpftool's link and program lists. (bpftool 7.1's `cgroup show` lists nothing on Linux 5.10.)
 fn attached_to(cg: &TestCgroup) -> Vec<(String, String)> {
-    let out = Command::new("bpftool").args(["-j", "cgroup", "show", cg.path_str()]).output().unwrap();
-    assert!(out.status.success(), "bpftool cgroup show: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(Vec::new()));
-    v.as_array()
+    let json = |args: &[&str]| -> Value {
+        let out = Command::new("bpftool").args(args).output().unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(Vec::new()))
+    };
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cg.path).unwrap());
+    let progs = json(&["-j", "prog", "show"]);
+    let name = |prog_id: &Value| {
+        progs.as_array().unwrap().iter().find(|p| p["id"] == *prog_id).and_then(|p| p["name"].as_str()).unwrap_or("?")
+    };
+    json(&["-j", "link", "show"])
+        .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["attach_type"].as_str().unwrap_or("?").to_owned(), p["name"].as_str().unwrap_or("?").to_owned()))
+        .filter(|l| l["type"] == "cgroup" && l["cgroup_id"].as_u64() == Some(id))
+        .map(|l| (l["attach_type"].as_str().unwrap_or("?").to_owned(), name(&l["prog_id"]).to_owned()))
         .collect()
 }
 

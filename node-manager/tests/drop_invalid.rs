@@ -93,6 +93,20 @@ fn valid_traffic_passes(lab: &Lab) {
 fn bpf_mode_drops_exactly_the_invalid_packets_and_the_connection_survives() {
     let lab = Lab::new().unwrap();
     let scratch = Scratch::new(&lab);
+    if !common::kernel::has_netfilter_links() {
+        // Before Linux 6.4: asked for explicitly, bpf mode is a configuration error naming what
+        // the kernel lacks (auto falls back instead: see the test below).
+        let out =
+            scratch.nm(&["run", "--services-file", &services_file(&scratch), "--drop-invalid-mode", "bpf"]).output();
+        let out = out.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--drop-invalid-mode bpf is not possible") && stderr.contains("no BPF netfilter links"),
+            "{stderr}"
+        );
+        return;
+    }
     let agent = Agent::start(&scratch, &["--services-file", &services_file(&scratch), "--drop-invalid-mode", "bpf"]);
     wait_for("two netfilter links and conntrack seen on both families", Duration::from_secs(15), || {
         let d = drop_state(&scratch);
@@ -178,6 +192,73 @@ fn ours_in_bpftool() -> usize {
             (l["type"] == "netfilter" || l["type"] == 10) && l["prog_id"].as_u64().is_some_and(|id| ours.contains(&id))
         })
         .count()
+}
+
+/// What `auto` picks on this kernel: bpf with BPF netfilter links (Linux ≥ 6.4), nftables before;
+/// either way kubernetes#74839 is fixed.
+#[test]
+fn auto_mode_uses_the_best_mechanism_this_kernel_has_and_fixes_the_reset() {
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let agent = Agent::start(&scratch, &["--services-file", &services_file(&scratch)]);
+    let bpf = common::kernel::has_netfilter_links();
+    wait_for("the mode installed", Duration::from_secs(30), || {
+        let d = drop_state(&scratch);
+        if bpf {
+            d["netfilter_links"].as_array().is_some_and(|l| l.len() == 2)
+                && d["conntrack_seen_v4_ms_ago"].as_u64().is_some_and(|ms| ms < 3000)
+                && d["conntrack_seen_v6_ms_ago"].as_u64().is_some_and(|ms| ms < 3000)
+        } else {
+            d["nftables_table"] == true
+        }
+    });
+    let d = drop_state(&scratch);
+    assert_eq!(d["mode"], if bpf { "bpf" } else { "nftables" }, "{d}");
+    let why = d["why"].as_str().unwrap();
+    if bpf {
+        assert_eq!(why, "auto: this kernel has BPF netfilter links");
+    } else {
+        assert!(why.contains("nftables fallback"), "{why}");
+        assert!(agent.log().contains("no BPF netfilter links"), "the log says why:\n{}", agent.log());
+    }
+    for (v6, family) in [(false, "v4"), (true, "v6")] {
+        let (resets, alive, invalid) = provoke(&lab, v6);
+        assert_eq!(invalid, u64::from(INJECTED), "{family}");
+        assert_eq!(resets, 0, "{family}: the node sent an RST");
+        assert!(alive, "{family}: the connection died");
+        assert_eq!(dropped(&drop_state(&scratch), family), u64::from(INJECTED), "{family}: drop counter");
+    }
+    valid_traffic_passes(&lab);
+    drop(agent);
+    assert!(scratch.cleanup().status.success());
+    let d = drop_state(&scratch);
+    assert_eq!((d["nftables_table"].clone(), d["netfilter_links"].as_array().map(Vec::len)), (false.into(), Some(0)));
+}
+
+#[test]
+fn iptables_mode_drops_and_cleanup_removes_the_rules() {
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let rules = |bin: &str| {
+        let out = lab.command(Ns::Node, bin).args(["-w", "5", "-S", "INPUT"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).matches(node_manager::invalid::iptables::COMMENT).count()
+    };
+    let agent =
+        Agent::start(&scratch, &["--services-file", &services_file(&scratch), "--drop-invalid-mode", "iptables"]);
+    wait_for("the iptables rules", Duration::from_secs(30), || rules("iptables") == 1 && rules("ip6tables") == 1);
+    assert_eq!(drop_state(&scratch)["mode"], "iptables");
+    for (v6, family) in [(false, "v4"), (true, "v6")] {
+        let (resets, alive, invalid) = provoke(&lab, v6);
+        assert_eq!(invalid, u64::from(INJECTED), "{family}");
+        assert_eq!(resets, 0, "{family}: the node sent an RST");
+        assert!(alive, "{family}: the connection died");
+        assert_eq!(dropped(&drop_state(&scratch), family), u64::from(INJECTED), "{family}: rule counter");
+    }
+    valid_traffic_passes(&lab);
+    drop(agent);
+    assert!(scratch.cleanup().status.success());
+    assert_eq!((rules("iptables"), rules("ip6tables")), (0, 0), "cleanup removes both rules");
+    assert!(scratch.cleanup().status.success(), "idempotent");
 }
 
 #[test]

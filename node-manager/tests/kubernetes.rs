@@ -233,15 +233,25 @@ fn entries_survive_agent_and_api_server_outages_and_stale_ones_are_swept() {
     env.server.delete("services", "a/two");
     env.server.apply(service("a", "three", "198.51.100.3", &["203.0.113.3"], &[80]));
     env.server.stop();
-    let agent = env.agent(&[]);
+    let agent = env.agent(&["--metrics-addr", "127.0.0.1:0"]);
     wait_for("the agent to report the API unreachable", WAIT, || agent.log().contains("Kubernetes API: not ready"));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(env.frontends().len(), 4, "nothing is flushed while the initial list cannot complete");
     assert!(agent.log().contains("adopting pinned map"), "{}", agent.log());
+    let metrics = common::agent::metrics_addr(&agent.log()).expect("the metrics address in the log");
+    let (status, body) = common::agent::http_get(metrics, "/readyz").unwrap();
+    assert_eq!(status, 503, "not ready while the initial list cannot complete: {body}");
     // The API server is back: the deleted Service's entries are swept, the new one's added.
     env.server.restart().unwrap();
     env.wait_frontends(&agent, "after the outage", &[one, three].concat());
     wait_for("ready", WAIT, || agent.log().contains("Kubernetes API: ready"));
+    assert_eq!(common::agent::http_get(metrics, "/readyz").unwrap().0, 200);
+    let (_, body) = common::agent::http_get(metrics, "/metrics").unwrap();
+    let restarts = body
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"node_manager_watch_restarts_total{resource="Service"} "#))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(restarts.is_some_and(|n| n >= 1), "the failed watches are counted:\n{body}");
 
     // The API server restarts while the agent runs; changes made meanwhile arrive.
     env.server.stop();

@@ -71,7 +71,16 @@ fn drops_untracked_looking_packets_only_while_conntrack_is_seen_active() {
         ..CtConfig::default()
     };
     dp.set_ct_config(config).unwrap();
-    let programs = netfilter::load_programs(&Pins::new(&bpffs.0)).expect("the verifier accepts both programs");
+    let loaded = netfilter::load_programs(&Pins::new(&bpffs.0));
+    if !common::kernel::has_netfilter_links() {
+        // Before Linux 6.4 the program type does not exist: the load fails (and the agent's
+        // probe says so, which makes auto mode fall back to nftables; see kernel_features.rs).
+        let err = format!("{:#}", loaded.expect_err("no netfilter programs before 6.4"));
+        assert!(err.contains("as a netfilter program") && err.contains("Invalid argument"), "{err}");
+        assert!(!node_manager::datapath::probe::probe().netfilter_links.ok);
+        return;
+    }
+    let programs = loaded.expect("the verifier accepts both programs");
     assert_eq!(programs.len(), 2);
 
     let v4 = frame(&Spec::tcp("203.0.113.100", 8080, "192.0.2.1", 40000));
@@ -122,9 +131,15 @@ fn drops_untracked_looking_packets_only_while_conntrack_is_seen_active() {
 
 #[test]
 fn shim_reports_the_verifiers_reason() {
-    // r0 = *(u64 *)(r1 + 4096); exit — an out-of-bounds context read.
+    // r0 = *(u64 *)(r1 + 4096); exit — an out-of-bounds context read. A netfilter program where
+    // the kernel has them (6.4), a TC program before.
     let insns: [u64; 2] = [0x0000_1000_0000_1079u64, 0x0000_0000_0000_0095];
-    let err = sys::prog_load(sys::BPF_PROG_TYPE_NETFILTER, sys::BPF_NETFILTER, "nm_bad", &insns, c"GPL").unwrap_err();
+    let (prog_type, attach) = if common::kernel::has_netfilter_links() {
+        (sys::BPF_PROG_TYPE_NETFILTER, sys::BPF_NETFILTER)
+    } else {
+        (sys::BPF_PROG_TYPE_SCHED_CLS, 0)
+    };
+    let err = sys::prog_load(prog_type, attach, "nm_bad", &insns, c"GPL").unwrap_err();
     let text = err.to_string();
     assert!(!err.verifier_log.is_empty(), "{text}");
     assert!(text.contains("Permission denied") || text.contains("Invalid argument"), "{text}");

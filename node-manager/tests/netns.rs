@@ -214,14 +214,67 @@ fn a_restarted_agent_adopts_the_pinned_datapath_and_replaces_its_programs() {
     });
     assert!(!second.log().contains("creating map"), "maps must be adopted, not recreated:\n{}", second.log());
     // Exactly one program per direction is attached to the interface: the old one was
-    // replaced inside the same link, not joined by a second.
+    // replaced inside the same link (TCX) or filter (netlink cls_bpf), not joined by a second.
     let state = scratch.inspect();
     let iface =
         state["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == lab.pod_host_if()).unwrap().clone();
-    assert_eq!(iface["tcx_ingress"], serde_json::json!(["nm_pod_ingress"]), "{state:#}");
-    assert_eq!(iface["tcx_egress"], serde_json::json!(["nm_pod_egress"]), "{state:#}");
+    let hook = if common::kernel::has_tcx() { "tcx" } else { "tc" };
+    assert_eq!(iface[format!("{hook}_ingress")], serde_json::json!(["nm_pod_ingress"]), "{state:#}");
+    assert_eq!(iface[format!("{hook}_egress")], serde_json::json!(["nm_pod_egress"]), "{state:#}");
     request_all(&lab, Ns::Pod, lab::EXTERNAL_V6.into()).unwrap();
     assert!(second.stop());
+}
+
+/// A CNI's clsact qdisc and filter on the pod interface: ours run after theirs, inspect lists both,
+/// and cleanup takes only ours (on kernels without TCX, ours are cls_bpf filters on that very
+/// qdisc; with TCX, the qdisc is not ours to touch at all).
+#[test]
+fn a_clsact_qdisc_and_filters_of_others_stay() {
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let services = scratch.file("services.yaml");
+    write(&services, &lab_service_yaml("web"));
+    let dev = lab.pod_host_if().to_owned();
+    let tc = |args: &[&str]| {
+        let out = lab.command(Ns::Node, "tc").args(args).output().unwrap();
+        assert!(out.status.success(), "tc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    tc(&["qdisc", "add", "dev", &dev, "clsact"]);
+    // A classic-BPF filter that matches nothing (`ret #0`): the next filter (ours) still runs.
+    tc(&["filter", "add", "dev", &dev, "ingress", "pref", "100", "bpf", "bytecode", "1,6 0 0 0,"]);
+    let agent = Agent::start(
+        &scratch,
+        &[
+            "--services-file",
+            services.to_str().unwrap(),
+            "--external-cluster",
+            "true",
+            "--pod-cidr-ipv4",
+            lab::POD_CIDR_V4,
+            "--pod-cidr-ipv6",
+            lab::POD_CIDR_V6,
+        ],
+    );
+    wait_for("the agent to attach", Duration::from_secs(15), || {
+        scratch.try_inspect().is_ok_and(|s| s["interfaces"].as_array().is_some_and(|i| !i.is_empty()))
+    });
+    request_all(&lab, Ns::Pod, lab::EXTERNAL_V4.into()).unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    let state = scratch.inspect();
+    let iface = state["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == dev.as_str()).unwrap().clone();
+    if common::kernel::has_tcx() {
+        assert_eq!(iface["tc_ingress"], serde_json::json!(["bpf"]), "{iface:#}");
+        assert_eq!(iface["tcx_ingress"], serde_json::json!(["nm_pod_ingress"]), "{iface:#}");
+    } else {
+        assert_eq!(iface["tc_ingress"], serde_json::json!(["bpf", "nm_pod_ingress"]), "{iface:#}");
+    }
+    assert!(agent.stop());
+    assert!(scratch.cleanup().status.success());
+    assert!(tc(&["qdisc", "show", "dev", &dev]).contains("clsact"), "their clsact qdisc must stay");
+    let filters = tc(&["filter", "show", "dev", &dev, "ingress"]);
+    assert!(filters.contains("pref 100 bpf") && !filters.contains("nm_pod"), "only ours go: {filters}");
+    assert!(tcx_programs(&lab, "ingress").is_empty());
+    tc(&["qdisc", "del", "dev", &dev, "clsact"]);
 }
 
 #[test]
@@ -260,8 +313,12 @@ fn bad_configuration_exits_2_with_a_message_naming_the_setting() {
     assert!(!std::path::Path::new("/nonexistent").exists(), "the agent must not create directories to mount on");
 }
 
-/// Program names on the pod interface's TCX hook, queried from inside the node namespace.
+/// Program names on the pod interface's TCX hook, queried from inside the node namespace (none
+/// on kernels without TCX).
 fn tcx_programs(lab: &Lab, hook: &str) -> Vec<String> {
+    if !common::kernel::has_tcx() {
+        return Vec::new();
+    }
     let iface = lab.pod_host_if().to_owned();
     let attach_type =
         if hook == "ingress" { aya::programs::TcAttachType::Ingress } else { aya::programs::TcAttachType::Egress };

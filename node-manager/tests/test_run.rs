@@ -30,6 +30,7 @@ struct Run {
 
 fn datapath() -> Datapath {
     let mut dp = Datapath::load_unpinned().expect("load the eBPF object (run as root)");
+    dp.pod_tc_loaded().unwrap_or_else(|why| panic!("the verifier refused the TC programs: {why}"));
     let mut fe = BTreeMap::new();
     for (ext, cluster) in [(EXT4, CLUSTER4), (EXT6, CLUSTER6)] {
         for (port, protocol) in [(8080, Protocol::Tcp), (8080, Protocol::Udp), (0, Protocol::IcmpEcho)] {
@@ -167,6 +168,10 @@ fn misses_pass_untouched() {
         ("ICMP echo reply from a pod", Spec::echo(POD4, EXT4, 0, 1)),
         ("ICMP destination unreachable", Spec::echo(POD4, EXT4, 3, 1)),
         ("ICMPv6 echo reply from a pod", Spec::echo(POD6, EXT6, 129, 1)),
+        // IPv4 entries are stored IPv4-mapped; an IPv6 packet with such addresses must not
+        // match them (found by tests/fuzz.rs).
+        ("IPv6 with IPv4-mapped addresses", Spec::tcp("::ffff:192.0.2.10", 40000, "::ffff:203.0.113.10", 8080)),
+        ("IPv6 with an IPv4-mapped source", Spec::tcp("::ffff:192.0.2.10", 40000, EXT6, 8080)),
     ];
     for (what, spec) in cases {
         let input = frame(&spec);

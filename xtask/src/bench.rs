@@ -1,32 +1,27 @@
-//! `cargo xtask bench`: node-manager's benchmark examples that exist, in release builds.
-//! `bench_kubernetes` runs the agent binary, which is built first and passed to it.
+//! `cargo xtask bench [--quick]`: builds the agent and the `bench` crate in release and runs
+//! the side-by-side benchmark (needs root). The full run writes `BENCHMARKS.md` and
+//! `docs/bench/*.png` in the repository; `--quick` (the CI smoke run) writes them under
+//! `target/bench-quick/` and checks only that every figure was measured and is sane.
 
 use anyhow::Result;
 
 use crate::cmd::{Cmd, step, workspace_root};
 
-const EXAMPLES: [&str; 2] = ["bench_datapath", "bench_kubernetes"];
-
 pub fn run(quick: bool) -> Result<()> {
-    let examples: Vec<&str> = EXAMPLES
-        .into_iter()
-        .filter(|e| workspace_root().join(format!("node-manager/examples/{e}.rs")).is_file())
-        .collect();
-    if examples.is_empty() {
-        println!("bench: no benchmarks yet");
-        return Ok(());
+    step("bench: building the agent and the benchmark (release)");
+    Cmd::cargo().args(["build", "--release", "-p", "node-manager", "-p", "bench", "--bins"]).run()?;
+    let root = workspace_root();
+    let out = if quick { root.join("target/bench-quick") } else { root.to_path_buf() };
+    let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
+    step(format!("bench: {command}"));
+    let mut cmd = Cmd::new(root.join("target/release/bench").display().to_string())
+        .arg("--out")
+        .arg(out.display().to_string())
+        .arg("--node-manager")
+        .arg(root.join("target/release/node-manager").display().to_string())
+        .args(["--command", command]);
+    if quick {
+        cmd = cmd.arg("--quick");
     }
-    Cmd::cargo().args(["build", "--release", "-p", "node-manager", "--bin", "node-manager"]).run()?;
-    let bin = workspace_root().join("target/release/node-manager");
-    for example in examples {
-        step(format!("bench: {example}{} (release build)", if quick { " --quick" } else { "" }));
-        let mut cmd = Cmd::cargo()
-            .args(["run", "--release", "-p", "node-manager", "--example", example, "--"])
-            .env("NODE_MANAGER_BIN", &bin);
-        if quick {
-            cmd = cmd.arg("--quick");
-        }
-        cmd.run()?;
-    }
-    Ok(())
+    cmd.run()
 }

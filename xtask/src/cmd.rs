@@ -82,6 +82,12 @@ impl Cmd {
         self
     }
 
+    /// Runs the command in `dir` instead of the workspace root.
+    pub fn in_dir(mut self, dir: &Path) -> Self {
+        self.cwd = dir.to_path_buf();
+        self
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(&self.program);
         c.args(&self.args).current_dir(&self.cwd);
@@ -111,6 +117,13 @@ impl Cmd {
             bail!("`{self}` failed ({status}) after {}", elapsed(started));
         }
         Ok(())
+    }
+
+    /// Prints the command, runs it with this process's stdin/stdout/stderr, and returns how it
+    /// ended (for commands whose exit code means something).
+    pub fn status(&self) -> Result<std::process::ExitStatus> {
+        println!("    $ {self}");
+        self.command().status().map_err(|e| self.spawn_error(e))
     }
 
     /// Prints the command and runs it like [`Cmd::run`], but returns its stdout (stderr still

@@ -16,10 +16,9 @@ mod lint;
 mod setup;
 mod test;
 mod toolchain;
+mod vm;
 
-use std::{process::ExitCode, time::Instant};
-
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use clap::{Parser, Subcommand};
 
@@ -56,14 +55,36 @@ enum Task {
     /// The project's test command: setup, lint, all tests (as root, one at a time), bench
     /// smoke, and a check that no test left namespaces or pinned BPF objects behind.
     Test(test::TestArgs),
-    /// Run the datapath benchmark (node-manager's `bench_datapath` example) if there is one.
+    /// The side-by-side benchmark (node-manager vs network-node-manager's iptables rules vs
+    /// no rewrite, in the lab): writes BENCHMARKS.md and docs/bench/*.png. Needs root.
     Bench {
-        /// A short run, for CI smoke testing.
+        /// A short run for CI (writes under target/bench-quick/; fails only on a broken
+        /// measurement, never on a threshold).
         #[arg(long)]
         quick: bool,
     },
-    /// Set up, build, and run the demo (not yet implemented).
-    Demo,
+    /// The demo: set up, build, and show both Kubernetes bugs failing without the agent and
+    /// fixed with it, in a node built from network namespaces; cleans up (also on Ctrl-C).
+    Demo {
+        /// Do not pause between steps (also implied by CI=true or a stdin that is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Serve the Service from the test API server (fake-apiserver) instead of a file.
+        #[arg(long)]
+        api_server: bool,
+    },
+    /// The kernel matrix: boot Debian's 5.10, 6.1, 6.12 or newest kernel under QEMU (TCG) and
+    /// run the kernel-facing tests inside; `--matrix` runs them all and prints the table.
+    Vm(vm::VmArgs),
+    /// Inside a guest: the test runner its /init starts (not for direct use).
+    #[command(hide = true)]
+    VmGuest {
+        #[arg(long)]
+        plan: PathBuf,
+        /// Prepare the guest first (module autoloader, loopback).
+        #[arg(long)]
+        init: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,7 +98,9 @@ fn main() -> ExitCode {
         Task::Lint => ("lint", lint::run()),
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),
-        Task::Demo => ("demo", demo::run()),
+        Task::Demo { yes, api_server } => ("demo", demo::run(yes, api_server)),
+        Task::Vm(args) => ("vm", vm::run(&args)),
+        Task::VmGuest { plan, init } => ("vm-guest", vm::run_guest(&plan, init)),
     };
     let took = cmd::elapsed(started);
     match result {

@@ -37,10 +37,21 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "iputils-ping",
     "curl",
+    // The demo's host-network client.
+    "socat",
     "procps",
     "psmisc",
     "kmod",
+    // The kernel matrix (`cargo xtask vm`): the guest's first stage, module decompression.
+    "busybox-static",
+    "xz-utils",
+    "debian-archive-keyring",
 ];
+
+/// QEMU for the kernel matrix. Bookworm's own 7.2 cannot be installed next to the image's
+/// qemu-utils 10 (from bookworm-backports), so on bookworm it comes from bookworm-backports.
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+const BACKPORTS_FOR: &[(&str, &str)] = &[("bookworm", "bookworm-backports")];
 
 /// How often and how long to retry apt (another apt may hold the dpkg lock, or a mirror may
 /// hiccup).
@@ -56,6 +67,7 @@ pub fn run() -> Result<()> {
     );
     let mut installed = Vec::new();
     debian_packages(&mut installed)?;
+    qemu(&mut installed)?;
     link_bpf_toolchain(&mut installed)?;
     bpf_linker(&mut installed)?;
     crate::hadolint::install(&mut installed)?;
@@ -130,6 +142,74 @@ fn debian_packages(installed: &mut Vec<String>) -> Result<()> {
         bail!("apt-get reported success but these are not installed: {}", still.join(" "));
     }
     installed.extend(missing);
+    Ok(())
+}
+
+/// `VERSION_CODENAME` from /etc/os-release.
+fn debian_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=")).map(|v| v.trim_matches('"').to_owned())
+}
+
+/// Installs qemu-system-x86, from the release's backports where its own QEMU does not fit. The
+/// backports source is added through a private apt configuration (under target/), so the
+/// machine's apt sources stay as they are.
+fn qemu(installed: &mut Vec<String>) -> Result<()> {
+    if missing_debian_packages(&[QEMU_PACKAGE])?.is_empty() {
+        println!("    {QEMU_PACKAGE}: present");
+        return Ok(());
+    }
+    if !crate::cmd::is_root() {
+        bail!("installing {QEMU_PACKAGE} needs root: run `cargo xtask setup` as root");
+    }
+    let why = "another apt may hold the lock, or the mirror may be unreachable for a moment";
+    let install = |cmd: Cmd| {
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "-q",
+            "-o",
+            APT_LOCK_TIMEOUT,
+            "-o",
+            "Dpkg::Use-Pty=0",
+            "install",
+            "-y",
+            "--no-install-recommends",
+        ])
+    };
+    let backports = debian_codename().and_then(|c| BACKPORTS_FOR.iter().find(|(r, _)| *r == c).map(|(_, b)| *b));
+    match backports {
+        None => {
+            step(format!("installing {QEMU_PACKAGE}"));
+            install(Cmd::new("apt-get")).arg(QEMU_PACKAGE).run_with_retries(APT_ATTEMPTS, APT_PAUSE, why)?;
+        }
+        Some(suite) => {
+            step(format!(
+                "installing {QEMU_PACKAGE} from {suite} (private apt configuration, system sources unchanged)"
+            ));
+            let dir = crate::cmd::workspace_root().join("target/xtask-apt");
+            std::fs::create_dir_all(dir.join("lists/partial"))?;
+            let system = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+            let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+            std::fs::write(
+                dir.join("sources.list"),
+                format!("{system}\ndeb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n"),
+            )?;
+            let d = dir.display();
+            std::fs::write(
+                dir.join("apt.conf"),
+                format!(
+                    "Dir::Etc::SourceList \"{d}/sources.list\";\nDir::Etc::SourceParts \"/etc/apt/sources.list.d\";\n\
+                     Dir::State::Lists \"{d}/lists\";\nAcquire::Languages \"none\";\n"
+                ),
+            )?;
+            let apt = || Cmd::new("apt-get").env("APT_CONFIG", dir.join("apt.conf"));
+            apt().args(["-q", "-o", APT_LOCK_TIMEOUT, "update"]).run_with_retries(APT_ATTEMPTS, APT_PAUSE, why)?;
+            install(apt()).args(["-t", suite, QEMU_PACKAGE]).run_with_retries(APT_ATTEMPTS, APT_PAUSE, why)?;
+        }
+    }
+    if !missing_debian_packages(&[QEMU_PACKAGE])?.is_empty() {
+        bail!("apt-get reported success but {QEMU_PACKAGE} is not installed");
+    }
+    installed.push(QEMU_PACKAGE.to_owned());
     Ok(())
 }
 

@@ -26,6 +26,9 @@ pub struct TestArgs {
     /// Skip the cross build for the other architecture and its check under qemu-user.
     #[arg(long)]
     no_cross: bool,
+    /// Skip the kernel 5.10 guest (`cargo xtask vm --kernel 5.10`, several minutes under TCG).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for the test harness, after `--` (e.g. a test name filter).
     #[arg(last = true)]
     harness_args: Vec<String>,
@@ -57,9 +60,16 @@ pub fn run(args: &TestArgs) -> Result<()> {
              fail too: {e:#}"
         );
     }
+    // The upgrade test replaces the test build of the agent with a different build of it.
+    step("test: building the release agent (the upgrade test's \"new version\"; the benchmarks use it too)");
+    let upgrade = Cmd::cargo().args(["build", "--release", "-p", "node-manager", "--bin", "node-manager"]).run();
     step("test: cargo test, one test at a time (network-namespace tests must not overlap)");
     let started = Instant::now();
-    let tests = Cmd::cargo()
+    let mut tests = Cmd::cargo();
+    if upgrade.is_ok() {
+        tests = tests.env("NM_UPGRADE_BIN", crate::cmd::workspace_root().join("target/release/node-manager"));
+    }
+    let tests = tests
         .args(["test", "--workspace", "--exclude", "node-manager-ebpf", "--all-targets"])
         .args(["--", "--test-threads=1"])
         .args(args.harness_args.iter().cloned())
@@ -68,6 +78,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut failures = Vec::new();
     if let Err(e) = lint {
         failures.push(format!("lint: {e:#}"));
+    }
+    if let Err(e) = upgrade {
+        failures.push(format!("release build: {e:#}"));
     }
     match (tests, leftovers) {
         (Ok(()), Ok(())) => step(format!("test: tests passed, nothing left behind ({})", elapsed(started))),
@@ -97,10 +110,25 @@ pub fn run(args: &TestArgs) -> Result<()> {
             failures.push(format!("benchmark smoke run: {e:#}"));
         }
     }
+    // The oldest supported kernel, in a guest: the fallbacks (netlink cls_bpf, nftables and
+    // iptables instead of BPF netfilter links) run only there.
+    if !failures.is_empty() {
+        step(format!("test: skipping the kernel {} guest (something failed above)", crate::vm::CI_KERNEL));
+    } else if args.no_vm {
+        step(format!("test: skipping the kernel {} guest (--no-vm)", crate::vm::CI_KERNEL));
+    } else {
+        step(format!("test: the tests on kernel {} in a guest (cargo xtask vm --kernel {0})", crate::vm::CI_KERNEL));
+        if let Err(e) = crate::vm::run(&crate::vm::VmArgs::ci()) {
+            failures.push(format!("kernel {} guest: {e:#}", crate::vm::CI_KERNEL));
+        }
+    }
     if !failures.is_empty() {
         bail!("{} part(s) failed:\n{}", failures.len(), failures.join("\n"));
     }
-    println!("xtask test: lint, tests, bench smoke and leftover check all passed");
+    println!(
+        "xtask test: lint, tests, bench smoke, leftover check and the kernel {} guest all passed",
+        crate::vm::CI_KERNEL
+    );
     Ok(())
 }
 
@@ -128,8 +156,9 @@ fn cross_build_and_check() -> Result<()> {
     })
 }
 
-/// Fails, naming them, if network namespaces `nml-*`, test cgroups `nml-test-*` (directly
-/// under the cgroup v2 mount) or the agent's BPF pin directory exist.
+/// Fails, naming them, if network namespaces `nml-*`, test or demo cgroups `nml-test-*`,
+/// `nml-demo-*` (directly under the cgroup v2 mount), the demo's scratch directories or the
+/// agent's BPF pin directory exist.
 fn check_leftovers() -> Result<()> {
     step(format!("test: checking for leftovers (network namespaces {NETNS_PREFIX}*, {BPF_PIN_DIR})"));
     let out = Cmd::new("ip").args(["netns", "list"]).output()?;
@@ -145,6 +174,9 @@ fn check_leftovers() -> Result<()> {
     for cgroup in leftover_cgroups() {
         problems.push(format!("test cgroup {cgroup} (remove with `rmdir {cgroup}`)"));
     }
+    for dir in leftover_demo_dirs() {
+        problems.push(format!("demo directory {dir} (`umount {dir}/bpffs; rm -r {dir}`)"));
+    }
     if Path::new(BPF_PIN_DIR).exists() {
         problems.push(format!("pinned BPF objects in {BPF_PIN_DIR} (remove with `rm -r {BPF_PIN_DIR}`)"));
     }
@@ -159,7 +191,20 @@ fn check_leftovers() -> Result<()> {
     }
 }
 
-/// Test cgroups (`nml-test-*`) under the cgroup v2 mount, as full paths.
+/// The demo's scratch directories (`nm-demo-*` in the temp directory), as full paths.
+fn leftover_demo_dirs() -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nm-demo-"))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Test and demo cgroups (`nml-test-*`, `nml-demo-*`) under the cgroup v2 mount, as full paths.
 fn leftover_cgroups() -> Vec<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let Some(root) = mountinfo.lines().find_map(|l| {
@@ -173,7 +218,11 @@ fn leftover_cgroups() -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("nml-test-"))
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("nml-test-") || name.starts_with("nml-demo-")
+        })
         .map(|e| e.path().display().to_string())
         .collect();
     found.sort();

@@ -7,11 +7,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::{
+    Pod,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+};
 use ipnet::IpNet;
 use node_manager_common::{
-    Counter, CounterIndex, DatapathConfig, Frontend, FrontendKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    v4_mapped,
+    Counter, CounterIndex, DatapathConfig, Frontend, FrontendKey, Owner, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP, map_names, v4_mapped,
 };
 
 use crate::model::{FrontendAddr, Protocol, Target};
@@ -87,6 +90,14 @@ pub fn frontends_of(map: &mut Map) -> Result<FrontendMap<&mut MapData>> {
 pub fn read_frontends<T: std::borrow::Borrow<MapData>>(
     map: &HashMap<T, FrontendKey, Frontend>,
 ) -> Result<BTreeMap<FrontendKey, Frontend>> {
+    read_hash(map, map_names::FRONTENDS)
+}
+
+/// Reads every entry of a hash map.
+pub fn read_hash<T: std::borrow::Borrow<MapData>, K: Pod + Ord, V: Pod>(
+    map: &HashMap<T, K, V>,
+    name: &str,
+) -> Result<BTreeMap<K, V>> {
     let mut out = BTreeMap::new();
     for entry in map.iter() {
         match entry {
@@ -95,7 +106,7 @@ pub fn read_frontends<T: std::borrow::Borrow<MapData>>(
             }
             // An entry deleted while iterating: skip it, the next sync sees the rest.
             Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("iterating NM_FRONTENDS"),
+            Err(e) => return Err(e).with_context(|| format!("iterating {name}")),
         }
     }
     Ok(out)
@@ -103,6 +114,10 @@ pub fn read_frontends<T: std::borrow::Borrow<MapData>>(
 
 pub fn frontend_entries(desired: &BTreeMap<FrontendAddr, Target>) -> BTreeMap<FrontendKey, Frontend> {
     desired.iter().map(|(f, t)| (frontend_key(f), Frontend { cluster_addr: addr16(t.cluster_ip) })).collect()
+}
+
+pub fn owner_entries(desired: &BTreeMap<FrontendAddr, Target>) -> BTreeMap<FrontendKey, Owner> {
+    desired.iter().map(|(f, t)| (frontend_key(f), Owner::new(&t.owner))).collect()
 }
 
 /// Makes the map hold exactly `want`, reading what it holds first (repairs any drift).
@@ -120,12 +135,22 @@ pub fn sync_frontends_from(
     have: &BTreeMap<FrontendKey, Frontend>,
     want: &BTreeMap<FrontendKey, Frontend>,
 ) -> Result<SyncStats> {
+    sync_hash_from(map, have, want, |k| format!("frontend {:?}", frontend_addr(k)))
+}
+
+/// Writes the differences between `have` and `want` into a hash map keyed by frontend.
+pub fn sync_hash_from<K: Pod + Ord, V: Pod + PartialEq>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    describe: impl Fn(&K) -> String,
+) -> Result<SyncStats> {
     let mut stats = SyncStats::default();
     for (key, value) in want {
         match have.get(key) {
             Some(v) if v == value => stats.unchanged += 1,
             found => {
-                map.insert(key, value, 0).with_context(|| format!("writing frontend {:?}", frontend_addr(key)))?;
+                map.insert(key, value, 0).with_context(|| format!("writing {}", describe(key)))?;
                 if found.is_some() { stats.changed += 1 } else { stats.added += 1 }
             }
         }
@@ -133,7 +158,7 @@ pub fn sync_frontends_from(
     for key in have.keys().filter(|k| !want.contains_key(k)) {
         match map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => stats.removed += 1,
-            Err(e) => return Err(e).with_context(|| format!("removing frontend {:?}", frontend_addr(key))),
+            Err(e) => return Err(e).with_context(|| format!("removing {}", describe(key))),
         }
     }
     Ok(stats)

@@ -6,10 +6,14 @@ pub mod cgroup;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
+pub mod probe;
+pub mod repair;
 pub mod sys;
+pub mod tc_netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fs,
     path::Path,
 };
 
@@ -22,6 +26,7 @@ use self::{
     attach::{DIRECTIONS, Iface, Mechanism},
     maps::SyncStats,
     pins::{PinState, Pins},
+    probe::{Loads, Probes, Report},
 };
 use crate::model::{FrontendAddr, Target};
 
@@ -32,34 +37,144 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<Pins>,
     mechanism: Mechanism,
-    /// The frontends as this process last wrote them successfully.
-    written: Option<BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>>,
+    /// The frontends and their owners as this process last wrote them successfully.
+    written: Option<Written>,
+    fresh_maps: Vec<&'static str>,
+    /// Our own references to the links we pinned (see `repair`).
+    held: repair::HeldLinks,
+    /// The verifier's verdict on each feature's programs: a feature whose programs it rejects
+    /// is unavailable, the others run.
+    loads: Loads,
+    /// The kernel's features, probed on first use.
+    probes: Option<Probes>,
 }
+
+/// Loads every program of one feature (TC or cgroup socket-address programs); the first refusal
+/// is the feature's reason (the verifier's last lines).
+fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
+    use aya::programs::Program;
+    for name in names {
+        if fault_injected(name) {
+            return Err(format!("{name}: {}", probe::verifier_rejection(name)));
+        }
+        let loaded = match ebpf.program_mut(name) {
+            Some(Program::SchedClassifier(p)) => p.load(),
+            Some(Program::CgroupSockAddr(p)) => p.load(),
+            Some(_) => return Err(format!("{name} is neither a TC nor a cgroup socket-address program")),
+            None => return Err(format!("program {name} missing from the object")),
+        };
+        loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
+    }
+    Ok(())
+}
+
+/// Test hook: the programs named in this variable (comma-separated) are not loaded; in their
+/// place a program of the same type that the verifier rejects is, and its verdict stands for
+/// theirs. Shows, with the real verifier, that a rejected program costs only its feature.
+pub const FAULT_ENV: &str = "NODE_MANAGER_FAULT_REJECT";
+
+fn fault_injected(name: &str) -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
+}
+
+/// The errno and the end of the verifier's log (which says why), not the whole log.
+fn describe_load_error(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.trim().lines().collect();
+            let tail = lines[lines.len().saturating_sub(6)..].join(" | ");
+            if tail.is_empty() { io_error.to_string() } else { format!("{io_error}; verifier: {tail}") }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Re-pins, under this version's path, a map an older layout version pinned with the layout
+/// this build expects. Returns where it came from.
+fn adopt_from_other_version(pins: &Pins, name: &str, expected: pins::Layout) -> Option<std::path::PathBuf> {
+    use std::os::fd::AsFd as _;
+    for dir in pins.other_versions() {
+        let old = dir.join("maps").join(name);
+        if !matches!(pins::check_pinned_map(&old, expected), Ok(PinState::Matches)) {
+            continue;
+        }
+        let fd = sys::obj_get(&old).ok()?;
+        match sys::obj_pin(fd.as_fd(), &pins.map(name)) {
+            Ok(()) => return Some(old),
+            Err(e) => {
+                tracing::warn!(map = name, from = %old.display(), error = %e, "could not re-pin an older version's map")
+            }
+        }
+    }
+    None
+}
+
+type Written = (
+    BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>,
+    BTreeMap<node_manager_common::FrontendKey, node_manager_common::Owner>,
+);
 
 impl Datapath {
     /// Loads the programs with their maps pinned under `<bpffs>/node-manager/v<N>/maps`,
     /// reusing pinned maps whose layout matches (their entries keep serving traffic) and
-    /// replacing any whose layout does not.
+    /// replacing any whose layout does not. A map missing from this layout version but pinned
+    /// with the same layout by an older version's agent is adopted too (so live flows survive
+    /// an upgrade that changed another map).
     pub fn load_pinned(bpffs: &Path) -> Result<Datapath> {
         pins::ensure_bpffs(bpffs)?;
         let pins = Pins::new(bpffs);
         pins.create_dirs()?;
         let mut loader = EbpfLoader::new();
+        let mut fresh = Vec::new();
         for name in map_names::ALL {
             let path = pins.map(name);
             let expected = pins::expected_layout(name).ok_or_else(|| anyhow!("no expected layout for {name}"))?;
             match pins::check_pinned_map(&path, expected)? {
-                PinState::Absent => tracing::info!(map = name, "creating map"),
+                PinState::Absent => match adopt_from_other_version(&pins, name, expected) {
+                    Some(from) => {
+                        tracing::info!(map = name, from = %from.display(), "adopting an older version's pinned map (same layout)")
+                    }
+                    None => {
+                        tracing::info!(map = name, "creating map");
+                        fresh.push(name);
+                    }
+                },
                 PinState::Matches => tracing::info!(map = name, "adopting pinned map"),
                 PinState::Foreign(why) => {
-                    tracing::warn!(map = name, pin = %path.display(), %why, "pinned map has a foreign layout; not reusing it, replacing it with a new map filled from the desired state");
+                    tracing::warn!(map = name, pin = %path.display(), %why, "pinned map has a foreign layout: not reusing it; a new map is created, filled from the desired state, and swapped in with the programs (the old programs keep the old map until then)");
                     attach::remove_pin(&path)?;
+                    fresh.push(name);
                 }
             }
             loader.map_pin_path(name, path);
         }
         let ebpf = loader.load(OBJECT).context("loading the eBPF object (maps)")?;
-        Self::finish(ebpf, Some(pins))
+        let mut datapath = Self::finish(ebpf, Some(pins))?;
+        datapath.fresh_maps = fresh;
+        Ok(datapath)
+    }
+
+    /// Maps this process created (absent or of a foreign layout) rather than adopted: until
+    /// they are filled, attaching the new programs would serve from empty maps.
+    pub fn fresh_maps(&self) -> &[&'static str] {
+        &self.fresh_maps
+    }
+
+    /// Removes what agents of other layout versions left: their links are released (after ours
+    /// are attached, so a hook is never empty) and their pins removed. Returns what was removed.
+    pub fn retire_other_versions(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let Some(pins) = &self.pins else { return Ok(removed) };
+        for dir in pins.other_versions() {
+            for link in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
+                attach::release_link(&link.path())?;
+                removed.push(link.path().display().to_string());
+            }
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            removed.push(dir.display().to_string());
+        }
+        Ok(removed)
     }
 
     /// Loads the programs with private, unpinned maps: for BPF_PROG_TEST_RUN tests and
@@ -70,24 +185,61 @@ impl Datapath {
     }
 
     fn finish(mut ebpf: Ebpf, pins: Option<Pins>) -> Result<Datapath> {
-        for (_, _, name) in DIRECTIONS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a TC program"))?;
-            // The verifier's log is part of the error.
-            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        // A feature whose programs the kernel refuses is unavailable (the agent's kernel-feature
+        // report says why); the others load and run.
+        let pod_tc = load_each(&mut ebpf, &DIRECTIONS.map(|(_, _, name)| name));
+        let socket_hooks = load_each(&mut ebpf, &cgroup::HOOKS.map(|(_, _, name)| name));
+        let loads = Loads { pod_tc: Some(pod_tc), socket_hooks: Some(socket_hooks), drop_invalid_bpf: None };
+        Ok(Datapath {
+            ebpf,
+            pins,
+            mechanism: Mechanism::detect(),
+            written: None,
+            fresh_maps: Vec::new(),
+            held: Default::default(),
+            loads,
+            probes: None,
+        })
+    }
+
+    /// The verifier's verdict on the pod datapath's programs (`Err`: why it is unavailable).
+    pub fn pod_tc_loaded(&self) -> Result<(), String> {
+        self.loads.pod_tc.clone().unwrap_or(Ok(()))
+    }
+
+    /// The same for the socket hooks of host-network clients.
+    pub fn socket_hooks_loaded(&self) -> Result<(), String> {
+        self.loads.socket_hooks.clone().unwrap_or(Ok(()))
+    }
+
+    /// The kernel's features (probed once, on first use).
+    pub fn probes(&mut self) -> &Probes {
+        self.probes.get_or_insert_with(probe::probe)
+    }
+
+    /// The kernel-feature report at start: logged, and pinned for `inspect`. `drop_invalid`:
+    /// the mode chosen and why, and the verifier's verdict on the bpf mode's programs if loaded.
+    pub fn report_features(&mut self, drop_invalid: Option<(String, String)>, bpf_load: Option<Result<(), String>>) {
+        let probes = self.probes().clone();
+        let loads = Loads { drop_invalid_bpf: bpf_load, ..self.loads.clone() };
+        let report = Report::new("agent", probes, loads, drop_invalid);
+        report.log();
+        if let Some(pins) = &self.pins
+            && let Err(e) = probe::pin_report(&pins.layout_dir(), &report)
+        {
+            tracing::warn!(error = format!("{e:#}"), "could not pin the kernel-feature report (inspect will probe)");
         }
-        for (_, _, name) in cgroup::HOOKS {
-            let program: &mut aya::programs::CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
-            program.load().with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        Ok(Datapath { ebpf, pins, mechanism: Mechanism::detect(), written: None })
+    }
+
+    /// A pinned map's fd by name, from the loaded object (for loading the netfilter programs
+    /// against this datapath's maps).
+    pub fn map_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
+        use aya::maps::Map;
+        let data = match self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))? {
+            Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::PerCpuArray(d) => d,
+            _ => anyhow::bail!("map {name} has a type node-manager does not use"),
+        };
+        Ok(std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned()?)
     }
 
     pub fn mechanism(&self) -> Mechanism {
@@ -104,29 +256,46 @@ impl Datapath {
 
     /// Attaches both programs to the interface, replacing ours atomically if already there.
     pub fn attach(&mut self, iface: &Iface) -> Result<()> {
+        self.pod_tc_loaded().map_err(|why| anyhow!("the pod datapath is unavailable on this kernel: {why}"))?;
         let links_dir = self.pins()?.links_dir();
         let mechanism = self.mechanism;
         for (attach_type, direction, name) in DIRECTIONS {
             let program = self.program(name)?;
             attach::attach(program, mechanism, &links_dir, iface, attach_type, direction)?;
+            if mechanism == Mechanism::Tcx {
+                self.held.hold(&attach::link_pin(&links_dir, iface, direction));
+            }
         }
         Ok(())
     }
 
-    pub fn detach(&self, iface: &Iface) -> Result<()> {
-        attach::detach(&self.pins()?.links_dir(), iface)
+    pub fn detach(&mut self, iface: &Iface) -> Result<()> {
+        let links_dir = self.pins()?.links_dir();
+        for (_, direction, _) in DIRECTIONS {
+            self.held.release(&attach::link_pin(&links_dir, iface, direction));
+        }
+        attach::detach(&links_dir, iface)
     }
 
     /// Attaches the socket hooks for host-network clients to the cgroup v2 directory `path`,
     /// replacing ours atomically where they are already there.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<()> {
+        self.socket_hooks_loaded().map_err(|why| anyhow!("the socket hooks are unavailable on this kernel: {why}"))?;
         let links_dir = self.pins()?.links_dir();
-        cgroup::attach_all(&mut self.ebpf, &links_dir, path)
+        cgroup::attach_all(&mut self.ebpf, &links_dir, path)?;
+        for (hook, _, _) in cgroup::HOOKS {
+            self.held.hold(&cgroup::link_pin(&links_dir, hook));
+        }
+        Ok(())
     }
 
     /// Detaches our socket hooks, wherever they are; returns how many were attached.
-    pub fn detach_cgroup(&self) -> Result<usize> {
-        cgroup::detach_all(&self.pins()?.links_dir())
+    pub fn detach_cgroup(&mut self) -> Result<usize> {
+        let links_dir = self.pins()?.links_dir();
+        for (hook, _, _) in cgroup::HOOKS {
+            self.held.release(&cgroup::link_pin(&links_dir, hook));
+        }
+        cgroup::detach_all(&links_dir)
     }
 
     /// Interfaces that currently have our pinned links.
@@ -138,13 +307,18 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
     }
 
-    /// Makes the frontends map equal to `desired`, reading the map first: repairs entries
-    /// changed behind our back. The periodic resync and the first sync use this.
+    /// Makes the frontends map (and the owners map beside it) equal to `desired`, reading the
+    /// maps first: repairs entries changed behind our back. The periodic resync and the first
+    /// sync use this.
     pub fn sync_frontends(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
-        let want = maps::frontend_entries(desired);
+        let want = (maps::frontend_entries(desired), maps::owner_entries(desired));
         self.written = None;
         let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-        let stats = maps::sync_frontends(&mut map, &want)?;
+        let have = maps::read_frontends(&map)?;
+        let stats = maps::sync_frontends_from(&mut map, &have, &want.0)?;
+        let mut owners = self.owners_mut()?;
+        let have_owners = maps::read_hash(&owners, map_names::OWNERS)?;
+        maps::sync_hash_from(&mut owners, &have_owners, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
         self.written = Some(want);
         Ok(stats)
     }
@@ -154,11 +328,20 @@ impl Datapath {
     /// Falls back to the full sync when the last write is unknown or failed.
     pub fn sync_frontends_incremental(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
         let Some(have) = self.written.take() else { return self.sync_frontends(desired) };
-        let want = maps::frontend_entries(desired);
+        let want = (maps::frontend_entries(desired), maps::owner_entries(desired));
         let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-        let stats = maps::sync_frontends_from(&mut map, &have, &want)?;
+        let stats = maps::sync_frontends_from(&mut map, &have.0, &want.0)?;
+        let mut owners = self.owners_mut()?;
+        maps::sync_hash_from(&mut owners, &have.1, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
         self.written = Some(want);
         Ok(stats)
+    }
+
+    fn owners_mut(
+        &mut self,
+    ) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, node_manager_common::FrontendKey, node_manager_common::Owner>>
+    {
+        aya::maps::HashMap::try_from(self.map_mut(map_names::OWNERS)?).context("NM_OWNERS has an unexpected type")
     }
 
     pub fn sync_pod_cidrs(&mut self, desired: &BTreeSet<IpNet>) -> Result<SyncStats> {
@@ -198,9 +381,28 @@ impl Datapath {
 
     /// Number of remembered flows (iterates the LRU map; for inspection, not the hot path).
     pub fn flow_count(&self) -> Result<usize> {
+        Ok(self.flows_map()?.keys().filter(Result::is_ok).count())
+    }
+
+    /// Every remembered flow (iterates the LRU map; for tests and inspection).
+    pub fn flows(&self) -> Result<std::collections::HashMap<node_manager_common::FlowKey, node_manager_common::Flow>> {
+        Ok(self.flows_map()?.iter().filter_map(Result::ok).collect())
+    }
+
+    /// The flow remembered under `key`, if any (a lookup does not refresh the LRU order: the
+    /// syscall path does not mark the entry as used).
+    pub fn flow(&self, key: &node_manager_common::FlowKey) -> Result<Option<node_manager_common::Flow>> {
+        match self.flows_map()?.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up a flow"),
+        }
+    }
+
+    fn flows_map(
+        &self,
+    ) -> Result<aya::maps::HashMap<&aya::maps::MapData, node_manager_common::FlowKey, node_manager_common::Flow>> {
         let map = self.ebpf.map(map_names::FLOWS).ok_or_else(|| anyhow!("no flows map"))?;
-        let flows: aya::maps::HashMap<_, node_manager_common::FlowKey, node_manager_common::Flow> =
-            aya::maps::HashMap::try_from(map)?;
-        Ok(flows.keys().filter(Result::is_ok).count())
+        Ok(aya::maps::HashMap::try_from(map)?)
     }
 }

@@ -41,17 +41,18 @@ pub fn link_pin(pins: &Pins, family: &Family) -> PathBuf {
 /// Loads both programs, their map references bound to the maps pinned under `pins`.
 /// An error carries the verifier's reason (the kernel may not know the program type).
 pub fn load_programs(pins: &Pins) -> Result<Vec<(Family, OwnedFd)>> {
+    load_programs_with(|name| {
+        let path = pins.map(name);
+        sys::obj_get(&path).with_context(|| format!("opening pinned map {}", path.display()))
+    })
+}
+
+/// Loads both programs, their map references bound to the maps `map_fd` returns by name.
+pub fn load_programs_with(map_fd: impl Fn(&str) -> Result<OwnedFd>) -> Result<Vec<(Family, OwnedFd)>> {
     let mut obj = aya_obj::Object::parse(OBJECT).context("parsing the eBPF object")?;
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
     let maps = obj.maps.clone();
-    let fds = maps
-        .keys()
-        .map(|name| {
-            let path = pins.map(name);
-            let fd = sys::obj_get(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok((name.clone(), fd))
-        })
-        .collect::<Result<Vec<(String, OwnedFd)>>>()?;
+    let fds = maps.keys().map(|name| Ok((name.clone(), map_fd(name)?))).collect::<Result<Vec<(String, OwnedFd)>>>()?;
     obj.relocate_maps(fds.iter().map(|(name, fd)| (name.as_str(), fd.as_raw_fd(), &maps[name])), &text_sections)
         .map_err(|e| anyhow!("relocating map references: {e}"))?;
     obj.relocate_calls(&text_sections).map_err(|e| anyhow!("relocating calls: {e}"))?;
@@ -90,10 +91,24 @@ pub fn attach(pins: &Pins, programs: &[(Family, OwnedFd)]) -> Result<()> {
         let pin = link_pin(pins, family);
         let old = pin.exists().then(|| sys::obj_get(&pin)).transpose()?;
         let old_priority = old.as_ref().and_then(|fd| sys::link_info(fd.as_fd()).ok()).map(|i| i.netfilter.2);
-        let priority = if old_priority == Some(PRIORITIES[0]) { PRIORITIES[1] } else { PRIORITIES[0] };
-        let link = sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, priority).with_context(
-            || format!("linking {} to the {} LOCAL_IN hook at priority {priority}", family.program, family.name),
-        )?;
+        let (first, second) = if old_priority == Some(PRIORITIES[0]) {
+            (PRIORITIES[1], PRIORITIES[0])
+        } else {
+            (PRIORITIES[0], PRIORITIES[1])
+        };
+        // EBUSY: that priority is taken by a link we have no pin for here (an agent of another
+        // layout version, retired once we are linked): take the other one.
+        let link = match sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, first) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                sys::link_create_netfilter(prog.as_fd(), family.pf, sys::NF_INET_LOCAL_IN, second)
+                    .map(|link| (link, second))
+            }
+            other => other.map(|link| (link, first)),
+        };
+        let (link, priority) = link.with_context(|| {
+            format!("linking {} to the {} LOCAL_IN hook at priority {first} or {second}", family.program, family.name)
+        })?;
+        tracing::debug!(family = family.name, priority, "netfilter link created");
         if old.is_some() {
             fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
         }

@@ -16,7 +16,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
     COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_MAX, FRONTENDS_MAX, Flow, FlowKey,
-    Frontend, FrontendKey, LAYOUT_VERSION, POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey, map_names,
+    Frontend, FrontendKey, LAYOUT_VERSION, OWNERS_MAX, Owner, POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey,
+    map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -46,6 +47,20 @@ impl Pins {
 
     pub fn map(&self, name: &str) -> PathBuf {
         self.maps_dir().join(name)
+    }
+
+    /// Directories of other layout versions (`v<N>` beside ours), left by older or newer agents.
+    pub fn other_versions(&self) -> Vec<PathBuf> {
+        let ours = self.layout_dir();
+        let mut dirs: Vec<PathBuf> = fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p != &ours && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('v')))
+            .collect();
+        dirs.sort();
+        dirs
     }
 
     pub fn create_dirs(&self) -> Result<()> {
@@ -127,6 +142,7 @@ pub fn expected_layout(name: &str) -> Option<Layout> {
         map_names::CT_CONFIG => l(MapType::Array, 4, size_of::<CtConfig>(), 1),
         map_names::CT_SEEN => l(MapType::Array, 4, 8, 2),
         map_names::CT_COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), CT_COUNTERS_LEN),
+        map_names::OWNERS => l(MapType::Hash, size_of::<FrontendKey>(), size_of::<Owner>(), OWNERS_MAX),
         _ => return None,
     })
 }

@@ -8,6 +8,9 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -21,7 +24,10 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// `enum bpf_link_type`'s BPF_LINK_TYPE_CGROUP.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 pub const BPF_PROG_TYPE_NETFILTER: u32 = 32;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_NETFILTER: u32 = 45;
 pub const NFPROTO_IPV4: u32 = 2;
 pub const NFPROTO_IPV6: u32 = 10;
@@ -112,7 +118,18 @@ pub fn prog_load(
     instructions: &[u64],
     license: &std::ffi::CStr,
 ) -> Result<OwnedFd, LoadError> {
-    let mut log = vec![0u8; 1 << 20];
+    prog_load_logged(prog_type, expected_attach_type, name, instructions, license, 1 << 20)
+}
+
+/// [`prog_load`] with a verifier log of `log_size` bytes on failure (probes need little).
+pub fn prog_load_logged(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+    instructions: &[u64],
+    license: &std::ffi::CStr,
+    log_size: usize,
+) -> Result<OwnedFd, LoadError> {
     let load = |log_level: u32, log: &mut [u8]| {
         let mut attr = [0u8; 128];
         put_u32(&mut attr, 0, prog_type);
@@ -130,7 +147,8 @@ pub fn prog_load(
         bpf(BPF_PROG_LOAD, &mut attr).map(owned)
     };
     // First without a log (fast); on failure again with one, for the reason.
-    load(0, &mut log).or_else(|_| {
+    load(0, &mut []).or_else(|_| {
+        let mut log = vec![0u8; log_size];
         load(1, &mut log).map_err(|errno| {
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
             LoadError { errno, verifier_log: String::from_utf8_lossy(&log[..end]).into_owned() }
@@ -168,13 +186,17 @@ pub struct LinkInfo {
     /// For cgroup links: the cgroup's id (its directory's inode number) and the attach type.
     pub cgroup_id: u64,
     pub attach_type: u32,
+    /// For TCX links: the interface index (0 once detached).
+    pub tcx_ifindex: u32,
 }
 
 pub const BPF_LINK_TYPE_NETFILTER: u32 = 10;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union: cgroup is
-    // { u64 cgroup_id; u32 attach_type; }, netfilter is { u32 pf, hooknum; s32 priority; u32 flags; }.
+    // { u64 cgroup_id; u32 attach_type; }, netfilter is { u32 pf, hooknum; s32 priority; u32 flags; },
+    // tcx is { u32 ifindex; u32 attach_type; }.
     let mut info = [0u8; 128];
     obj_info(link, &mut info)?;
     Ok(LinkInfo {
@@ -184,6 +206,7 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         netfilter: (get_u32(&info, 16), get_u32(&info, 20), get_u32(&info, 24) as i32),
         cgroup_id: u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
         attach_type: get_u32(&info, 24),
+        tcx_ifindex: get_u32(&info, 16),
     })
 }
 
@@ -231,6 +254,46 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], ctx: &[u8]) -> io::Resul
     }
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok(get_u32(&attr, 4)) // retval
+}
+
+/// Creates a map (no BTF): `BPF_MAP_CREATE` with `name` cut to 15 bytes.
+pub fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, name: &str) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, map_type);
+    put_u32(&mut attr, 4, key_size);
+    put_u32(&mut attr, 8, value_size);
+    put_u32(&mut attr, 12, max_entries);
+    let short = &name.as_bytes()[..name.len().min(15)];
+    attr[28..28 + short.len()].copy_from_slice(short); // map_name
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (flags `BPF_ANY`); `key` and `value` must have the map's sizes.
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
+    put_u64(&mut attr, 8, key.as_ptr() as u64);
+    put_u64(&mut attr, 16, value.as_ptr() as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` into `value`, which must have the map's value size.
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
+    put_u64(&mut attr, 8, key.as_ptr() as u64);
+    put_u64(&mut attr, 16, value.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
+}
+
+/// The parts of `struct bpf_map_info` node-manager reads: (value size, BTF object id; 0 when the
+/// map was created without BTF).
+pub fn map_value_size_and_btf_id(map: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // type, id, key_size, value_size, max_entries, map_flags (u32 each), name[16], ifindex,
+    // btf_vmlinux_value_type_id (u32), netns_dev, netns_ino (u64), btf_id (u32).
+    let mut info = [0u8; 80];
+    obj_info(map, &mut info)?;
+    Ok((get_u32(&info, 12), get_u32(&info, 64)))
 }
 
 /// The kernel's id of a loaded program (`struct bpf_prog_info.id`).

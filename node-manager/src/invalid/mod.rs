@@ -203,21 +203,29 @@ pub struct DropInvalid {
     pub mode: Mode,
     pub reason: Reason,
     bpf: Option<bpf::Prepared>,
+    /// The verifier's verdict on the bpf mode's programs, when they were loaded.
+    pub bpf_load: Option<Result<(), String>>,
 }
 
 impl DropInvalid {
     /// Chooses the mode, installs it, records it in the pinned config and removes the others'
     /// leftovers. A mode that cannot work here is a [`NotPossible`] error (configuration).
     pub fn start(requested: Requested, datapath: &mut Datapath) -> Result<DropInvalid> {
-        let mut prepared = None;
+        let (mut prepared, mut bpf_load) = (None, None);
         let (mode, reason) = choose(requested, |mode| match mode {
-            Mode::Bpf => bpf::prepare(datapath).map(|p| prepared = Some(p)),
+            Mode::Bpf => {
+                // What the kernel lacks, named, before the verifier is asked.
+                crate::datapath::probe::drop_invalid_bpf(datapath.probes())?;
+                let loaded = bpf::prepare(datapath);
+                bpf_load = Some(loaded.as_ref().map(|_| ()).map_err(Clone::clone));
+                loaded.map(|p| prepared = Some(p))
+            }
             Mode::Nftables => nft::probe(),
             Mode::Iptables => iptables::probe(),
             Mode::Liberal => liberal::probe(),
         })
         .map_err(NotPossible)?;
-        let mut this = DropInvalid { mode, reason, bpf: prepared.filter(|_| mode == Mode::Bpf) };
+        let mut this = DropInvalid { mode, reason, bpf: prepared.filter(|_| mode == Mode::Bpf), bpf_load };
         tracing::info!(mode = %mode, why = describe(mode, reason.code()), "drop-invalid: mode chosen");
         let config = datapath.ct_config()?;
         datapath.set_ct_config(node_manager_common::CtConfig { mode: mode.code(), reason: reason.code(), ..config })?;
@@ -228,6 +236,11 @@ impl DropInvalid {
             }
         }
         Ok(this)
+    }
+
+    /// The mode and why, in words (for the kernel-feature report).
+    pub fn summary(&self) -> (String, String) {
+        (self.mode.to_string(), describe(self.mode, self.reason.code()))
     }
 
     /// Installs the mechanism, or repairs it if something removed or changed it behind our back.

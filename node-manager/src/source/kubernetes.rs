@@ -274,7 +274,13 @@ enum Kind {
 }
 
 /// Watches until the process ends, publishing snapshots on `tx`.
-pub async fn watch(client: Client, node_name: String, tx: watch::Sender<Option<Snapshot>>, readiness: Readiness) {
+pub async fn watch(
+    client: Client,
+    node_name: String,
+    tx: watch::Sender<Option<Snapshot>>,
+    readiness: Readiness,
+    telemetry: std::sync::Arc<crate::metrics::Telemetry>,
+) {
     let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
     let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Node>(&()));
     let strip = |o: &mut DynamicObject| o.metadata.managed_fields = None;
@@ -308,6 +314,7 @@ pub async fn watch(client: Client, node_name: String, tx: watch::Sender<Option<S
                     }
                     Err(e) => {
                         tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, entries stay in force");
+                        telemetry.watch_restarted(kind);
                         readiness.set(ReadyState::Unreachable(format!("{kind} watch: {e}")));
                     }
                 }

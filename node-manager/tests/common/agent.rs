@@ -83,13 +83,24 @@ impl Scratch {
     /// `node-manager <args> --bpffs <ours>` in the node namespace (`run` and `cleanup` also get
     /// `--cgroup-path <ours>` unless `args` has one).
     pub fn nm(&self, args: &[&str]) -> Command {
+        self.nm_with(Path::new(BIN), &[], args)
+    }
+
+    /// Like `nm`, but runs `bin` (another build of the agent), behind `wrapper` (for example
+    /// `setpriv ...`) when it is not empty.
+    pub fn nm_with(&self, bin: &Path, wrapper: &[&str], args: &[&str]) -> Command {
         let mut cmd = match &self.node_netns {
             Some(netns) => {
                 let mut cmd = Command::new("nsenter");
-                cmd.arg(format!("--net={}", netns.display())).arg("--").arg(BIN);
+                cmd.arg(format!("--net={}", netns.display())).arg("--").args(wrapper).arg(bin);
                 cmd
             }
-            None => Command::new(BIN),
+            None if wrapper.is_empty() => Command::new(bin),
+            None => {
+                let mut cmd = Command::new(wrapper[0]);
+                cmd.args(&wrapper[1..]).arg(bin);
+                cmd
+            }
         };
         cmd.args(args).arg("--bpffs").arg(&self.bpffs);
         if matches!(args.first(), Some(&"run" | &"cleanup")) && !args.contains(&"--cgroup-path") {
@@ -136,12 +147,26 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(scratch: &Scratch, args: &[&str]) -> Agent {
-        let log = scratch.file("agent.log");
+        Self::start_with_env(scratch, args, &[])
+    }
+
+    pub fn start_with_env(scratch: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Self::start_bin_env(scratch, Path::new(BIN), args, env, "agent.log")
+    }
+
+    /// Runs `bin` (another build of the agent) with `args`, logging to `log_name`.
+    pub fn start_bin(scratch: &Scratch, bin: &Path, args: &[&str], log_name: &str) -> Agent {
+        Self::start_bin_env(scratch, bin, args, &[], log_name)
+    }
+
+    fn start_bin_env(scratch: &Scratch, bin: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Agent {
+        let log = scratch.file(log_name);
         let mut full = vec!["run"];
         full.extend_from_slice(args);
         let child = scratch
-            .nm(&full)
+            .nm_with(bin, &[], &full)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -210,4 +235,24 @@ status:
         e4 = lab::EXTERNAL_V4,
         e6 = lab::EXTERNAL_V6,
     )
+}
+
+/// A plain HTTP/1.1 GET (in the caller's network namespace): (status, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("no status line")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The address the agent's metrics server bound (`--metrics-addr 127.0.0.1:0`), from its log.
+pub fn metrics_addr(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("serving /metrics"))
+        .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok())
 }

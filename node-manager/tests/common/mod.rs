@@ -1,4 +1,9 @@
 #![allow(dead_code)]
 pub mod agent;
+pub mod capacity;
 pub mod deploy;
 pub mod frames;
+pub mod kernel;
+pub mod model;
+pub mod scale;
+pub mod stable;

@@ -1,10 +1,9 @@
-//! Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN), for a hit and a miss, with
-//! 1, 10,000 and 100,000 frontends in the map, side by side with an empty program (the
-//! floor: what any TC program costs to enter). Run as root:
-//! `cargo run --release -p node-manager --example bench_datapath [-- --quick]`.
+//! Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN) for a hit and a miss at N
+//! frontends, side by side with an empty TC program (the floor: what entering any program
+//! costs).
 //!
 //! The kernel runs the program `repeat` times on the same skb, so a rewritten frame would be a
-//! miss from the second run on. The bench therefore also maps the cluster address back to the
+//! miss from the second run on. The map therefore also maps the cluster address back to the
 //! external one: every repetition is a real hit (external→cluster, then cluster→external).
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,38 +20,43 @@ use node_manager::{
 };
 use node_manager_common::program_names;
 
+use crate::{interrupt, stats::Summary};
+
 const POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const CLUSTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const PORT: u16 = 8080;
 
-fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let (repeat, rounds) = if quick { (20_000, 3) } else { (1_000_000, 7) };
+/// ns per packet at one N.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgCost {
+    pub hit: Summary,
+    pub miss: Summary,
+    pub empty: Summary,
+}
+
+/// Measures each N in `ns`: `rounds` runs of `repeat` repetitions each for the hit, the miss
+/// and the empty program; fails if the hit or miss path never ran.
+pub fn measure_all(ns: &[usize], repeat: u32, rounds: usize) -> Result<BTreeMap<usize, ProgCost>> {
     let mut dp = Datapath::load_unpinned().context("loading the datapath (run as root)")?;
-    dp.sync_pod_cidrs(&BTreeSet::from(["192.0.2.0/25".parse()?]))?;
+    dp.sync_pod_cidrs(&BTreeSet::from([lab::POD_CIDR_V4.parse()?]))?;
     let empty = EmptyProgram::load()?;
     let hit = tcp_frame(EXT, PORT);
     let miss = tcp_frame(EXT, PORT + 1); // known address, unknown port: a full lookup that misses
-
-    println!(
-        "per-packet cost, pod ingress program, BPF_PROG_TEST_RUN ({repeat} repetitions × {rounds} rounds; median [min–max] ns)"
-    );
-    println!("{:>9}  {:>22}  {:>22}  {:>22}  {:>8}", "frontends", "hit", "miss", "empty program", "hit/empty");
-    let mut first_hit = None;
-    for n in [1usize, 10_000, 100_000] {
+    let mut out = BTreeMap::new();
+    for &n in ns {
+        interrupt::check()?;
         dp.sync_frontends(&frontends(n))?;
         let h = measure(rounds, || run(&mut dp, &hit, repeat))?;
         let m = measure(rounds, || run(&mut dp, &miss, repeat))?;
         let e = measure(rounds, || empty.run(&hit, repeat))?;
-        first_hit.get_or_insert(h.median);
-        println!("{n:>9}  {:>22}  {:>22}  {:>22}  {:>8.2}", h.show(), m.show(), e.show(), h.median / e.median);
+        out.insert(n, ProgCost { hit: h, miss: m, empty: e });
     }
     let counters: BTreeMap<_, _> = dp.counters()?.into_iter().collect();
     if counters["rewrite_ingress_v4"].packets == 0 || counters["pass_no_frontend"].packets == 0 {
         bail!("broken measurement: the hit or the miss path never ran ({counters:?})");
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `n` frontends; the last-listed one (highest port of the last address) is the one hit.
@@ -82,25 +86,9 @@ fn run(dp: &mut Datapath, frame: &[u8], repeat: u32) -> Result<Duration> {
     Ok(r.duration)
 }
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn show(&self) -> String {
-        format!("{:.1} [{:.1}–{:.1}]", self.median, self.min, self.max)
-    }
-}
-
-fn measure(rounds: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Stats> {
-    let mut ns: Vec<f64> = (0..rounds).map(|_| f().map(|d| d.as_nanos() as f64)).collect::<Result<_>>()?;
-    ns.sort_by(f64::total_cmp);
-    if ns.iter().any(|v| !v.is_finite() || *v <= 0.0) {
-        bail!("broken measurement: {ns:?}");
-    }
-    Ok(Stats { median: ns[ns.len() / 2], min: ns[0], max: ns[ns.len() - 1] })
+fn measure(rounds: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Summary> {
+    let ns: Vec<f64> = (0..rounds).map(|_| f().map(|d| d.as_nanos() as f64)).collect::<Result<_>>()?;
+    Summary::of(&ns).filter(Summary::is_sane).with_context(|| format!("broken measurement: {ns:?}"))
 }
 
 fn tcp_frame(dst: Ipv4Addr, dport: u16) -> Vec<u8> {

@@ -1,0 +1,345 @@
+//! B: the node-manager agent binary in a lab's node namespace, attached to that lab's pod
+//! interface, fed by `fake-apiserver` (the Kubernetes source, as deployed), with a private
+//! bpffs and an empty test cgroup for its socket hooks.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use fake_apiserver::FakeApiServer;
+use lab::{Lab, Ns};
+use node_manager::{
+    datapath::maps,
+    model::{FrontendAddr, Protocol},
+};
+use node_manager_common::{Counter, Frontend, FrontendKey, map_names};
+use serde_json::json;
+
+use crate::{interrupt, services};
+
+/// How long an agent may take from start to its first map sync (100,000 Services included).
+const SYNC_WITHIN: Duration = Duration::from_secs(180);
+const CHANGE_WITHIN: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(2);
+
+/// A private bpffs and an empty cgroup; `node-manager cleanup` against both, unmount and
+/// removal on drop.
+struct Scratch {
+    dir: PathBuf,
+    cgroup: PathBuf,
+    bin: PathBuf,
+}
+
+impl Scratch {
+    fn new(bin: &Path) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("nm-bench-{}", std::process::id()));
+        fs::create_dir_all(dir.join("bpffs")).with_context(|| format!("creating {}", dir.display()))?;
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let root = node_manager::datapath::cgroup::cgroup2_mount_in(&mountinfo).context("no cgroup v2 mount")?;
+        // Named like the tests' cgroups, so `cargo xtask test` reports it if it is left over.
+        let cgroup = root.join(format!("nml-test-bench-{}", std::process::id()));
+        let scratch = Scratch { dir, cgroup, bin: bin.to_owned() };
+        let mounted = Command::new("mount").args(["-t", "bpf", "bpffs"]).arg(scratch.bpffs()).status()?.success();
+        if !mounted {
+            bail!("mounting a bpffs at {} (run as root)", scratch.bpffs().display());
+        }
+        fs::create_dir(&scratch.cgroup).with_context(|| format!("creating cgroup {}", scratch.cgroup.display()))?;
+        Ok(scratch)
+    }
+
+    fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    fn map_pin(&self, name: &str) -> PathBuf {
+        self.bpffs().join("node-manager/v1/maps").join(name)
+    }
+
+    /// Removes every program, link and pin an agent left (as after a stop).
+    fn cleanup(&self) -> Result<()> {
+        let out = Command::new(&self.bin)
+            .args(["cleanup", "--bpffs"])
+            .arg(self.bpffs())
+            .arg("--cgroup-path")
+            .arg(&self.cgroup)
+            .output()?;
+        if !out.status.success() {
+            bail!("node-manager cleanup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            eprintln!("bench: {e:#}");
+        }
+        let _ = Command::new("umount").arg(self.bpffs()).status();
+        if self.cgroup.exists()
+            && let Err(e) = fs::remove_dir(&self.cgroup)
+        {
+            eprintln!("bench: removing cgroup {}: {e}", self.cgroup.display());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// SIGTERM, then SIGKILL if it has not exited within 5 s.
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Drop kills.
+    }
+
+    /// The agent's `frontends synced` log lines, decoded.
+    fn syncs(&self) -> Vec<SyncLine> {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        strip_ansi(&text).lines().filter_map(SyncLine::parse).collect()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `frontends synced` line of the agent's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SyncLine {
+    frontends: usize,
+    elapsed: Duration,
+}
+
+impl SyncLine {
+    fn parse(line: &str) -> Option<SyncLine> {
+        if !line.contains("frontends synced") {
+            return None;
+        }
+        let field = |name: &str| -> Option<u64> {
+            line.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        };
+        Some(SyncLine { frontends: field("frontends")? as usize, elapsed: Duration::from_micros(field("elapsed_us")?) })
+    }
+}
+
+/// The log is coloured even into a file: drop the ANSI escape sequences.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An agent started from nothing (no pins) with N Services in the API server.
+#[derive(Clone, Copy, Debug)]
+pub struct Start {
+    /// Agent start → its log says the maps hold all N Services' entries (programs loaded,
+    /// Services and Node listed, model computed, maps written).
+    pub end_to_end: Duration,
+    /// Of which the model and the map writes (the agent's own `elapsed_us`).
+    pub sync: Duration,
+    /// VmRSS right after that sync, KiB.
+    pub rss_kib: u64,
+}
+
+/// One more Service created in the API server while the agent holds N.
+#[derive(Clone, Copy, Debug)]
+pub struct Change {
+    /// API write → the new entry is in the pinned map.
+    pub end_to_end: Duration,
+    /// Of which the model and the map diff-write (the agent's `elapsed_us`).
+    pub sync: Duration,
+}
+
+/// The agent side of the benchmark, in one lab.
+pub struct AgentSide<'a> {
+    // Dropped in this order: the agent, then the API server, then the pins and cgroup.
+    agent: Option<AgentProcess>,
+    server: Option<FakeApiServer>,
+    scratch: Scratch,
+    lab: &'a Lab,
+    bin: PathBuf,
+    frontends: Option<HashMap<MapData, FrontendKey, Frontend>>,
+    starts: u32,
+}
+
+impl<'a> AgentSide<'a> {
+    pub fn new(lab: &'a Lab, bin: &Path) -> Result<AgentSide<'a>> {
+        Ok(AgentSide {
+            agent: None,
+            server: None,
+            scratch: Scratch::new(bin)?,
+            lab,
+            bin: bin.to_owned(),
+            frontends: None,
+            starts: 0,
+        })
+    }
+
+    /// Stops the agent (the datapath stays, as in production) and removes its datapath.
+    pub fn stop_and_clean(&mut self) -> Result<()> {
+        self.frontends = None;
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
+        self.scratch.cleanup()
+    }
+
+    /// A new API server in the node namespace holding this lab's Node and `svcs`.
+    pub fn serve(&mut self, svcs: &[services::Svc]) -> Result<()> {
+        self.stop_and_clean()?;
+        self.server = None;
+        let server = lab::in_netns(self.lab.netns_path(Ns::Node), || Ok(FakeApiServer::start()?))
+            .context("starting fake-apiserver in the node namespace")?;
+        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": services::NODE},
+                            "spec": {"podCIDRs": [lab::POD_CIDR_V4]}}));
+        for svc in svcs {
+            server.apply(svc.to_json());
+        }
+        fs::write(self.scratch.dir.join("kubeconfig"), server.kubeconfig())?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Removes any datapath, starts the agent and waits for its first sync, which must hold
+    /// `expected` frontends.
+    pub fn start_from_nothing(&mut self, expected: usize) -> Result<Start> {
+        self.stop_and_clean()?;
+        self.starts += 1;
+        let log = self.scratch.dir.join(format!("agent-{}.log", self.starts));
+        let started = Instant::now();
+        let child = self
+            .lab
+            .command(Ns::Node, &self.bin)
+            .args(["run", "--node-name", services::NODE, "--kubeconfig"])
+            .arg(self.scratch.dir.join("kubeconfig"))
+            .arg("--bpffs")
+            .arg(self.scratch.bpffs())
+            .arg("--cgroup-path")
+            .arg(&self.scratch.cgroup)
+            .args(["--external-cluster", "true", "--drop-invalid-input", "false", "--resync-period", "1h"])
+            .args(["--pod-interfaces", self.lab.pod_host_if()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let agent = self.agent.insert(AgentProcess { child, log: log.clone() });
+        let sync = loop {
+            if let Some(first) = agent.syncs().first() {
+                break *first;
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                bail!("the agent exited ({status}):\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            if started.elapsed() > SYNC_WITHIN {
+                bail!("no map sync within {SYNC_WITHIN:?}:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            interrupt::check()?;
+            std::thread::sleep(POLL);
+        };
+        let end_to_end = started.elapsed();
+        let rss_kib = vm_rss_kib(agent.child.id())?;
+        if sync.frontends != expected {
+            bail!("the agent synced {} frontends, expected {expected}", sync.frontends);
+        }
+        let data = MapData::from_pin(self.scratch.map_pin(map_names::FRONTENDS)).context("opening the pinned map")?;
+        let map = HashMap::try_from(Map::HashMap(data))?;
+        let in_map = map.keys().count();
+        if in_map != expected {
+            bail!("the pinned map holds {in_map} frontends, expected {expected}");
+        }
+        self.frontends = Some(map);
+        Ok(Start { end_to_end, sync: sync.elapsed, rss_kib })
+    }
+
+    /// Creates `svc` in the API server and waits for its entry in the pinned map.
+    pub fn change(&mut self, svc: &services::Svc) -> Result<Change> {
+        let (Some(agent), Some(server), Some(map)) = (&self.agent, &self.server, &self.frontends) else {
+            bail!("no agent running");
+        };
+        let key =
+            maps::frontend_key(&FrontendAddr { addr: svc.lb.into(), port: svc.ports[0], protocol: Protocol::Tcp });
+        let before = agent.syncs().len();
+        let started = Instant::now();
+        server.apply(svc.to_json());
+        while map.get(&key, 0).is_err() {
+            if started.elapsed() > CHANGE_WITHIN {
+                bail!("Service {} never reached the map", svc.key());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let end_to_end = started.elapsed();
+        // The log line follows the map write.
+        let sync = loop {
+            let syncs = agent.syncs();
+            if syncs.len() > before {
+                break syncs[syncs.len() - 1];
+            }
+            if started.elapsed() > CHANGE_WITHIN {
+                bail!("no `frontends synced` line after Service {}", svc.key());
+            }
+            std::thread::sleep(POLL);
+        };
+        // Further apart than the source's coalescing window, so the next change is published
+        // at once: this measures the path, not the throttle.
+        std::thread::sleep(node_manager::source::kubernetes::COALESCE + Duration::from_millis(10));
+        Ok(Change { end_to_end, sync: sync.elapsed })
+    }
+
+    /// Packets the pod ingress program rewrote (IPv4), which shows the pod's connections went
+    /// through the agent's datapath.
+    pub fn rewrites(&self) -> Result<u64> {
+        let data = MapData::from_pin(self.scratch.map_pin(map_names::COUNTERS)).context("opening the counters")?;
+        let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+        let all = maps::read_counters(&counters)?;
+        all.iter().find(|(name, _)| *name == "rewrite_ingress_v4").map(|(_, c)| c.packets).context("no such counter")
+    }
+}
+
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("malformed VmRSS")?.parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sync_lines() {
+        let line = "2026-11-22T03:49:30.1Z  \x1b[32m INFO\x1b[0m \x1b[2mnode_manager::agent\x1b[0m\x1b[2m:\x1b[0m frontends synced \x1b[3mfrontends\x1b[0m\x1b[2m=\x1b[0m10250 \x1b[3madded\x1b[0m\x1b[2m=\x1b[0m10250 \x1b[3melapsed_us\x1b[0m\x1b[2m=\x1b[0m23000";
+        let parsed = SyncLine::parse(&strip_ansi(line)).unwrap();
+        assert_eq!(parsed, SyncLine { frontends: 10250, elapsed: Duration::from_millis(23) });
+        assert_eq!(SyncLine::parse("datapath loaded"), None);
+    }
+}

@@ -1,0 +1,289 @@
+//! The test bed: one identical lab per side, so no side's rules or programs are in another's
+//! path, and the measurements at one N, interleaved round by round.
+//!
+//! Every lab's endpoint namespace runs a connection sink and an iperf3 server on two extra
+//! ports of the Service, and also holds the cluster IP itself: network-node-manager's DNAT
+//! turns EXT into the cluster IP, and the lab's kube-proxy (nftables DNAT, like kube-proxy's
+//! iptables/nftables modes) cannot translate a connection a second time, where IPVS would
+//! forward it to the endpoint. So A reaches the endpoint with one translation and B and C
+//! with kube-proxy's; A is spared the second one.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use lab::{Lab, Ns};
+
+use crate::{
+    agent::AgentSide,
+    baseline::{Backend, Baseline},
+    conn::{self, Sink},
+    interrupt,
+    iperf::{self, IperfServer},
+    results::{ConnSample, Plan, Results, Variant},
+    services::{self, CONN_PORT, IPERF_PORT},
+};
+
+/// One lab per side, with its sink and iperf3 server.
+pub struct Labs {
+    // Servers before labs: they stop before their namespaces go.
+    servers: Vec<(Sink, IperfServer)>,
+    labs: BTreeMap<Variant, Lab>,
+}
+
+impl Labs {
+    pub fn new() -> Result<Labs> {
+        let mut labs = BTreeMap::new();
+        let mut servers = Vec::new();
+        for v in Variant::ALL {
+            let lab = Lab::new().with_context(|| format!("building the lab for {}", v.label()))?;
+            lab.add_service_port(CONN_PORT)?;
+            lab.add_service_port(IPERF_PORT)?;
+            let out = lab
+                .command(Ns::Ep, "ip")
+                .args(["addr", "add", &format!("{}/32", lab::CLUSTER_V4), "dev", "lo"])
+                .output()?;
+            anyhow::ensure!(out.status.success(), "binding the cluster IP at the endpoint: {out:?}");
+            if v == Variant::CMasq {
+                // kube-proxy's KUBE-MARK-MASQ for every connection to the cluster IP, before its DNAT.
+                let rule = format!("ip daddr {} meta mark set meta mark | 0x4000", lab::CLUSTER_V4);
+                let out = lab
+                    .command(Ns::Node, "nft")
+                    .args(["insert", "rule", "inet", lab::NFT_TABLE, "services"])
+                    .args(rule.split(' '))
+                    .output()?;
+                anyhow::ensure!(out.status.success(), "adding the masquerade mark for C′: {out:?}");
+            }
+            let ep = lab.netns_path(Ns::Ep);
+            servers.push((Sink::start(&ep, CONN_PORT)?, IperfServer::start(&ep, IPERF_PORT)?));
+            labs.insert(v, lab);
+        }
+        Ok(Labs { servers, labs })
+    }
+
+    fn get(&self, v: Variant) -> &Lab {
+        &self.labs[&v]
+    }
+
+    /// Connections the sink of `v`'s lab has accepted so far.
+    fn accepted(&self, v: Variant) -> u64 {
+        let k = Variant::ALL.iter().position(|x| *x == v).expect("every variant has a lab");
+        self.servers[k].0.accepted()
+    }
+}
+
+/// Where the pod connects: the cluster IP for C and C′, the external IP otherwise.
+fn target(v: Variant, port: u16) -> SocketAddr {
+    let ip: IpAddr = match v {
+        Variant::C | Variant::CMasq => lab::CLUSTER_V4.into(),
+        Variant::A(_) | Variant::B => lab::EXTERNAL_V4.into(),
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// The order of the sides in round `round`: rotated, so none is always first or last.
+fn order(round: usize) -> Vec<Variant> {
+    let mut vs = Variant::ALL.to_vec();
+    let by = round % vs.len();
+    vs.rotate_left(by);
+    vs
+}
+
+pub struct Bed<'a> {
+    labs: &'a Labs,
+    agent: AgentSide<'a>,
+}
+
+impl<'a> Bed<'a> {
+    pub fn new(labs: &'a Labs, bin: &Path) -> Result<Bed<'a>> {
+        Ok(Bed { labs, agent: AgentSide::new(labs.get(Variant::B), bin)? })
+    }
+
+    fn baseline(&self, backend: Backend) -> Baseline<'a> {
+        Baseline::new(self.labs.get(Variant::A(backend)), backend)
+    }
+
+    /// Every side-by-side figure at `n`.
+    pub fn measure(&mut self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
+        let svcs = services::services(n);
+        println!("\nN = {n}");
+        for backend in Backend::ALL {
+            let a = self.baseline(backend);
+            let times = (0..plan.apply_rounds).map(|_| a.load(&svcs)).collect::<Result<Vec<_>>>()?;
+            println!("  apply {n}, iptables-restore ({}): {}", backend.iptables(), show_ms(&times));
+            r.restore_apply.insert((n, backend), times);
+        }
+        self.agent_starts(n, &svcs, plan, r)?;
+        self.traffic(n, plan, r)?;
+        self.check_paths(n, r)?;
+        self.changes(n, plan, r)?;
+        for backend in Backend::ALL {
+            let per_rule = self.baseline(backend).apply_all_per_rule(&svcs, plan.per_rule_budget)?;
+            println!(
+                "  apply {n}, one iptables exec per rule ({}): {} of {n} Services in {:.2} s",
+                backend.iptables(),
+                per_rule.done,
+                per_rule.elapsed.as_secs_f64()
+            );
+            r.per_rule_apply.insert((n, backend), per_rule);
+        }
+        Ok(())
+    }
+
+    /// node-manager alone at `n` (apply, one change, memory).
+    pub fn measure_agent_only(&mut self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
+        println!("\nN = {n} (node-manager only)");
+        let svcs = services::services(n);
+        self.agent_starts(n, &svcs, plan, r)?;
+        self.agent_changes(n, plan, r)
+    }
+
+    fn agent_starts(&mut self, n: usize, svcs: &[services::Svc], plan: &Plan, r: &mut Results) -> Result<()> {
+        self.agent.serve(svcs)?;
+        let want = services::expected_frontends(n);
+        let starts = (0..plan.apply_rounds).map(|_| self.agent.start_from_nothing(want)).collect::<Result<Vec<_>>>()?;
+        let e2e: Vec<Duration> = starts.iter().map(|s| s.end_to_end).collect();
+        let sync: Vec<Duration> = starts.iter().map(|s| s.sync).collect();
+        println!(
+            "  apply {n}, node-manager: start → synced {}, of which model + map writes {}; RSS {} MiB",
+            show_ms(&e2e),
+            show_ms(&sync),
+            starts.last().map_or(0, |s| s.rss_kib / 1024)
+        );
+        r.agent_start.insert(n, starts);
+        Ok(())
+    }
+
+    /// Connection loops, then iperf3, every side once per round.
+    fn traffic(&self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
+        for round in 0..plan.rounds {
+            for v in order(round) {
+                interrupt::check()?;
+                let pod = self.labs.get(v).netns_path(Ns::Pod);
+                let run = conn::connect_loop(&pod, target(v, CONN_PORT), plan.conn_time)
+                    .with_context(|| format!("N = {n}, {}", v.label()))?;
+                println!(
+                    "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  p99 {:>7.1} µs  ({} failed)",
+                    v.label(),
+                    run.rate(),
+                    run.median_us(),
+                    run.p99_us(),
+                    run.errors
+                );
+                let sample = ConnSample {
+                    rate: run.rate(),
+                    median_us: run.median_us(),
+                    p99_us: run.p99_us(),
+                    connections: run.connections,
+                    errors: run.errors,
+                };
+                r.conn.entry((n, v)).or_default().push(sample);
+            }
+        }
+        for round in 0..plan.rounds {
+            for v in order(round) {
+                interrupt::check()?;
+                let pod = self.labs.get(v).netns_path(Ns::Pod);
+                let bps = iperf::run(&pod, target(v, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
+                    .with_context(|| format!("N = {n}, {}", v.label()))?;
+                println!("  round {round} {:<24} {:>8.2} Gbit/s", v.label(), bps / 1e9);
+                r.iperf.entry((n, v)).or_default().push(bps);
+            }
+        }
+        Ok(())
+    }
+
+    /// Evidence that A's connections went through its rules and B's through the agent, and
+    /// that every side's reached the endpoint.
+    fn check_paths(&self, n: usize, r: &mut Results) -> Result<()> {
+        for v in Variant::ALL {
+            let samples = &r.conn[&(n, v)];
+            let made: u64 = samples.iter().map(|c| c.connections).sum();
+            let failed: u64 = samples.iter().map(|c| c.errors).sum();
+            let accepted = self.labs.accepted(v);
+            r.path_checks.push(format!(
+                "N = {n}, {}: {made} connections made, {failed} failed; the endpoint's sink has accepted {accepted} in all",
+                v.label()
+            ));
+            anyhow::ensure!(accepted > 0, "{} at N = {n}: the endpoint accepted nothing", v.label());
+        }
+        for backend in Backend::ALL {
+            let packets = self.baseline(backend).target_dnat_packets(n)?;
+            let conns: u64 = r.conn[&(n, Variant::A(backend))].iter().map(|c| c.connections).sum();
+            r.path_checks.push(format!(
+                "N = {n}, {}: the target's DNAT rule counted {packets} new connections (the loop made {conns}, plus iperf3's)",
+                backend.iptables()
+            ));
+            anyhow::ensure!(
+                packets >= conns,
+                "A ({}) at N = {n}: DNAT counted {packets} < {conns}",
+                backend.iptables()
+            );
+        }
+        let rewrites = self.agent.rewrites()?;
+        let conns: u64 = r.conn[&(n, Variant::B)].iter().map(|c| c.connections).sum();
+        r.path_checks.push(format!(
+            "N = {n}, node-manager: the pod ingress program rewrote {rewrites} packets (the loop made {conns} connections of 3 packets each, plus iperf3's)"
+        ));
+        anyhow::ensure!(rewrites >= 3 * conns, "B at N = {n}: {rewrites} rewrites < 3 × {conns} connections");
+        Ok(())
+    }
+
+    /// One more Service at N: network-node-manager's way and iptables-restore on each
+    /// backend, and node-manager.
+    fn changes(&mut self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
+        // Fillers past the N - 1 in place: new names, new (IP, port) pairs.
+        let mut next = n - 1;
+        for backend in Backend::ALL {
+            let a = self.baseline(backend);
+            let mut per_rule = Vec::new();
+            let mut restore = Vec::new();
+            for _ in 0..plan.iptables_changes {
+                interrupt::check()?;
+                let started = Instant::now();
+                a.apply_per_rule(&services::filler(next))?;
+                per_rule.push(started.elapsed());
+                restore.push(a.restore(&services::append_ruleset(&services::filler(next + 1)), true)?);
+                next += 2;
+            }
+            println!(
+                "  one change at {n} ({}): per rule {}, iptables-restore --noflush {}",
+                backend.iptables(),
+                show_ms(&per_rule),
+                show_ms(&restore)
+            );
+            r.per_rule_change.insert((n, backend), per_rule);
+            r.restore_change.insert((n, backend), restore);
+        }
+        self.agent_changes(n, plan, r)
+    }
+
+    fn agent_changes(&mut self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
+        let mut changes = Vec::new();
+        for k in 0..plan.agent_changes {
+            interrupt::check()?;
+            changes.push(self.agent.change(&services::filler(n - 1 + k))?);
+        }
+        let e2e: Vec<Duration> = changes.iter().map(|c| c.end_to_end).collect();
+        let sync: Vec<Duration> = changes.iter().map(|c| c.sync).collect();
+        println!(
+            "  one change at {n} (node-manager): API write → map {}, of which model + map diff {}",
+            show_ms(&e2e),
+            show_ms(&sync)
+        );
+        r.agent_change.insert(n, changes);
+        Ok(())
+    }
+}
+
+/// "median [min–max] ms".
+fn show_ms(times: &[Duration]) -> String {
+    match crate::stats::Summary::of_durations(times, crate::stats::Unit::Millis) {
+        Some(s) => format!("{:.1} ms [{:.1}–{:.1}]", s.median, s.min, s.max),
+        None => "-".into(),
+    }
+}

@@ -1,0 +1,165 @@
+//! What one run measured, and the plan it followed.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{
+    agent::{Change, Start},
+    baseline::{Backend, PerRule},
+    machine::Machine,
+    prog_cost::ProgCost,
+    stats::{Summary, Unit, ratios},
+};
+
+/// The three sides: A (network-node-manager's rules, per iptables backend), B (node-manager),
+/// C (the floor: the pod talks to the cluster IP directly, nothing rewritten); and C′, the
+/// floor with masquerading, which A and B do (KUBE-MARK-MASQ) and C does not: B/C′ is the
+/// cost of the eBPF rewrite alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Variant {
+    C,
+    CMasq,
+    A(Backend),
+    B,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 5] =
+        [Variant::C, Variant::CMasq, Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::B];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::C => "C: no rewrite",
+            Variant::CMasq => "C′: no rewrite, masqueraded",
+            Variant::A(Backend::Legacy) => "A: nnm, iptables-legacy",
+            Variant::A(Backend::Nft) => "A: nnm, iptables-nft",
+            Variant::B => "B: node-manager",
+        }
+    }
+}
+
+/// The sizes, durations and repetitions of a run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    /// N for the side-by-side figures.
+    pub ns: Vec<usize>,
+    /// Further N for node-manager alone (apply, memory, per-packet cost).
+    pub map_only: Vec<usize>,
+    pub rounds: usize,
+    pub conn_time: Duration,
+    pub iperf_secs: u32,
+    pub iperf_omit: u32,
+    pub per_rule_budget: Duration,
+    pub apply_rounds: usize,
+    pub agent_changes: usize,
+    pub iptables_changes: usize,
+    pub prog_repeat: u32,
+    pub prog_rounds: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                ns: vec![1, 1_000],
+                map_only: vec![10_000],
+                rounds: 2,
+                conn_time: Duration::from_millis(500),
+                iperf_secs: 1,
+                iperf_omit: 0,
+                per_rule_budget: Duration::from_secs(3),
+                apply_rounds: 2,
+                agent_changes: 5,
+                iptables_changes: 2,
+                prog_repeat: 20_000,
+                prog_rounds: 3,
+            }
+        } else {
+            Plan {
+                quick,
+                ns: vec![1, 1_000, 10_000],
+                map_only: vec![100_000],
+                rounds: 5,
+                conn_time: Duration::from_secs(3),
+                iperf_secs: 3,
+                iperf_omit: 1,
+                per_rule_budget: Duration::from_secs(60),
+                apply_rounds: 5,
+                agent_changes: 20,
+                iptables_changes: 3,
+                prog_repeat: 1_000_000,
+                prog_rounds: 7,
+            }
+        }
+    }
+
+    /// Every N the agent and the per-packet cost are measured at.
+    pub fn all_ns(&self) -> Vec<usize> {
+        self.ns.iter().chain(&self.map_only).copied().collect()
+    }
+}
+
+/// One round of the connection loop.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSample {
+    pub rate: f64,
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub connections: u64,
+    /// Failed connects (a run with more than a thousandth is an error).
+    pub errors: u64,
+}
+
+#[derive(Default)]
+pub struct Results {
+    pub machine: Machine,
+    /// (N, variant) → one sample per round, rounds in order.
+    pub conn: BTreeMap<(usize, Variant), Vec<ConnSample>>,
+    /// (N, variant) → bit/s per round.
+    pub iperf: BTreeMap<(usize, Variant), Vec<f64>>,
+    pub restore_apply: BTreeMap<(usize, Backend), Vec<Duration>>,
+    pub per_rule_apply: BTreeMap<(usize, Backend), PerRule>,
+    pub agent_start: BTreeMap<usize, Vec<Start>>,
+    pub restore_change: BTreeMap<(usize, Backend), Vec<Duration>>,
+    pub per_rule_change: BTreeMap<(usize, Backend), Vec<Duration>>,
+    pub agent_change: BTreeMap<usize, Vec<Change>>,
+    pub prog: BTreeMap<usize, ProgCost>,
+    /// Evidence that each side's traffic took the path it claims, one line each.
+    pub path_checks: Vec<String>,
+}
+
+impl Results {
+    pub fn conn_rates(&self, n: usize, v: Variant) -> Vec<f64> {
+        self.conn.get(&(n, v)).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
+    }
+
+    pub fn conn_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
+        Summary::of(&self.conn.get(&(n, v))?.iter().map(f).collect::<Vec<_>>())
+    }
+
+    pub fn iperf_gbit(&self, n: usize, v: Variant) -> Vec<f64> {
+        self.iperf.get(&(n, v)).map(|s| s.iter().map(|b| b / 1e9).collect()).unwrap_or_default()
+    }
+
+    /// Per-round ratio of `a` to `b` (same round, back to back) of connections per second.
+    pub fn conn_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
+        Summary::of(&ratios(&self.conn_rates(n, a), &self.conn_rates(n, b)))
+    }
+
+    pub fn iperf_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
+        Summary::of(&ratios(&self.iperf_gbit(n, a), &self.iperf_gbit(n, b)))
+    }
+
+    pub fn agent_start_summary(&self, n: usize, f: impl Fn(&Start) -> Duration, unit: Unit) -> Option<Summary> {
+        Summary::of_durations(&self.agent_start.get(&n)?.iter().map(f).collect::<Vec<_>>(), unit)
+    }
+
+    pub fn agent_change_summary(&self, n: usize, f: impl Fn(&Change) -> Duration, unit: Unit) -> Option<Summary> {
+        Summary::of_durations(&self.agent_change.get(&n)?.iter().map(f).collect::<Vec<_>>(), unit)
+    }
+
+    pub fn rss_mib(&self, n: usize) -> Option<Summary> {
+        Summary::of(&self.agent_start.get(&n)?.iter().map(|s| s.rss_kib as f64 / 1024.0).collect::<Vec<_>>())
+    }
+}

@@ -1,0 +1,154 @@
+//! What makes a run a broken measurement: a figure missing or nonsensical. Never a threshold
+//! on how fast anything is (the machines are shared and noisy).
+
+use crate::{
+    baseline::Backend,
+    results::{Plan, Results, Variant},
+    stats::{Summary, Unit},
+};
+
+/// Every problem found, one line each; empty for a sound run.
+pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
+    let mut p = Problems::default();
+    for &n in &plan.ns {
+        for v in Variant::ALL {
+            let label = v.label();
+            let rounds = r.conn.get(&(n, v)).map_or(0, Vec::len);
+            if rounds != plan.rounds {
+                p.push(format!("N = {n}, {label}: {rounds} connection rounds of {}", plan.rounds));
+            }
+            p.need(format!("N = {n}, {label}: connections/s"), r.conn_summary(n, v, |c| c.rate));
+            p.need(format!("N = {n}, {label}: connect median"), r.conn_summary(n, v, |c| c.median_us));
+            p.need(format!("N = {n}, {label}: connect p99"), r.conn_summary(n, v, |c| c.p99_us));
+            p.need(format!("N = {n}, {label}: throughput"), Summary::of(&r.iperf_gbit(n, v)));
+        }
+        for backend in Backend::ALL {
+            let b = backend.iptables();
+            let restore = r.restore_apply.get(&(n, backend)).and_then(|t| Summary::of_durations(t, Unit::Millis));
+            p.need(format!("N = {n}, {b}: iptables-restore apply"), restore);
+            let per_rule = r.per_rule_apply.get(&(n, backend));
+            let per_rule_s = per_rule.filter(|a| a.done > 0).map(|a| a.elapsed.as_secs_f64());
+            p.need(format!("N = {n}, {b}: per-rule apply"), per_rule_s.and_then(|s| Summary::of(&[s])));
+            for (what, m) in [("per-rule change", &r.per_rule_change), ("restore change", &r.restore_change)] {
+                p.need(
+                    format!("N = {n}, {b}: {what}"),
+                    m.get(&(n, backend)).and_then(|t| Summary::of_durations(t, Unit::Millis)),
+                );
+            }
+        }
+    }
+    for n in plan.all_ns() {
+        p.need(
+            format!("N = {n}, node-manager: start → synced"),
+            r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis),
+        );
+        p.need(format!("N = {n}, node-manager: sync"), r.agent_start_summary(n, |s| s.sync, Unit::Millis));
+        p.need(
+            format!("N = {n}, node-manager: change → map"),
+            r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis),
+        );
+        p.need(format!("N = {n}, node-manager: change sync"), r.agent_change_summary(n, |c| c.sync, Unit::Millis));
+        p.need(format!("N = {n}, node-manager: RSS"), r.rss_mib(n));
+        match r.prog.get(&n) {
+            None => p.push(format!("N = {n}: per-packet cost missing")),
+            Some(c) => {
+                p.need(format!("N = {n}: per-packet hit"), Some(c.hit));
+                p.need(format!("N = {n}: per-packet miss"), Some(c.miss));
+                p.need(format!("N = {n}: per-packet empty program"), Some(c.empty));
+                if c.hit.median < c.miss.median || c.miss.median < c.empty.median {
+                    p.push(format!("N = {n}: per-packet hit < miss or miss < empty program ({c:?})"));
+                }
+            }
+        }
+    }
+    if let Some(start) = r.agent_start.values().flatten().find(|s| s.sync > s.end_to_end) {
+        p.push(format!("node-manager: its sync took longer than start → synced ({start:?})"));
+    }
+    p.0
+}
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, what: String) {
+        self.0.push(what);
+    }
+
+    /// The figure must exist and be positive and finite.
+    fn need(&mut self, what: String, s: Option<Summary>) {
+        match s {
+            None => self.push(format!("{what}: missing")),
+            Some(s) if !s.is_sane() => self.push(format!("{what}: not positive and finite ({s:?})")),
+            Some(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        agent::{Change, Start},
+        baseline::PerRule,
+        prog_cost::ProgCost,
+        results::ConnSample,
+    };
+
+    fn plan() -> Plan {
+        Plan { ns: vec![1], map_only: vec![10], ..Plan::new(true) }
+    }
+
+    fn s(v: f64) -> Summary {
+        Summary { median: v, min: v, max: v, count: 1 }
+    }
+
+    /// Every figure of `plan`, sane.
+    fn complete(plan: &Plan) -> Results {
+        let mut r = Results::default();
+        let ms = Duration::from_millis(5);
+        for &n in &plan.ns {
+            for v in Variant::ALL {
+                let c = ConnSample { rate: 1e4, median_us: 40.0, p99_us: 80.0, connections: 5000, errors: 0 };
+                r.conn.insert((n, v), vec![c; plan.rounds]);
+                r.iperf.insert((n, v), vec![1e10; plan.rounds]);
+            }
+            for b in Backend::ALL {
+                r.restore_apply.insert((n, b), vec![ms]);
+                r.per_rule_apply.insert((n, b), PerRule { done: n, of: n, elapsed: ms, per_service_at_end: ms });
+                r.per_rule_change.insert((n, b), vec![ms]);
+                r.restore_change.insert((n, b), vec![ms]);
+            }
+        }
+        for n in plan.all_ns() {
+            r.agent_start.insert(n, vec![Start { end_to_end: ms * 10, sync: ms, rss_kib: 20_000 }]);
+            r.agent_change.insert(n, vec![Change { end_to_end: ms, sync: ms / 2 }]);
+            r.prog.insert(n, ProgCost { hit: s(300.0), miss: s(140.0), empty: s(40.0) });
+        }
+        r
+    }
+
+    #[test]
+    fn a_complete_run_is_sound() {
+        let plan = plan();
+        assert_eq!(problems(&plan, &complete(&plan)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn missing_or_nonsensical_figures_are_named() {
+        let plan = plan();
+        let mut r = complete(&plan);
+        r.iperf.remove(&(1, Variant::B));
+        r.conn.get_mut(&(1, Variant::C)).unwrap()[0].rate = f64::NAN;
+        r.prog.get_mut(&10).unwrap().hit = s(100.0);
+        r.agent_start.get_mut(&10).unwrap()[0].rss_kib = 0;
+        let p = problems(&plan, &r);
+        assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
+        assert!(p.iter().any(|l| l.starts_with("N = 10: per-packet hit < miss")), "{p:#?}");
+        assert!(p.iter().any(|l| l.starts_with("N = 10, node-manager: RSS: not positive")), "{p:#?}");
+        assert_eq!(p.len(), 4, "{p:#?}");
+    }
+}

@@ -1,0 +1,217 @@
+//! The workload: N LoadBalancer Services, as the Kubernetes API serves them (for node-manager)
+//! and as network-node-manager's iptables rules (4 per external IP, §1.5.3 of the prior-art
+//! inventory). The last-listed Service is the one the pod talks to: its rules come last in
+//! network-node-manager's chains.
+
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+/// The port of the target Service that the connection-rate client uses.
+pub const CONN_PORT: u16 = 9000;
+/// The port of the target Service that iperf3 uses.
+pub const IPERF_PORT: u16 = 5201;
+/// The Node the agent runs as.
+pub const NODE: &str = "bench-node";
+/// Filler Services spread their LB addresses over this many IPs of 203.0.113.0/24 (.11 up)
+/// and their ports over the rest (documentation ranges hold too few IPv4 addresses for one
+/// per Service). network-node-manager matches the IP only, so it still has 4 rules per
+/// Service; node-manager keys by (IP, port, protocol), so it has one entry per Service.
+pub const FILLER_IPS: usize = 240;
+const FILLER_FIRST_PORT: usize = 1000;
+
+/// network-node-manager's chains (nat table) and kube-proxy's masquerade-mark chain.
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub const NM_PREROUTING: &str = "NMANAGER_PREROUTING";
+pub const NM_OUTPUT: &str = "NMANAGER_OUTPUT";
+pub const EX_CLUS_PREROUTING: &str = "NMANAGER_EX_CLUS_PREROUTING";
+pub const EX_CLUS_OUTPUT: &str = "NMANAGER_EX_CLUS_OUTPUT";
+
+/// One LoadBalancer Service with one ingress IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Svc {
+    pub namespace: String,
+    pub name: String,
+    pub lb: Ipv4Addr,
+    pub cluster: Ipv4Addr,
+    pub ports: Vec<u16>,
+}
+
+/// The target: the lab's Service, on the two benchmark ports.
+pub fn target() -> Svc {
+    Svc {
+        namespace: "bench".into(),
+        name: "target".into(),
+        lb: lab::EXTERNAL_V4,
+        cluster: lab::CLUSTER_V4,
+        ports: vec![CONN_PORT, IPERF_PORT],
+    }
+}
+
+/// The `i`-th filler Service (never the target's address).
+pub fn filler(i: usize) -> Svc {
+    let last = 11 + (i % FILLER_IPS) as u8;
+    let port = FILLER_FIRST_PORT + i / FILLER_IPS;
+    Svc {
+        namespace: format!("ns{}", i % 50),
+        name: format!("svc-{i:06}"),
+        lb: Ipv4Addr::new(203, 0, 113, last),
+        cluster: Ipv4Addr::new(198, 51, 100, last),
+        ports: vec![u16::try_from(port).expect("at most ~15 million fillers")],
+    }
+}
+
+/// `n` Services: `n - 1` fillers, then the target.
+pub fn services(n: usize) -> Vec<Svc> {
+    assert!(n >= 1, "at least the target Service");
+    (0..n - 1).map(filler).chain([target()]).collect()
+}
+
+/// Entries node-manager writes for `n` Services: one per (LB IP, port, TCP) plus one ICMP
+/// echo entry per LB address.
+pub fn expected_frontends(n: usize) -> usize {
+    let fillers = n - 1;
+    fillers + target().ports.len() + fillers.min(FILLER_IPS) + 1
+}
+
+impl Svc {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The v1 Service as the API server serves it (with the metadata a real one carries).
+    pub fn to_json(&self) -> Value {
+        let ports: Vec<Value> = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(k, p)| json!({"name": format!("p{k}"), "port": p, "protocol": "TCP", "targetPort": p, "nodePort": 30000 + (p % 2000)}))
+            .collect();
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": self.namespace, "name": self.name,
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\":\"v1\",\"kind\":\"Service\"}"},
+                         "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1"}]},
+            "spec": {"type": "LoadBalancer", "clusterIP": self.cluster.to_string(), "clusterIPs": [self.cluster.to_string()],
+                     "ipFamilies": ["IPv4"], "externalTrafficPolicy": "Local", "selector": {"app": self.name},
+                     "ports": ports},
+            "status": {"loadBalancer": {"ingress": [{"ip": self.lb.to_string(), "ipMode": "VIP"}]}},
+        })
+    }
+
+    /// network-node-manager's 4 rules for this Service's IP, as the arguments it passes after
+    /// `iptables -w 5 -W 100000 -t nat` (`op` is `-A`, `-C` or `-D`), in its order:
+    /// `-m comment --comment <ns>/<name> <op> <chain> <match> -j <target>`.
+    pub fn nnm_rules(&self, op: &str) -> Vec<Vec<String>> {
+        let (lb, cluster, comment) = (self.lb.to_string(), self.cluster.to_string(), self.key());
+        let pod = ["-s", lab::POD_CIDR_V4, "-d", &lb];
+        let local = ["-m", "addrtype", "--src-type", "LOCAL", "-d", &lb];
+        let mark = ["-j", KUBE_MARK_MASQ];
+        let dnat = ["-j", "DNAT", "--to-destination", &cluster];
+        let rule = |chain: &str, matches: &[&str], target: &[&str]| -> Vec<String> {
+            let mut args = vec!["-m", "comment", "--comment", &comment, op, chain];
+            args.extend_from_slice(matches);
+            args.extend_from_slice(target);
+            args.into_iter().map(str::to_owned).collect()
+        };
+        vec![
+            rule(EX_CLUS_PREROUTING, &pod, &mark),
+            rule(EX_CLUS_PREROUTING, &pod, &dnat),
+            rule(EX_CLUS_OUTPUT, &local, &mark),
+            rule(EX_CLUS_OUTPUT, &local, &dnat),
+        ]
+    }
+
+    /// The same rules as `iptables-restore` lines (`-A <chain> ...`).
+    pub fn restore_lines(&self) -> Vec<String> {
+        self.nnm_rules("-A")
+            .into_iter()
+            .map(|args| {
+                // Move "-A <chain>" to the front, as iptables-save prints it.
+                let (op, rest): (Vec<_>, Vec<_>) = args.iter().enumerate().partition(|(k, _)| *k == 4 || *k == 5);
+                op.into_iter().chain(rest).map(|(_, a)| a.as_str()).collect::<Vec<_>>().join(" ")
+            })
+            .collect()
+    }
+}
+
+/// The nat table network-node-manager finds and makes before adding per-Service rules:
+/// kube-proxy's `KUBE-MARK-MASQ`, its base chains jumped from PREROUTING/OUTPUT at position
+/// 1, and the external-cluster chains jumped from them. As an `iptables-restore` table.
+pub fn base_ruleset() -> String {
+    let mut t = String::from("*nat\n");
+    for chain in [KUBE_MARK_MASQ, NM_PREROUTING, NM_OUTPUT, EX_CLUS_PREROUTING, EX_CLUS_OUTPUT] {
+        t.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    t.push_str(&format!("-A {KUBE_MARK_MASQ} -j MARK --or-mark 0x4000\n"));
+    t.push_str(&format!("-A PREROUTING -j {NM_PREROUTING}\n-A OUTPUT -j {NM_OUTPUT}\n"));
+    t.push_str(&format!("-A {NM_PREROUTING} -j {EX_CLUS_PREROUTING}\n-A {NM_OUTPUT} -j {EX_CLUS_OUTPUT}\n"));
+    t
+}
+
+/// The whole nat table for `svcs`, for `iptables-restore` (which replaces the table).
+pub fn full_ruleset(svcs: &[Svc]) -> String {
+    let mut t = base_ruleset();
+    for svc in svcs {
+        for line in svc.restore_lines() {
+            t.push_str(&line);
+            t.push('\n');
+        }
+    }
+    t.push_str("COMMIT\n");
+    t
+}
+
+/// An empty nat table (restoring it removes every rule and user chain).
+pub const EMPTY_NAT: &str = "*nat\nCOMMIT\n";
+
+/// The rules of `svc` appended to the live table (`iptables-restore --noflush`).
+pub fn append_ruleset(svc: &Svc) -> String {
+    let mut t = String::from("*nat\n");
+    for line in svc.restore_lines() {
+        t.push_str(&line);
+        t.push('\n');
+    }
+    t.push_str("COMMIT\n");
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_is_last_and_fillers_avoid_its_address() {
+        let s = services(1000);
+        assert_eq!(s.len(), 1000);
+        assert_eq!(s.last(), Some(&target()));
+        assert!(s[..999].iter().all(|f| f.lb != lab::EXTERNAL_V4 && f.ports.len() == 1));
+        let keys: std::collections::BTreeSet<_> = s.iter().map(|f| (f.lb, f.ports[0])).collect();
+        assert_eq!(keys.len(), 1000, "every filler has its own (IP, port)");
+        assert_eq!(services(1), [target()]);
+    }
+
+    #[test]
+    fn expected_frontends_counts_icmp_per_address() {
+        assert_eq!(expected_frontends(1), 3);
+        assert_eq!(expected_frontends(2), 5);
+        assert_eq!(expected_frontends(10_000), 9_999 + 2 + 240 + 1);
+    }
+
+    #[test]
+    fn rules_are_network_node_managers() {
+        let svc = filler(0);
+        let rules = svc.nnm_rules("-C");
+        assert_eq!(
+            rules[1].join(" "),
+            "-m comment --comment ns0/svc-000000 -C NMANAGER_EX_CLUS_PREROUTING -s 192.0.2.0/25 -d 203.0.113.11 -j DNAT --to-destination 198.51.100.11"
+        );
+        assert_eq!(
+            svc.restore_lines()[2],
+            "-A NMANAGER_EX_CLUS_OUTPUT -m comment --comment ns0/svc-000000 -m addrtype --src-type LOCAL -d 203.0.113.11 -j KUBE-MARK-MASQ"
+        );
+        let table = full_ruleset(&services(3));
+        assert_eq!(table.lines().filter(|l| l.starts_with("-A NMANAGER_EX_CLUS_")).count(), 12);
+        assert!(table.ends_with("COMMIT\n"));
+    }
+}

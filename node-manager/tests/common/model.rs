@@ -1,0 +1,372 @@
+//! A reference model of the pod TC programs (`nm_pod_ingress`, `nm_pod_egress`) in plain
+//! Rust, written from their specification rather than from their code: it parses a frame as a
+//! byte slice, looks the packet up in its own tables, and rewrites it with the checksum
+//! arithmetic the kernel's helpers use (RFC 1624). `tests/fuzz.rs` runs the same frames
+//! through both and compares verdict, output bytes, skb mark, counters and the flow map.
+//!
+//! Only the map key layouts, protocol numbers and counter indices are shared with the
+//! datapath (`node-manager-common`): the eBPF parser reads through `bpf_skb_load_bytes` and
+//! cannot run on a slice, and a model that shared the parser would agree with its bugs.
+#![allow(dead_code)]
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use node_manager_common::{COUNTERS_LEN, Counter, CounterIndex, FlowKey};
+
+/// TC_ACT_UNSPEC (-1) == TCX_NEXT, as the test runner returns it.
+pub const CONTINUE: u32 = u32::MAX;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// Host-side ingress: packets from the pod.
+    Ingress,
+    /// Host-side egress: packets to the pod.
+    Egress,
+}
+
+/// What the model predicts for one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub out: Vec<u8>,
+    pub mark: u32,
+    /// The counter that says what happened to the packet.
+    pub counter: CounterIndex,
+    /// Further counters the run increments (flow bookkeeping).
+    pub also: Vec<CounterIndex>,
+}
+
+/// A parsed packet: addresses in 16-byte form (IPv4-mapped for IPv4), ports as the two bytes
+/// on the wire.
+#[derive(Clone, Copy, Debug)]
+struct Packet {
+    v6: bool,
+    proto: u8,
+    l4_off: usize,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+enum Parsed {
+    NotIp,
+    Unparsed,
+    Ip(Packet),
+}
+
+/// The datapath's tables and settings as the model holds them.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    /// (external address, port bytes, protocol) → cluster address.
+    pub frontends: HashMap<([u8; 16], [u8; 2], u8), [u8; 16]>,
+    /// Pod CIDRs as (16-byte network, prefix length in the 16-byte space).
+    pub pod_cidrs: Vec<([u8; 16], u32)>,
+    pub masquerade_mark: u32,
+    /// Reply flow (as seen on egress) → external address to restore.
+    pub flows: HashMap<FlowKey, [u8; 16]>,
+    pub counters: Vec<Counter>,
+}
+
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    Ipv6Addr::from(*a).to_ipv4_mapped().is_some()
+}
+
+impl Model {
+    pub fn new() -> Model {
+        Model { counters: vec![Counter::default(); COUNTERS_LEN as usize], ..Default::default() }
+    }
+
+    pub fn add_frontend(&mut self, external: IpAddr, port: u16, proto: u8, cluster: IpAddr) {
+        self.frontends.insert((addr16(external), port.to_be_bytes(), proto), addr16(cluster));
+    }
+
+    pub fn add_pod_cidr(&mut self, net: ipnet::IpNet) {
+        let extra = if net.addr().is_ipv4() { 96 } else { 0 };
+        self.pod_cidrs.push((addr16(net.network()), extra + u32::from(net.prefix_len())));
+    }
+
+    fn in_pod_cidr(&self, a: &[u8; 16]) -> bool {
+        self.pod_cidrs.iter().any(|(net, len)| {
+            let (a, n) = (u128::from_be_bytes(*a), u128::from_be_bytes(*net));
+            *len == 0 || (a ^ n) >> (128 - len) == 0
+        })
+    }
+
+    /// Runs one frame through the program. `mark` is the skb mark before the run.
+    pub fn run(&mut self, program: Program, frame: &[u8], mark: u32) -> Outcome {
+        let outcome = match program {
+            Program::Ingress => self.ingress(frame, mark),
+            Program::Egress => self.egress(frame, mark),
+        };
+        for index in std::iter::once(&outcome.counter).chain(&outcome.also) {
+            let c = &mut self.counters[*index as usize];
+            c.packets += 1;
+            c.bytes += frame.len() as u64;
+        }
+        outcome
+    }
+
+    fn ingress(&mut self, frame: &[u8], mark: u32) -> Outcome {
+        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
+        let pkt = match parse(frame, Program::Ingress) {
+            Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
+            Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
+            Parsed::Ip(pkt) => pkt,
+        };
+        if !self.in_pod_cidr(&pkt.saddr) {
+            return untouched(CounterIndex::PassNotPod);
+        }
+        let Some(&cluster) = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto)) else {
+            return untouched(CounterIndex::PassNoFrontend);
+        };
+        let mut out = frame.to_vec();
+        rewrite(&mut out, &pkt, Side::Destination, &cluster);
+        let key = FlowKey {
+            pod_addr: pkt.saddr,
+            remote_addr: cluster,
+            pod_port: u16::from_ne_bytes(pkt.sport),
+            remote_port: u16::from_ne_bytes(pkt.dport),
+            proto: pkt.proto,
+            pad: [0; 3],
+        };
+        let mut also = Vec::new();
+        if self.flows.insert(key, pkt.daddr).is_none() {
+            also.push(CounterIndex::FlowCreated);
+            // A TCP segment other than a SYN opening a flow: the connection's entry was lost.
+            if pkt.proto == 6 && frame[pkt.l4_off + 13] & 0x02 == 0 {
+                also.push(CounterIndex::FlowLost);
+            }
+        }
+        let counter = if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 };
+        Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also }
+    }
+
+    fn egress(&mut self, frame: &[u8], mark: u32) -> Outcome {
+        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
+        let pkt = match parse(frame, Program::Egress) {
+            Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
+            Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
+            Parsed::Ip(pkt) => pkt,
+        };
+        let key = reply_flow_key(&pkt);
+        let Some(&external) = self.flows.get(&key) else {
+            return untouched(CounterIndex::PassNoFlow);
+        };
+        let mut out = frame.to_vec();
+        rewrite(&mut out, &pkt, Side::Source, &external);
+        let counter = if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 };
+        Outcome { verdict: CONTINUE, out, mark, counter, also: vec![] }
+    }
+
+    /// The flow key a reply frame belongs to, if the frame is one the egress program parses.
+    pub fn reply_key(frame: &[u8]) -> Option<FlowKey> {
+        match parse(frame, Program::Egress) {
+            Parsed::Ip(pkt) => Some(reply_flow_key(&pkt)),
+            _ => None,
+        }
+    }
+
+    /// The flow an ingress run on `frame` would remember (whether or not it is a hit).
+    pub fn request_key(&self, frame: &[u8]) -> Option<(FlowKey, [u8; 16])> {
+        let Parsed::Ip(pkt) = parse(frame, Program::Ingress) else { return None };
+        let cluster = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto))?;
+        let key = FlowKey {
+            pod_addr: pkt.saddr,
+            remote_addr: *cluster,
+            pod_port: u16::from_ne_bytes(pkt.sport),
+            remote_port: u16::from_ne_bytes(pkt.dport),
+            proto: pkt.proto,
+            pad: [0; 3],
+        };
+        Some((key, pkt.daddr))
+    }
+}
+
+fn reply_flow_key(pkt: &Packet) -> FlowKey {
+    FlowKey {
+        pod_addr: pkt.daddr,
+        remote_addr: pkt.saddr,
+        pod_port: u16::from_ne_bytes(pkt.dport),
+        remote_port: u16::from_ne_bytes(pkt.sport),
+        proto: pkt.proto,
+        pad: [0; 3],
+    }
+}
+
+/// The specification of what the programs accept for rewriting: Ethernet II (no VLAN tag)
+/// carrying IPv4 without options and not a fragment, or IPv6 without extension headers; the
+/// IP length within the frame; TCP (≥ 20 bytes), UDP (≥ 8) or an ICMP/ICMPv6 echo (request
+/// from the pod, reply to it, code 0, ≥ 8 bytes). IPv6 packets with IPv4-mapped addresses are
+/// not IPv6 traffic a pod sends (RFC 4291 §2.5.5.2) and must not match IPv4 entries.
+fn parse(f: &[u8], program: Program) -> Parsed {
+    let Some(ethertype) = f.get(12..14) else { return Parsed::NotIp };
+    let (v6, ip_hlen) = match [ethertype[0], ethertype[1]] {
+        ETH_P_IP => (false, 20),
+        ETH_P_IPV6 => (true, 40),
+        _ => return Parsed::NotIp,
+    };
+    let Some(ip) = f.get(ETH_HLEN..ETH_HLEN + ip_hlen) else { return Parsed::Unparsed };
+    let (proto, l4_len, saddr, daddr) = if v6 {
+        if ip[0] >> 4 != 6 {
+            return Parsed::Unparsed;
+        }
+        let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        if ETH_HLEN + 40 + payload_len > f.len() {
+            return Parsed::Unparsed;
+        }
+        let saddr: [u8; 16] = ip[8..24].try_into().unwrap();
+        let daddr: [u8; 16] = ip[24..40].try_into().unwrap();
+        if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
+            return Parsed::Unparsed;
+        }
+        (ip[6], payload_len, saddr, daddr)
+    } else {
+        if ip[0] != 0x45 {
+            return Parsed::Unparsed;
+        }
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
+            return Parsed::Unparsed;
+        }
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if total < 20 || ETH_HLEN + total > f.len() {
+            return Parsed::Unparsed;
+        }
+        let s = addr16(IpAddr::from([ip[12], ip[13], ip[14], ip[15]]));
+        let d = addr16(IpAddr::from([ip[16], ip[17], ip[18], ip[19]]));
+        (ip[9], total - 20, s, d)
+    };
+    let l4_off = ETH_HLEN + ip_hlen;
+    let (icmp_proto, echo_type) = match (v6, program) {
+        (false, Program::Ingress) => (1, 8),
+        (false, Program::Egress) => (1, 0),
+        (true, Program::Ingress) => (58, 128),
+        (true, Program::Egress) => (58, 129),
+    };
+    let (min_len, sport, dport) = match proto {
+        6 | 17 => {
+            let Some(ports) = f.get(l4_off..l4_off + 4) else { return Parsed::Unparsed };
+            (if proto == 6 { 20 } else { 8 }, [ports[0], ports[1]], [ports[2], ports[3]])
+        }
+        p if p == icmp_proto => {
+            let Some(icmp) = f.get(l4_off..l4_off + 8) else { return Parsed::Unparsed };
+            if icmp[0] != echo_type || icmp[1] != 0 {
+                return Parsed::Unparsed;
+            }
+            // The echo identifier stands for the pod's port; the Service side's port is 0.
+            let id = [icmp[4], icmp[5]];
+            match program {
+                Program::Ingress => (8, id, [0, 0]),
+                Program::Egress => (8, [0, 0], id),
+            }
+        }
+        _ => return Parsed::Unparsed,
+    };
+    if l4_len < min_len {
+        return Parsed::Unparsed;
+    }
+    Parsed::Ip(Packet { v6, proto, l4_off, saddr, daddr, sport, dport })
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Replaces the source or destination address and updates the IPv4 header checksum and the
+/// L4 checksum that covers the pseudo header (TCP, UDP, ICMPv6; not ICMPv4), incrementally,
+/// so that a checksum that was wrong stays wrong by the same amount. A zero UDP checksum
+/// ("none") stays zero, and a computed zero is written as 0xffff.
+fn rewrite(out: &mut [u8], pkt: &Packet, side: Side, new: &[u8; 16]) {
+    let (old, new): (Vec<u8>, Vec<u8>) = if pkt.v6 {
+        let old = match side {
+            Side::Source => pkt.saddr,
+            Side::Destination => pkt.daddr,
+        };
+        (old.to_vec(), new.to_vec())
+    } else {
+        let old = match side {
+            Side::Source => pkt.saddr,
+            Side::Destination => pkt.daddr,
+        };
+        (old[12..].to_vec(), new[12..].to_vec())
+    };
+    let addr_off = match (pkt.v6, side) {
+        (false, Side::Source) => ETH_HLEN + 12,
+        (false, Side::Destination) => ETH_HLEN + 16,
+        (true, Side::Source) => ETH_HLEN + 8,
+        (true, Side::Destination) => ETH_HLEN + 24,
+    };
+    out[addr_off..addr_off + new.len()].copy_from_slice(&new);
+    if !pkt.v6 {
+        update_csum(out, ETH_HLEN + 10, &old, &new);
+    }
+    let l4_csum = match pkt.proto {
+        6 => Some(pkt.l4_off + 16),
+        17 => Some(pkt.l4_off + 6),
+        58 => Some(pkt.l4_off + 2),
+        _ => None,
+    };
+    if let Some(off) = l4_csum {
+        let field = u16::from_be_bytes([out[off], out[off + 1]]);
+        if pkt.proto == 17 && field == 0 {
+            return;
+        }
+        update_csum(out, off, &old, &new);
+        if pkt.proto == 17 && out[off..off + 2] == [0, 0] {
+            out[off..off + 2].copy_from_slice(&[0xff, 0xff]);
+        }
+    }
+}
+
+/// RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), over the 16-bit words of the old and new bytes,
+/// with the kernel's representation of the ones'-complement sum: the kernel's running sum
+/// is never zero (it starts from ~HC widened to 32 bits), so a sum ≡ 0 (mod 0xffff) is 0xffff
+/// and the checksum written is then 0x0000, never 0xffff.
+fn update_csum(out: &mut [u8], off: usize, old: &[u8], new: &[u8]) {
+    let word = |w: &[u8]| u64::from(u16::from_be_bytes([w[0], w[1]]));
+    let mut sum = u64::from(!u16::from_be_bytes([out[off], out[off + 1]]));
+    for w in old.chunks_exact(2) {
+        sum += 0xffff - word(w);
+    }
+    for w in new.chunks_exact(2) {
+        sum += word(w);
+    }
+    let folded = match sum % 0xffff {
+        0 => 0xffff,
+        r => r as u16,
+    };
+    out[off..off + 2].copy_from_slice(&(!folded).to_be_bytes());
+}
+
+/// Whether BPF_PROG_TEST_RUN runs a TC program on this frame at all: it refuses frames
+/// shorter than an Ethernet header, and IPv4/IPv6 frames too short for their IP header (such
+/// frames never reach a TC program on a real device either). Longer than a page minus the
+/// runner's head- and tailroom is refused too.
+pub fn test_runner_accepts(frame: &[u8]) -> bool {
+    let min = match frame.get(12..14) {
+        Some([0x08, 0x00]) => ETH_HLEN + 20,
+        Some([0x86, 0xdd]) => ETH_HLEN + 40,
+        _ => ETH_HLEN,
+    };
+    frame.len() >= min && frame.len() <= MAX_TEST_FRAME
+}
+
+/// Frames up to this size are always accepted by the test runner (4 KiB page minus its
+/// headroom and the skb's shared info).
+pub const MAX_TEST_FRAME: usize = 3000;
