@@ -20,17 +20,20 @@ struct Need {
 
 fn needs(cfg: &Config) -> Vec<Need> {
     let mut needs = vec![Need { cap: CAP_BPF, name: "CAP_BPF", why: "create maps, load programs, pin them in bpffs" }];
-    // bpf_probe_read_kernel (the INVALID drop reads skb->_nfct) is offered to a program only
-    // when its loader has CAP_PERFMON.
+    // Without CAP_PERFMON the verifier treats the loader as unprivileged: its Spectre v1
+    // hardening rejects the pod and socket-hook programs (variable-offset stack access), and
+    // bpf_probe_read_kernel (the INVALID drop reads skb->_nfct) is not offered. Measured:
+    // deploy/README.md, node-manager/tests/least_privilege.rs.
     let bpf_mode_possible = matches!(
         cfg.drop_invalid_mode,
         crate::invalid::Requested::Auto | crate::invalid::Requested::Only(crate::invalid::Mode::Bpf)
     );
-    if cfg.drop_invalid_input && bpf_mode_possible {
+    if cfg.external_cluster || (cfg.drop_invalid_input && bpf_mode_possible) {
         needs.push(Need {
             cap: CAP_PERFMON,
             name: "CAP_PERFMON",
-            why: "load the INVALID-drop program, which reads kernel memory (or set DROP_INVALID_MODE=nftables)",
+            why: "load the pod, socket-hook and INVALID-drop programs, which the verifier rejects for a loader \
+                  without it",
         });
     }
     if cfg.external_cluster || cfg.drop_invalid_input {
@@ -73,6 +76,8 @@ pub fn check(cfg: &Config) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
 
     fn all_needs() -> Vec<Need> {
@@ -90,6 +95,35 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert!(m[0].starts_with("CAP_PERFMON"), "{m:?}");
         assert_eq!(missing(0, &all_needs()).len(), 3);
+    }
+
+    fn config(external_cluster: bool, drop_invalid_input: bool, mode: &str) -> Config {
+        let args = crate::config::Cli::parse_from([
+            "node-manager",
+            "run",
+            "--external-cluster",
+            if external_cluster { "true" } else { "false" },
+            "--drop-invalid-input",
+            if drop_invalid_input { "true" } else { "false" },
+            "--drop-invalid-mode",
+            mode,
+        ]);
+        let crate::config::Command::Run(args) = args.command else { unreachable!() };
+        Config::from_run_args(*args).unwrap()
+    }
+
+    fn needed(cfg: &Config) -> Vec<&'static str> {
+        needs(cfg).iter().map(|n| n.name).collect()
+    }
+
+    #[test]
+    fn perfmon_whenever_the_pod_programs_or_the_bpf_drop_load() {
+        // The pod and socket programs fail verification without CAP_PERFMON, whatever the
+        // INVALID drop's mode (measured: tests/least_privilege.rs).
+        assert_eq!(needed(&config(true, true, "nftables")), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
+        assert_eq!(needed(&config(true, false, "auto")), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
+        assert_eq!(needed(&config(false, true, "auto")), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
+        assert_eq!(needed(&config(false, true, "nftables")), ["CAP_BPF", "CAP_NET_ADMIN"]);
     }
 
     #[test]

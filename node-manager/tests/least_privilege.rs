@@ -1,8 +1,8 @@
 //! The agent run as the DaemonSet runs it, with exactly the capabilities the manifest adds
 //! (parsed from `deploy/node-manager-ipvs.yaml`, every feature on) and nothing else: every
 //! feature works — pods reach an external IP through the TC programs, the socket hooks and the
-//! INVALID drop's netfilter programs are attached, the nftables and iptables fallbacks install
-//! — and with any one capability removed the agent stops with an error that says what failed.
+//! INVALID drop's netfilter programs are attached, the nftables and iptables fallbacks install,
+//! the probes and the metrics answer on the manifest's port — and with any one capability removed the agent stops with an error that says what failed.
 //!
 //! "As the DaemonSet runs it": uid 0 whose bounding and inheritable sets hold only those
 //! capabilities (so they are its permitted and effective sets, as `capabilities: {drop: [ALL],
@@ -21,7 +21,7 @@ use std::{
 };
 
 use common::{
-    agent::{Agent, BIN, Scratch, lab_service_yaml, wait_for, write},
+    agent::{Agent, BIN, Scratch, http_get, lab_service_yaml, wait_for, write},
     deploy::{container, documented_capabilities},
 };
 use lab::{Lab, Ns};
@@ -29,11 +29,12 @@ use lab::{Lab, Ns};
 /// The variant with every feature on.
 const MANIFEST: &str = "node-manager-ipvs.yaml";
 
-/// What the agent reports (on Linux 6.18) when one capability is missing.
+/// What the agent says when one capability is missing: it checks its capabilities before it
+/// touches the kernel (`privileges.rs`).
 const WITHOUT: [(&str, &[&str]); 3] = [
-    ("BPF", &["failed to create map", "Operation not permitted"]),
-    ("NET_ADMIN", &["loading program nm_pod_ingress", "Operation not permitted"]),
-    ("PERFMON", &["loading program nm_pod_ingress", "pointer arithmetic", "prohibited for !root"]),
+    ("BPF", &["missing capabilities: CAP_BPF"]),
+    ("NET_ADMIN", &["missing capabilities: CAP_NET_ADMIN"]),
+    ("PERFMON", &["missing capabilities: CAP_PERFMON"]),
 ];
 
 fn manifest_capabilities() -> Vec<String> {
@@ -118,6 +119,41 @@ fn start(lab: &Lab, scratch: &Scratch, caps: &[String], extra_env: &[(&str, &str
     Agent { child, log }
 }
 
+/// The agent's metrics address as the manifest sets it, reached on the node's loopback.
+fn health_addr() -> SocketAddr {
+    let env = container(MANIFEST).env.unwrap_or_default();
+    let addr: SocketAddr = env
+        .iter()
+        .find(|e| e.name == "METRICS_ADDR")
+        .and_then(|e| e.value.as_deref()?.parse().ok())
+        .expect("the manifest sets METRICS_ADDR to an address:port");
+    SocketAddr::from(([127, 0, 0, 1], addr.port()))
+}
+
+/// GET `path` on the agent's metrics address from inside the node's namespace.
+fn get(lab: &Lab, path: &str) -> Result<(u16, String), String> {
+    lab::in_netns(lab.netns_path(Ns::Node), || Ok(http_get(health_addr(), path))).map_err(|e| format!("{e:#}"))?
+}
+
+/// Waits for `/readyz` to answer 200 (the agent has synced and attached, and handles SIGTERM).
+fn wait_ready(lab: &Lab, agent: &Agent) {
+    let started = Instant::now();
+    while get(lab, "/readyz").map(|(status, _)| status) != Ok(200) {
+        assert!(started.elapsed() < Duration::from_secs(30), "not ready: {:?}\n{}", get(lab, "/readyz"), agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM; the agent must exit 0.
+fn stop(agent: Agent) {
+    let log = agent.log.clone();
+    assert!(
+        agent.stop(),
+        "the agent did not exit cleanly on SIGTERM:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 fn pod_reaches(lab: &Lab, ip: IpAddr) -> Result<(), String> {
     let to = SocketAddr::new(ip, lab::SERVICE_PORT);
     let reply = lab.tcp_request(Ns::Pod, to, b"tcp", Duration::from_secs(2)).map_err(|e| format!("{e:#}"))?;
@@ -193,9 +229,15 @@ fn every_feature_works_with_exactly_the_manifests_capabilities() {
         pod_reaches(&lab, ip)
             .unwrap_or_else(|e| panic!("pod to {ip}:8080 with the confined agent: {e}\n{}", agent.log()));
     }
+    // The liveness and readiness probes and the scrape target, at the manifest's METRICS_ADDR
+    // port, from inside the node's namespace (where the kubelet and Prometheus reach it).
+    for (path, expected) in [("/healthz", "ok"), ("/readyz", "ready"), ("/metrics", "node_manager_ready 1")] {
+        let (status, body) = get(&lab, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", agent.log()));
+        assert!(status == 200 && body.contains(expected), "GET {path}: {status} {body}");
+    }
     let log = agent.log();
     assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
-    assert!(agent.stop(), "the agent did not exit cleanly on SIGTERM");
+    stop(agent);
 
     // `cleanup` (what CLEANUP_ON_EXIT runs in the pod) with the same privileges.
     let env = manifest_env(&scratch, &scratch.file("host-cgroup"));
@@ -211,22 +253,25 @@ fn every_feature_works_with_exactly_the_manifests_capabilities() {
 fn the_fallbacks_work_with_the_same_capabilities() {
     let caps = manifest_capabilities();
     let lab = Lab::new().unwrap();
-    for (mode, installed) in [("nftables", "nftables_table"), ("iptables", "")] {
+    let iptables_rule = || {
+        let rules = lab.command(Ns::Node, "iptables").args(["-S", "INPUT"]).output().unwrap();
+        let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+        rules.contains("--ctstate INVALID") && rules.contains("node-manager")
+    };
+    for mode in ["nftables", "iptables"] {
         let scratch = Scratch::new(&lab);
         let agent =
             start(&lab, &scratch, &caps, &[("DROP_INVALID_MODE", mode), ("RULE_EXTERNAL_CLUSTER_ENABLE", "false")]);
+        // The mode is recorded, and what it installs is in place (the table, or the rule).
         wait_for(&format!("{mode} mode installed"), Duration::from_secs(30), || {
-            scratch.try_inspect().is_ok_and(|s| s["drop_invalid"]["mode"] == mode)
+            scratch.try_inspect().is_ok_and(|s| {
+                s["drop_invalid"]["mode"] == mode
+                    && if mode == "nftables" { s["drop_invalid"]["nftables_table"] == true } else { iptables_rule() }
+            })
         });
-        if installed.is_empty() {
-            let rules = lab.command(Ns::Node, "iptables").args(["-S", "INPUT"]).output().unwrap();
-            let rules = String::from_utf8_lossy(&rules.stdout);
-            assert!(rules.contains("--ctstate INVALID") && rules.contains("node-manager"), "{rules}\n{}", agent.log());
-        } else {
-            assert_eq!(scratch.inspect()["drop_invalid"][installed], true, "{}", agent.log());
-        }
+        wait_ready(&lab, &agent);
         assert!(!agent.log().contains("ERROR"), "{}", agent.log());
-        assert!(agent.stop());
+        stop(agent);
     }
 }
 
@@ -261,4 +306,26 @@ fn without_any_one_of_them_the_agent_stops_and_says_why() {
             assert!(log.contains(needle), "without {missing}: expected {needle:?} in:\n{log}");
         }
     }
+}
+
+/// The agent's own check is not what makes CAP_PERFMON necessary: with the rewrite off and the
+/// nftables drop (where the check does not ask for it) the kernel's verifier rejects the pod
+/// program of a loader without it, while the rest works.
+#[test]
+fn without_perfmon_the_kernel_rejects_the_pod_program() {
+    let caps: Vec<String> = manifest_capabilities().into_iter().filter(|c| c != "PERFMON").collect();
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let mut agent =
+        start(&lab, &scratch, &caps, &[("DROP_INVALID_MODE", "nftables"), ("RULE_EXTERNAL_CLUSTER_ENABLE", "false")]);
+    wait_for("the verifier's verdict on nm_pod_ingress", Duration::from_secs(30), || {
+        let log = agent.log();
+        log.contains("nm_pod_ingress") && log.contains("Permission denied")
+    });
+    wait_for("the nftables drop", Duration::from_secs(30), || {
+        scratch.try_inspect().is_ok_and(|s| s["drop_invalid"]["nftables_table"] == true)
+    });
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent stopped:\n{}", agent.log());
+    wait_ready(&lab, &agent);
+    stop(agent);
 }
