@@ -28,12 +28,17 @@ fn needs(cfg: &Config) -> Vec<Need> {
         cfg.drop_invalid_mode,
         crate::invalid::Requested::Auto | crate::invalid::Requested::Only(crate::invalid::Mode::Bpf)
     );
-    if cfg.external_cluster || (cfg.drop_invalid_input && bpf_mode_possible) {
+    if cfg.external_cluster {
         needs.push(Need {
             cap: CAP_PERFMON,
             name: "CAP_PERFMON",
-            why: "load the pod, socket-hook and INVALID-drop programs, which the verifier rejects for a loader \
-                  without it",
+            why: "load the pod and socket-hook programs, which the verifier rejects for a loader without it",
+        });
+    } else if cfg.drop_invalid_input && bpf_mode_possible {
+        needs.push(Need {
+            cap: CAP_PERFMON,
+            name: "CAP_PERFMON",
+            why: "load the INVALID-drop program, which reads kernel memory (or set DROP_INVALID_MODE=nftables)",
         });
     }
     if cfg.external_cluster || cfg.drop_invalid_input {
