@@ -31,10 +31,6 @@ const LOG_FILTER: &str = "RUST_LOG";
 /// Configuration); the manifests must not use them.
 const LEGACY: [&str; 4] = ["RULE_DROP_INVALID_INPUT", "RULE_EXTERNAL_CLUSTER", "NET_STACK", "POD_NODE_NAME"];
 
-/// PENDING (lead: delete this list once issue 6 is merged): flags of issue 6 (metrics/health
-/// endpoints, log format, cleanup on exit) that the manifests already use. The check below fails
-/// as soon as the binary accepts one of them, asking for its removal here.
-const PENDING_ISSUE_6: [&str; 3] = ["METRICS_ADDR", "LOG_FORMAT", "CLEANUP_ON_EXIT"];
 
 struct Manifest {
     name: &'static str,
@@ -284,19 +280,12 @@ fn every_env_name_in_the_manifests_is_read_by_the_binary() {
     for name in ["NODE_NAME", "KUBECONFIG", "RULE_EXTERNAL_CLUSTER_ENABLE", "BPFFS", "CGROUP_PATH"] {
         assert!(accepted.contains(name), "parsing --help found {accepted:?}, not {name}");
     }
-    for pending in PENDING_ISSUE_6 {
-        assert!(
-            !accepted.contains(pending),
-            "the binary accepts {pending} now: delete it from PENDING_ISSUE_6 in {}",
-            file!()
-        );
-    }
     for m in manifests() {
         for env in m.container().env.iter().flatten() {
             let name = env.name.as_str();
             assert!(!LEGACY.contains(&name), "{}: {name} is a deprecated name", m.name);
             assert!(
-                accepted.contains(name) || name == LOG_FILTER || PENDING_ISSUE_6.contains(&name),
+                accepted.contains(name) || name == LOG_FILTER,
                 "{}: env {name} is not read by node-manager (it reads {accepted:?} and {LOG_FILTER})",
                 m.name
             );
