@@ -184,7 +184,7 @@ impl<'a> Bed<'a> {
                 r.conn.entry((n, v)).or_default().push(sample);
             }
         }
-        for round in 0..plan.rounds {
+        for round in 0..plan.iperf_rounds {
             for v in order(round) {
                 interrupt::check()?;
                 let pod = self.labs.get(v).netns_path(Ns::Pod);
