@@ -24,6 +24,7 @@ use crate::{
     conn::{self, Sink},
     interrupt,
     iperf::{self, IperfServer},
+    report::int,
     results::{ConnSample, Plan, Results, Variant},
     services::{self, CONN_PORT, IPERF_PORT},
 };
@@ -184,7 +185,7 @@ impl<'a> Bed<'a> {
                 r.conn.entry((n, v)).or_default().push(sample);
             }
         }
-        for round in 0..plan.rounds {
+        for round in 0..plan.iperf_rounds {
             for v in order(round) {
                 interrupt::check()?;
                 let pod = self.labs.get(v).netns_path(Ns::Pod);
@@ -206,8 +207,11 @@ impl<'a> Bed<'a> {
             let failed: u64 = samples.iter().map(|c| c.errors).sum();
             let accepted = self.labs.accepted(v);
             r.path_checks.push(format!(
-                "N = {n}, {}: {made} connections made, {failed} failed; the endpoint's sink has accepted {accepted} in all",
-                v.label()
+                "N = {}, {}: {} connections made, {failed} failed; the endpoint's sink has accepted {} in all",
+                int(n),
+                v.label(),
+                int(made as usize),
+                int(accepted as usize)
             ));
             anyhow::ensure!(accepted > 0, "{} at N = {n}: the endpoint accepted nothing", v.label());
         }
@@ -215,8 +219,11 @@ impl<'a> Bed<'a> {
             let packets = self.baseline(backend).target_dnat_packets(n)?;
             let conns: u64 = r.conn[&(n, Variant::A(backend))].iter().map(|c| c.connections).sum();
             r.path_checks.push(format!(
-                "N = {n}, {}: the target's DNAT rule counted {packets} new connections (the loop made {conns}, plus iperf3's)",
-                backend.iptables()
+                "N = {}, {}: the target's DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
+                int(n),
+                backend.iptables(),
+                int(packets as usize),
+                int(conns as usize)
             ));
             anyhow::ensure!(
                 packets >= conns,
@@ -227,7 +234,10 @@ impl<'a> Bed<'a> {
         let rewrites = self.agent.rewrites()?;
         let conns: u64 = r.conn[&(n, Variant::B)].iter().map(|c| c.connections).sum();
         r.path_checks.push(format!(
-            "N = {n}, node-manager: the pod ingress program rewrote {rewrites} packets (the loop made {conns} connections of 3 packets each, plus iperf3's)"
+            "N = {}, node-manager: the pod ingress program rewrote {} packets (the loop made {} connections of 3 packets each, plus iperf3's)",
+            int(n),
+            int(rewrites as usize),
+            int(conns as usize)
         ));
         anyhow::ensure!(rewrites >= 3 * conns, "B at N = {n}: {rewrites} rewrites < 3 × {conns} connections");
         Ok(())

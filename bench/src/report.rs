@@ -92,18 +92,43 @@ fn ms(times: Option<&Vec<Duration>>) -> Option<Summary> {
     Summary::of_durations(times?, Unit::Millis)
 }
 
+/// network-node-manager's way, when it did not finish: the elapsed time plus the remaining
+/// Services at a per-Service time rising linearly from the pace at the time-out to the
+/// per-Service time measured at N ("one change at N"). An estimate, labelled as such.
+fn per_rule_estimate(r: &Results, n: usize, b: Backend) -> Option<Duration> {
+    let p = r.per_rule_apply.get(&(n, b)).filter(|p| !p.completed() && p.done > 0)?;
+    let at_n = ms(r.per_rule_change.get(&(n, b)))?.median / 1e3;
+    let mean = (p.per_service_at_end.as_secs_f64() + at_n.max(p.per_service_at_end.as_secs_f64())) / 2.0;
+    Some(p.elapsed + Duration::from_secs_f64(mean * (p.of - p.done) as f64))
+}
+
+/// 75 s / 12.5 min / 3.4 h.
+fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 3600.0 {
+        format!("{} h", num(s / 3600.0))
+    } else if s >= 120.0 {
+        format!("{} min", num(s / 60.0))
+    } else {
+        format!("{} s", num(s))
+    }
+}
+
 fn per_rule_cell(r: &Results, n: usize, b: Backend) -> String {
     match r.per_rule_apply.get(&(n, b)) {
         None => "—".into(),
         Some(p) if p.completed() => format!("{} s", num(p.elapsed.as_secs_f64())),
-        Some(p) => format!(
-            "≥ {} s *(extrapolated: {} of {} Services in {} s, then {} ms per Service)*",
-            num(p.total_or_lower_bound().as_secs_f64()),
-            int(p.done),
-            int(p.of),
-            num(p.elapsed.as_secs_f64()),
-            num(p.per_service_at_end.as_secs_f64() * 1e3)
-        ),
+        Some(p) => {
+            let estimate = per_rule_estimate(r, n, b).map_or(String::new(), |e| format!(", ≈ {} estimated", human(e)));
+            format!(
+                "**≥ {}**{estimate} *(time-out: {} of {} Services in {} s, the last at {} ms each)*",
+                human(p.total_or_lower_bound()),
+                int(p.done),
+                int(p.of),
+                num(p.elapsed.as_secs_f64()),
+                num(p.per_service_at_end.as_secs_f64() * 1e3)
+            )
+        }
     }
 }
 
@@ -152,6 +177,7 @@ fn markdown(plan: &Plan, r: &Results, meta: &Meta, charts: &[(&str, String)]) ->
         m.load_before, m.load_after, m.cores
     );
     targets(w, plan, r);
+    reading(w, plan, r);
     method(w, plan);
     tables(w, plan, r);
     if !r.path_checks.is_empty() {
@@ -220,7 +246,7 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "| A's per-rule way takes minutes (measured with a time-out) | iptables-legacy: {}; iptables-nft: {} | {} |",
+        "| A's per-rule way takes minutes (measured with a time-out, then extrapolated) | iptables-legacy: {}; iptables-nft: {} | {} |",
         per_rule_cell(r, n, Backend::Legacy),
         per_rule_cell(r, n, Backend::Nft),
         yes(Backend::ALL.iter().all(|b| r
@@ -241,6 +267,53 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
         );
     }
     let _ = writeln!(w);
+}
+
+/// What the figures say, computed from them.
+fn reading(w: &mut String, plan: &Plan, r: &Results) {
+    let (Some(&lo), Some(&hi)) = (plan.ns.iter().min(), plan.ns.iter().max()) else { return };
+    let lat = |n, v| r.conn_summary(n, v, |s| s.median_us).map(|s| s.median);
+    let _ = writeln!(w, "## Reading the results\n");
+    if let Some(floor) = lat(hi, Variant::CMasq) {
+        for b in Backend::ALL {
+            if let Some(a) = lat(hi, Variant::A(b)) {
+                let _ = writeln!(
+                    w,
+                    "- At N = {}, network-node-manager's chain ({} rules in nat PREROUTING) adds {} µs to the first \
+                     packet of each new connection on {} (median connect time {} µs against {} µs for the \
+                     masqueraded floor C′): about {} ns per rule walked.",
+                    int(hi),
+                    int(2 * hi),
+                    num(a - floor),
+                    b.iptables(),
+                    num(a),
+                    num(floor),
+                    num((a - floor) * 1e3 / (2 * hi) as f64)
+                );
+            }
+        }
+    }
+    if let (Some(b_lo), Some(b_hi)) = (lat(lo, Variant::B), lat(hi, Variant::B)) {
+        let _ = writeln!(
+            w,
+            "- node-manager's first packet takes {} µs at N = {} and {} µs at N = {}; its lookup is a hash lookup \
+             (the per-packet cost below does not grow with N).",
+            num(b_lo),
+            int(lo),
+            num(b_hi),
+            int(hi)
+        );
+    }
+    let _ = writeln!(
+        w,
+        "- Connection rates compare whole connections — the socket, the handshake, the close — most of \
+         which costs the same on every side; the first-packet latency isolates the packet that walks the \
+         rules, so its ratio (A/B) shows the difference more sharply than the rates' (B/A).\n\
+- On a real node, network-node-manager's chain is jumped at position 1 of nat PREROUTING, so **every** \
+  new connection from a pod walks it, also to cluster IPs and to the outside. This lab measures only \
+  connections to the LoadBalancer IP (its kube-proxy's nftables chain translates cluster IPs before the \
+  iptables chain would be reached).\n"
+    );
 }
 
 fn method(w: &mut String, plan: &Plan) {
@@ -277,15 +350,17 @@ fn method(w: &mut String, plan: &Plan) {
   RST (`SO_LINGER` 0, so neither ports nor conntrack entries pile up), for {secs} s per side per round, \
   {rounds} rounds, the order of the sides rotated each round. The latency columns are the medians over \
   rounds of each round's median and 99th percentile.\n\
-- **Throughput**: `iperf3 -c` from the pod, one TCP stream, {ip} s after omitting {omit} s, {rounds} rounds.\n\
+- **Throughput**: `iperf3 -c` from the pod, one TCP stream, {ip} s after omitting {omit} s, {irounds} rounds.\n\
 - **Ratios** (B/A, B/C) are taken per round between sides measured back to back, then summarised \
   (median [min–max]).\n\
 - **Apply from nothing**: A *network-node-manager's way*: from its empty chains, per Service, for each \
   of the 4 rules `iptables -w 5 -W 100000 -t nat -C …` (fails: missing) then `… -A …`, one exec each, as \
-  its `runIptables` does — stopped after a time-out of {budget} s; when it did not finish, the total is \
-  extrapolated as elapsed time + remaining Services × the pace of the last tenth (a lower bound: each \
-  exec gets slower as the table grows). This omits the chain checks network-node-manager repeats on every \
-  reconcile, so it flatters A. A *iptables-restore*: the whole table in one `iptables-restore` from an \
+  its `runIptables` does — stopped after a time-out of {budget} s. When it did not finish, two \
+  extrapolations are given, both labelled: **≥** elapsed time + remaining Services × the pace of the \
+  last tenth applied (a lower bound: each exec reads, and `-A` rewrites, the whole table, so it gets \
+  slower as the table grows), and **≈** an estimate with the per-Service time rising linearly from that \
+  pace to the per-Service time measured at N (the *one change at N* figure below). Both omit the chain \
+  checks network-node-manager repeats on every reconcile, so they flatter A. A *iptables-restore*: the whole table in one `iptables-restore` from an \
   empty table ({apply} rounds). B: agent start (no pins) → its log reports all entries written, and the \
   agent's own measurement of the model + map writes (`elapsed_us` of its `frontends synced` line); \
   {apply} rounds.\n\
@@ -302,6 +377,7 @@ fn method(w: &mut String, plan: &Plan) {
         ips = services::FILLER_IPS,
         rounds = plan.rounds,
         ip = plan.iperf_secs,
+        irounds = plan.iperf_rounds,
         omit = plan.iperf_omit,
         budget = plan.per_rule_budget.as_secs(),
         apply = plan.apply_rounds,
@@ -335,7 +411,7 @@ fn tables(w: &mut String, plan: &Plan, r: &Results) {
         );
     }
     let _ = writeln!(w, "\n## First-packet latency (`connect` time, µs: median / p99)\n");
-    let _ = writeln!(w, "{}", header(""));
+    let _ = writeln!(w, "{}", header(" A legacy / B | A nft / B |"));
     for &n in &plan.ns {
         let cells: Vec<String> = sides
             .iter()
@@ -345,7 +421,14 @@ fn tables(w: &mut String, plan: &Plan, r: &Results) {
                 format!("{med} / {p99}")
             })
             .collect();
-        let _ = writeln!(w, "| {} | {} |", int(n), cells.join(" | "));
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.latency_ratio(n, A_LEGACY, Variant::B)),
+            ratio(r.latency_ratio(n, A_NFT, Variant::B))
+        );
     }
     let _ = writeln!(w, "\n## Throughput of one established TCP stream (iperf3, Gbit/s)\n");
     let _ = writeln!(w, "{}", header(" B/C | B/C′ | B/A legacy | B/A nft |"));

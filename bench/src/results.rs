@@ -45,8 +45,11 @@ pub struct Plan {
     pub ns: Vec<usize>,
     /// Further N for node-manager alone (apply, memory, per-packet cost).
     pub map_only: Vec<usize>,
+    /// Rounds of the connection loop (every side once per round).
     pub rounds: usize,
     pub conn_time: Duration,
+    /// Rounds of iperf3 (every side once per round).
+    pub iperf_rounds: usize,
     pub iperf_secs: u32,
     pub iperf_omit: u32,
     pub per_rule_budget: Duration,
@@ -66,6 +69,7 @@ impl Plan {
                 map_only: vec![10_000],
                 rounds: 2,
                 conn_time: Duration::from_millis(500),
+                iperf_rounds: 2,
                 iperf_secs: 1,
                 iperf_omit: 0,
                 per_rule_budget: Duration::from_secs(3),
@@ -80,9 +84,12 @@ impl Plan {
                 quick,
                 ns: vec![1, 1_000, 10_000],
                 map_only: vec![100_000],
-                rounds: 5,
-                conn_time: Duration::from_secs(3),
-                iperf_secs: 3,
+                // Many short rounds rather than a few long ones: each round compares the sides
+                // within a few seconds of each other, before the machine's load changes much.
+                rounds: 15,
+                conn_time: Duration::from_secs(1),
+                iperf_rounds: 7,
+                iperf_secs: 2,
                 iperf_omit: 1,
                 per_rule_budget: Duration::from_secs(60),
                 apply_rounds: 5,
@@ -145,6 +152,14 @@ impl Results {
     /// Per-round ratio of `a` to `b` (same round, back to back) of connections per second.
     pub fn conn_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
         Summary::of(&ratios(&self.conn_rates(n, a), &self.conn_rates(n, b)))
+    }
+
+    /// Per-round ratio of `a`'s median connect time to `b`'s.
+    pub fn latency_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
+        let medians = |v| -> Vec<f64> {
+            self.conn.get(&(n, v)).map(|s| s.iter().map(|c| c.median_us).collect()).unwrap_or_default()
+        };
+        Summary::of(&ratios(&medians(a), &medians(b)))
     }
 
     pub fn iperf_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {

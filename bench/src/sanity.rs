@@ -21,6 +21,10 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
             p.need(format!("N = {n}, {label}: connect median"), r.conn_summary(n, v, |c| c.median_us));
             p.need(format!("N = {n}, {label}: connect p99"), r.conn_summary(n, v, |c| c.p99_us));
             p.need(format!("N = {n}, {label}: throughput"), Summary::of(&r.iperf_gbit(n, v)));
+            let iperf_rounds = r.iperf.get(&(n, v)).map_or(0, Vec::len);
+            if iperf_rounds != plan.iperf_rounds {
+                p.push(format!("N = {n}, {label}: {iperf_rounds} iperf3 rounds of {}", plan.iperf_rounds));
+            }
         }
         for backend in Backend::ALL {
             let b = backend.iptables();
@@ -113,7 +117,7 @@ mod tests {
             for v in Variant::ALL {
                 let c = ConnSample { rate: 1e4, median_us: 40.0, p99_us: 80.0, connections: 5000, errors: 0 };
                 r.conn.insert((n, v), vec![c; plan.rounds]);
-                r.iperf.insert((n, v), vec![1e10; plan.rounds]);
+                r.iperf.insert((n, v), vec![1e10; plan.iperf_rounds]);
             }
             for b in Backend::ALL {
                 r.restore_apply.insert((n, b), vec![ms]);
@@ -149,6 +153,7 @@ mod tests {
         assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l.starts_with("N = 10: per-packet hit < miss")), "{p:#?}");
         assert!(p.iter().any(|l| l.starts_with("N = 10, node-manager: RSS: not positive")), "{p:#?}");
-        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, B: node-manager: 0 iperf3 rounds of 2"), "{p:#?}");
+        assert_eq!(p.len(), 5, "{p:#?}");
     }
 }
