@@ -216,3 +216,17 @@ status:
         e6 = lab::EXTERNAL_V6,
     )
 }
+
+/// `run` arguments for the lab: the services file, the rewrite on, the lab's pod CIDRs.
+pub fn lab_agent_args(services: &str) -> Vec<&str> {
+    vec![
+        "--services-file",
+        services,
+        "--external-cluster",
+        "true",
+        "--pod-cidr-ipv4",
+        lab::POD_CIDR_V4,
+        "--pod-cidr-ipv6",
+        lab::POD_CIDR_V6,
+    ]
+}
