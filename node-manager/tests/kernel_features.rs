@@ -8,7 +8,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::{
-    agent::{Agent, Scratch, lab_service_yaml, wait_for, write},
+    agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write},
     kernel,
 };
 use lab::{Lab, Ns};
@@ -45,30 +45,13 @@ fn feature<'a>(state: &'a Value, name: &str) -> &'a Value {
     features.iter().find(|f| f["feature"] == name).unwrap_or_else(|| panic!("no {name} in {state:#}"))
 }
 
-fn args<'a>(services: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--services-file",
-        services,
-        "--external-cluster",
-        "true",
-        "--pod-cidr-ipv4",
-        lab::POD_CIDR_V4,
-        "--pod-cidr-ipv6",
-        lab::POD_CIDR_V6,
-        "--pod-interfaces",
-        "veth*",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 #[test]
 fn the_agent_reports_the_mechanisms_it_uses_and_inspect_shows_them() {
     let lab = Lab::new().unwrap();
     let scratch = Scratch::new(&lab);
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
-    let agent = Agent::start(&scratch, &args(services.to_str().unwrap(), &[]));
+    let agent = Agent::start(&scratch, &lab_agent_args(services.to_str().unwrap()));
     wait_for("the agent's report, the interface and the socket hooks", Duration::from_secs(30), || {
         scratch.try_inspect().is_ok_and(|s| {
             s["kernel_features"]["source"] == "agent"
@@ -121,7 +104,7 @@ fn a_program_the_verifier_rejects_costs_only_its_feature() {
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
     let fault = [(node_manager::datapath::FAULT_ENV, "nm_pod_ingress")];
-    let mut agent = Agent::start_with_env(&scratch, &args(services.to_str().unwrap(), &[]), &fault);
+    let mut agent = Agent::start_with_env(&scratch, &lab_agent_args(services.to_str().unwrap()), &fault);
     wait_for("the agent's report and the socket hooks", Duration::from_secs(30), || {
         scratch.try_inspect().is_ok_and(|s| {
             s["kernel_features"]["source"] == "agent"

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, Scratch, lab_service_yaml, wait_for, write};
+use common::agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write};
 use lab::{Lab, Ns};
 
 const T: Duration = Duration::from_secs(2);
@@ -243,19 +243,7 @@ fn a_clsact_qdisc_and_filters_of_others_stay() {
     tc(&["qdisc", "add", "dev", &dev, "clsact"]);
     // A classic-BPF filter that matches nothing (`ret #0`): the next filter (ours) still runs.
     tc(&["filter", "add", "dev", &dev, "ingress", "pref", "100", "bpf", "bytecode", "1,6 0 0 0,"]);
-    let agent = Agent::start(
-        &scratch,
-        &[
-            "--services-file",
-            services.to_str().unwrap(),
-            "--external-cluster",
-            "true",
-            "--pod-cidr-ipv4",
-            lab::POD_CIDR_V4,
-            "--pod-cidr-ipv6",
-            lab::POD_CIDR_V6,
-        ],
-    );
+    let agent = Agent::start(&scratch, &lab_agent_args(services.to_str().unwrap()));
     wait_for("the agent to attach", Duration::from_secs(15), || {
         scratch.try_inspect().is_ok_and(|s| s["interfaces"].as_array().is_some_and(|i| !i.is_empty()))
     });

@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/maps/NM_FRONTENDS ...   pinned maps
-//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/if<ifindex>_<ingress|egress>   TCX links
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/if<ifindex>_<ingress|egress>   TCX links (netlink
+//!                                               cls_bpf: the attached program, as the record)
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/if<ifindex>_clsact   netlink: we created the clsact
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/netfilter_<ipv4|ipv6>     INVALID-drop links
 //! <bpffs>/node-manager/v<LAYOUT_VERSION>/links/cgroup_<hook>   cgroup socket-hook links
+//! <bpffs>/node-manager/v<LAYOUT_VERSION>/kernel_report   the agent's kernel-feature report
 //! ```
 use std::{
     fs,

@@ -202,10 +202,6 @@ impl Report {
             tracing::info!(probe = %check.name, detail = %check.detail, "kernel lacks");
         }
     }
-
-    pub fn feature(&self, name: &str) -> Option<&Choice> {
-        self.features.iter().find(|c| c.feature == name)
-    }
 }
 
 impl Probes {
@@ -489,8 +485,9 @@ pub fn live_report() -> Report {
 pub fn pin_report(layout_dir: &Path, report: &Report) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let json = serde_json::to_vec(report)?;
+    anyhow::ensure!(json.len() <= REPORT_MAX - 4, "the report is {} bytes, more than the map holds", json.len());
     let mut value = vec![0u8; REPORT_MAX];
-    let len = json.len().min(REPORT_MAX - 4);
+    let len = json.len();
     value[..4].copy_from_slice(&(len as u32).to_ne_bytes());
     value[4..4 + len].copy_from_slice(&json[..len]);
     let path = layout_dir.join(REPORT_PIN);

@@ -256,3 +256,17 @@ pub fn metrics_addr(log: &str) -> Option<std::net::SocketAddr> {
         .filter(|l| l.contains("serving /metrics"))
         .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok())
 }
+
+/// `run` arguments for the lab: the services file, the rewrite on, the lab's pod CIDRs.
+pub fn lab_agent_args(services: &str) -> Vec<&str> {
+    vec![
+        "--services-file",
+        services,
+        "--external-cluster",
+        "true",
+        "--pod-cidr-ipv4",
+        lab::POD_CIDR_V4,
+        "--pod-cidr-ipv6",
+        lab::POD_CIDR_V6,
+    ]
+}

@@ -10,7 +10,7 @@ use std::{
     fs,
     io::Write as _,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -27,17 +27,18 @@ pub fn run(plan_path: &Path, as_init: bool) -> Result<()> {
     if as_init {
         prepare_guest(&plan)?;
     }
+    let who = if as_init { "[guest]" } else { "[host]" };
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
     fs::write(out.join(plan::KERNEL_RELEASE), format!("{release}\n"))?;
     if let Some(command) = &plan.exec {
-        println!("[guest] kernel {release}: $ {command}");
+        println!("{who} kernel {release}: $ {command}");
         let status = Command::new("/bin/sh").args(["-c", command]).status().context("running /bin/sh")?;
-        println!("[guest] {status}");
+        println!("{who} {status}");
         fs::write(out.join(plan::DONE), format!("{status}\n"))?;
         return Ok(());
     }
-    println!("[guest] kernel {release}: running {} test binaries", plan.suites.len());
-    feature_report(&plan);
+    println!("{who} kernel {release}: running {} test binaries", plan.suites.len());
+    feature_report(&plan, who);
 
     let mut results = fs::File::create(out.join(plan::RESULTS))?;
     let (mut passed, mut failed) = (0, 0);
@@ -45,7 +46,7 @@ pub fn run(plan_path: &Path, as_init: bool) -> Result<()> {
         let tests = list_tests(suite)?;
         for test in tests.iter().filter(|t| plan.filters.is_empty() || plan.filters.iter().any(|f| t.contains(f))) {
             let result = run_test(&plan, suite, test)?;
-            println!("[guest] {}::{} ... {} ({:.1}s)", suite.name, test, result.status.word(), result.secs);
+            println!("{who} {}::{} ... {} ({:.1}s)", suite.name, test, result.status.word(), result.secs);
             if result.status == Status::Passed {
                 passed += 1
             } else {
@@ -55,7 +56,7 @@ pub fn run(plan_path: &Path, as_init: bool) -> Result<()> {
             results.sync_all()?;
         }
     }
-    println!("[guest] kernel {release}: {passed} passed, {failed} failed");
+    println!("{who} kernel {release}: {passed} passed, {failed} failed");
     fs::write(out.join(plan::DONE), format!("{passed} {failed}\n"))?;
     Ok(())
 }
@@ -74,32 +75,23 @@ fn prepare_guest(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// `node-manager inspect --json` on an empty bpffs: the kernel features as the agent probes
-/// them (no agent running, nothing installed).
-fn feature_report(plan: &Plan) {
-    let dir = PathBuf::from(format!("/tmp/nm-vm-features-{}", std::process::id()));
-    let bpffs = dir.join("bpffs");
-    let report = (|| -> Result<Vec<u8>> {
-        fs::create_dir_all(&bpffs)?;
-        let out = Command::new(&plan.agent)
-            .args(["inspect", "--json", "--bpffs"])
-            .arg(&bpffs)
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", plan.agent.display()))?;
-        if !out.status.success() {
-            bail!("node-manager inspect --json: {}", out.status);
-        }
-        Ok(out.stdout)
-    })();
-    // inspect mounts a bpffs on an unmounted directory; take it down again.
-    let _ = Command::new("umount").arg(&bpffs).stderr(Stdio::null()).status();
-    let _ = fs::remove_dir_all(&dir);
+/// `node-manager inspect --json` with nothing installed: the kernel features as the agent probes
+/// them (programs trial-loaded, nothing attached).
+fn feature_report(plan: &Plan, who: &str) {
+    let nowhere = format!("/tmp/nm-vm-features-{}", std::process::id());
+    let report = Command::new(&plan.agent)
+        .args(["inspect", "--json", "--bpffs", &nowhere])
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", plan.agent.display()))
+        .and_then(|out| {
+            if out.status.success() { Ok(out.stdout) } else { bail!("node-manager inspect --json: {}", out.status) }
+        });
     match report {
         Ok(json) => {
             let _ = fs::write(plan.out_dir.join(plan::FEATURES), json);
         }
-        Err(e) => println!("[guest] no feature report: {e:#}"),
+        Err(e) => println!("{who} no feature report: {e:#}"),
     }
 }
 

@@ -213,6 +213,9 @@ fn artifact(json_lines: &str, kind: &str, name: &str) -> Option<Suite> {
     json_lines.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|msg| {
         let exe = msg["executable"].as_str()?;
         let is_kind = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind));
+        // `--all-targets` also builds a binary's unit-test harness (kind "bin", profile.test).
+        let harness = msg["profile"]["test"] == true;
+        let is_kind = is_kind && harness == (kind == "test");
         let cwd = Path::new(msg["manifest_path"].as_str()?).parent()?;
         (is_kind && msg["target"]["name"] == name).then(|| Suite {
             name: name.to_owned(),
@@ -329,16 +332,19 @@ pub fn took(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::test_executables;
+    use super::{artifact, test_executables};
 
     #[test]
     fn finds_integration_test_executables_in_cargo_json() {
-        let json = r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"node-manager"},"executable":"/t/debug/node-manager","manifest_path":"/w/node-manager/Cargo.toml"}
-{"reason":"compiler-artifact","target":{"kind":["test"],"name":"netns"},"executable":"/t/debug/deps/netns-abc","manifest_path":"/w/node-manager/Cargo.toml"}
+        let json = r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"node-manager"},"profile":{"test":true},"executable":"/t/debug/deps/node_manager-123","manifest_path":"/w/node-manager/Cargo.toml"}
+{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"node-manager"},"profile":{"test":false},"executable":"/t/debug/node-manager","manifest_path":"/w/node-manager/Cargo.toml"}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"netns"},"profile":{"test":true},"executable":"/t/debug/deps/netns-abc","manifest_path":"/w/node-manager/Cargo.toml"}
 {"reason":"build-finished","success":true}"#;
         let suites = test_executables(json, &["netns"]).unwrap();
         assert_eq!(suites[0].binary.to_str(), Some("/t/debug/deps/netns-abc"));
         assert_eq!(suites[0].cwd.to_str(), Some("/w/node-manager"));
         assert!(test_executables(json, &["cgroup"]).unwrap_err().to_string().contains("cgroup"));
+        let agent = artifact(json, "bin", "node-manager").unwrap();
+        assert_eq!(agent.binary.to_str(), Some("/t/debug/node-manager"), "the binary, not its test harness");
     }
 }
