@@ -266,7 +266,12 @@ fn run_one(name: &str, suites: &[Suite], agent: &Path, args: &VmArgs) -> Result<
         set_executable(&hook)?;
         plan.modprobe_hook = Some(hook);
         fs::write(&plan_path, serde_json::to_string_pretty(&plan)?)?;
-        let xtask = std::env::current_exe().context("locating the xtask binary")?;
+        // A copy of this very binary: cargo may rebuild target/debug/xtask while we run (the
+        // test build unifies features differently), leaving only a deleted file behind;
+        // /proc/self/exe still reads the running one.
+        let xtask = run_dir.join("xtask-guest");
+        fs::copy("/proc/self/exe", &xtask).context("copying the running xtask binary for the guest")?;
+        set_executable(&xtask)?;
         let stage2 = initramfs::Stage2 {
             out_dir: out_dir.clone(),
             command: format!(
