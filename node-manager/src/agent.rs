@@ -141,6 +141,8 @@ struct Agent {
     synced: bool,
     /// This process attached its programs (replacing a previous agent's).
     taken_over: bool,
+    /// The last interface sync attached every wanted interface (nothing failed).
+    interfaces_ok: bool,
 }
 
 impl Agent {
@@ -162,6 +164,7 @@ impl Agent {
             telemetry,
             synced: false,
             taken_over: false,
+            interfaces_ok: false,
         })
     }
 
@@ -187,8 +190,7 @@ impl Agent {
 
     /// Ready once every wanted interface has our programs (and the INVALID drop is in place).
     fn update_attached(&self) {
-        let interfaces_done = !self.cfg.external_cluster
-            || interfaces::scan(&self.matcher).is_ok_and(|found| found.iter().all(|i| self.attached.contains(i)));
+        let interfaces_done = !self.cfg.external_cluster || self.interfaces_ok;
         let drop_invalid_ok = !self.cfg.drop_invalid_input || self.drop_invalid.is_some();
         self.telemetry.set_attached(self.taken_over && interfaces_done && drop_invalid_ok);
     }
@@ -325,6 +327,7 @@ impl Agent {
         }
         let started = Instant::now();
         let ok = self.sync_interfaces_inner();
+        self.interfaces_ok = ok;
         self.telemetry.reconciled("interfaces", started.elapsed(), ok);
         self.update_attached();
     }

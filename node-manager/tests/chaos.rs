@@ -22,7 +22,7 @@ use std::{
 };
 
 use common::{
-    agent::{Agent, Scratch, wait_for, write},
+    agent::{Agent, Scratch, lab_agent_args, wait_for, write},
     scale::{NODE, node, pinned_frontends, valid_frontends, valid_service},
     stable::{STABLE_PORT, StableFlows, service_json},
 };
@@ -101,19 +101,7 @@ fn tail(log: &str) -> String {
 fn file_agent(lab: &Lab, scratch: &Scratch) -> Agent {
     let services = scratch.file("services.json");
     write(&services, &service_json().to_string());
-    let agent = Agent::start(
-        scratch,
-        &[
-            "--services-file",
-            services.to_str().unwrap(),
-            "--external-cluster",
-            "true",
-            "--pod-cidr-ipv4",
-            lab::POD_CIDR_V4,
-            "--pod-cidr-ipv6",
-            lab::POD_CIDR_V6,
-        ],
-    );
+    let agent = Agent::start(scratch, &lab_agent_args(services.to_str().unwrap()));
     wait_attached(lab, scratch, &agent);
     agent
 }

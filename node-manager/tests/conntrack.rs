@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, Scratch, lab_service_yaml, wait_for, write};
+use common::agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write};
 use lab::{Lab, Ns};
 use serde_json::{Value, json};
 
@@ -199,21 +199,9 @@ fn rewritten_flows_leave_no_invalid_conntrack_entries_and_no_half_flows() {
     run(&lab, Ns::Node, "sysctl", &["-q", "-w", "net.netfilter.nf_conntrack_udp_timeout=600"]);
     run(&lab, Ns::Pod, "sysctl", &["-q", "-w", "net.netfilter.nf_conntrack_udp_timeout=600"]);
     // The INVALID drop stays off: nothing may hide an INVALID packet from the counters.
-    let agent = Agent::start(
-        &scratch,
-        &[
-            "--services-file",
-            services.to_str().unwrap(),
-            "--external-cluster",
-            "true",
-            "--drop-invalid-input",
-            "false",
-            "--pod-cidr-ipv4",
-            lab::POD_CIDR_V4,
-            "--pod-cidr-ipv6",
-            lab::POD_CIDR_V6,
-        ],
-    );
+    let mut args = lab_agent_args(services.to_str().unwrap());
+    args.extend(["--drop-invalid-input", "false"]);
+    let agent = Agent::start(&scratch, &args);
     wait_for("the agent to attach and fill the maps", Duration::from_secs(15), || {
         scratch.try_inspect().is_ok_and(|s| {
             s["interfaces"].as_array().is_some_and(|i| !i.is_empty())

@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use common::{
-    agent::{Agent, Scratch, lab_service_yaml, wait_for, write},
+    agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write},
     capacity::{documented_capacity, online_cpus, pin_to_cpu},
 };
 use lab::{Lab, Ns};
@@ -123,19 +123,7 @@ fn a_thousand_concurrent_connections_through_the_rewrite_with_the_flow_map_near_
     let scratch = Scratch::new(&lab);
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
-    let agent = Agent::start(
-        &scratch,
-        &[
-            "--services-file",
-            services.to_str().unwrap(),
-            "--external-cluster",
-            "true",
-            "--pod-cidr-ipv4",
-            lab::POD_CIDR_V4,
-            "--pod-cidr-ipv6",
-            lab::POD_CIDR_V6,
-        ],
-    );
+    let agent = Agent::start(&scratch, &lab_agent_args(services.to_str().unwrap()));
     wait_for("the agent to attach and fill the maps", Duration::from_secs(15), || {
         scratch.try_inspect().is_ok_and(|s| {
             s["interfaces"].as_array().is_some_and(|i| !i.is_empty())

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write};
+use common::agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, tcx_programs, wait_for, write};
 use lab::{Lab, Ns};
 
 const T: Duration = Duration::from_secs(2);
@@ -189,16 +189,7 @@ fn a_restarted_agent_adopts_the_pinned_datapath_and_replaces_its_programs() {
     let scratch = Scratch::new(&lab);
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
-    let args = [
-        "--services-file",
-        services.to_str().unwrap(),
-        "--external-cluster",
-        "true",
-        "--pod-cidr-ipv4",
-        lab::POD_CIDR_V4,
-        "--pod-cidr-ipv6",
-        lab::POD_CIDR_V6,
-    ];
+    let args = lab_agent_args(services.to_str().unwrap());
     let first = Agent::start(&scratch, &args);
     wait_for("first agent ready", Duration::from_secs(15), || {
         scratch.inspect()["frontends"].as_array().is_some_and(|f| f.len() == 6)
@@ -299,20 +290,4 @@ fn bad_configuration_exits_2_with_a_message_naming_the_setting() {
     assert!(err.contains("RULE_EXTERNAL_CLUSTER is deprecated"), "{err}");
     assert!(err.contains("/nonexistent/bpffs does not exist") && err.contains("--bpffs"), "{err}");
     assert!(!std::path::Path::new("/nonexistent").exists(), "the agent must not create directories to mount on");
-}
-
-/// Program names on the pod interface's TCX hook, queried from inside the node namespace (none
-/// on kernels without TCX).
-fn tcx_programs(lab: &Lab, hook: &str) -> Vec<String> {
-    if !common::kernel::has_tcx() {
-        return Vec::new();
-    }
-    let iface = lab.pod_host_if().to_owned();
-    let attach_type =
-        if hook == "ingress" { aya::programs::TcAttachType::Ingress } else { aya::programs::TcAttachType::Egress };
-    lab::in_netns(lab.netns_path(Ns::Node), move || {
-        let (_, progs) = aya::programs::SchedClassifier::query_tcx(&iface, attach_type)?;
-        Ok(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
-    })
-    .unwrap()
 }

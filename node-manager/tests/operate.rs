@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, BIN, Scratch, lab_service_yaml, wait_for, write};
+use common::agent::{Agent, BIN, Scratch, lab_agent_args, lab_service_yaml, tcx_programs, wait_for, write};
 use lab::{Lab, Ns, in_netns};
 
 /// A port only this test's streams use (the lab's kube-proxy rules cover 8080; the test adds
@@ -27,19 +27,7 @@ const STREAM_PORT: u16 = 9000;
 const T: Duration = Duration::from_secs(2);
 
 fn base_args(services: &Path) -> Vec<String> {
-    [
-        "--services-file",
-        services.to_str().unwrap(),
-        "--external-cluster",
-        "true",
-        "--pod-cidr-ipv4",
-        lab::POD_CIDR_V4,
-        "--pod-cidr-ipv6",
-        lab::POD_CIDR_V6,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    lab_agent_args(services.to_str().unwrap()).into_iter().map(str::to_owned).collect()
 }
 
 fn start(scratch: &Scratch, bin: &Path, args: &[String], log_name: &str) -> Agent {
@@ -304,16 +292,6 @@ fn wait_taken_over(scratch: &Scratch, agent: &Agent, before: &BTreeSet<u64>, wha
     });
 }
 
-fn tcx_programs(lab: &Lab, ingress: bool) -> Vec<String> {
-    let iface = lab.pod_host_if().to_owned();
-    let attach_type = if ingress { aya::programs::TcAttachType::Ingress } else { aya::programs::TcAttachType::Egress };
-    in_netns(lab.netns_path(Ns::Node), move || {
-        let (_, progs) = aya::programs::SchedClassifier::query_tcx(&iface, attach_type)?;
-        Ok(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
-    })
-    .unwrap()
-}
-
 #[test]
 fn restarts_an_upgrade_and_layout_migrations_lose_no_packet_and_no_flow() {
     let lab = Lab::new().unwrap();
@@ -380,8 +358,8 @@ fn restarts_an_upgrade_and_layout_migrations_lose_no_packet_and_no_flow() {
     let log = fifth.log();
     assert!(log.contains("adopting an older version's pinned map"), "{log}");
     assert!(!log.contains("creating map"), "{log}");
-    assert_eq!(tcx_programs(&lab, true), ["nm_pod_ingress"], "exactly one program of ours on TCX ingress");
-    assert_eq!(tcx_programs(&lab, false), ["nm_pod_egress"]);
+    assert_eq!(tcx_programs(&lab, "ingress"), ["nm_pod_ingress"], "exactly one program of ours on TCX ingress");
+    assert_eq!(tcx_programs(&lab, "egress"), ["nm_pod_egress"]);
     std::thread::sleep(Duration::from_millis(500));
 
     for (name, report) in streams.finish() {
@@ -449,7 +427,7 @@ fn cleanup_leaves_nothing_that_bpftool_tc_nft_or_sysctl_can_see() {
         }
         let qdisc = lab.command(Ns::Node, "tc").args(["qdisc", "show", "dev", lab.pod_host_if()]).output().unwrap();
         assert!(!String::from_utf8_lossy(&qdisc.stdout).contains("clsact"), "{mode}");
-        assert!(tcx_programs(&lab, true).is_empty() && tcx_programs(&lab, false).is_empty(), "{mode}");
+        assert!(tcx_programs(&lab, "ingress").is_empty() && tcx_programs(&lab, "egress").is_empty(), "{mode}");
         // nftables and iptables: nothing of ours.
         let nft = lab.command(Ns::Node, "nft").args(["list", "ruleset"]).output().unwrap();
         let nft = String::from_utf8_lossy(&nft.stdout);
@@ -626,7 +604,7 @@ fn cleanup_on_exit_removes_the_datapath_when_the_agent_stops() {
     let log = std::fs::read_to_string(log).unwrap();
     assert!(log.contains("datapath removed"), "{log}");
     assert!(!scratch.bpffs.join("node-manager").exists());
-    assert!(tcx_programs(&lab, true).is_empty());
+    assert!(tcx_programs(&lab, "ingress").is_empty());
     assert!(lab.udp_request(Ns::Pod, to, b"x", T, true).is_err(), "the rewrite is gone");
 }
 

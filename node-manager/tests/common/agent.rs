@@ -270,3 +270,19 @@ pub fn lab_agent_args(services: &str) -> Vec<&str> {
         lab::POD_CIDR_V6,
     ]
 }
+
+/// Program names on the lab pod interface's TCX hook (`"ingress"` or `"egress"`), queried from
+/// inside the node namespace (none on kernels without TCX).
+pub fn tcx_programs(lab: &lab::Lab, hook: &str) -> Vec<String> {
+    if !super::kernel::has_tcx() {
+        return Vec::new();
+    }
+    let iface = lab.pod_host_if().to_owned();
+    let attach_type =
+        if hook == "ingress" { aya::programs::TcAttachType::Ingress } else { aya::programs::TcAttachType::Egress };
+    lab::in_netns(lab.netns_path(lab::Ns::Node), move || {
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(&iface, attach_type)?;
+        Ok(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+    })
+    .unwrap()
+}
