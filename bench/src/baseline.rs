@@ -183,6 +183,26 @@ impl<'a> Baseline<'a> {
         Ok(PerRule { done, of: svcs.len(), elapsed: ends.last().copied().unwrap_or_default(), per_service_at_end })
     }
 
+    /// New connections that entered network-node-manager's per-Service chain: the packet
+    /// counter of the jump to it (the nat table sees the first packet of each connection only).
+    pub fn chain_entries(&self) -> Result<u64> {
+        let args: Vec<String> =
+            ["-t", "nat", "-L", services::NM_PREROUTING, "1", "-v", "-x", "-n"].map(String::from).into();
+        let out = self.exec(self.backend.iptables(), &args, None)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !text.contains(services::EX_CLUS_PREROUTING) {
+            bail!(
+                "{}: rule 1 of {} is not the jump to {}: {}{}",
+                self.backend.iptables(),
+                services::NM_PREROUTING,
+                services::EX_CLUS_PREROUTING,
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        text.split_whitespace().next().and_then(|p| p.parse().ok()).context("no packet counter in the listing")
+    }
+
     /// Packets counted by the DNAT rule of the target (the last-listed Service), which shows
     /// that the pod's connections went through these rules.
     pub fn target_dnat_packets(&self, n_services: usize) -> Result<u64> {

@@ -1,12 +1,14 @@
 //! The test bed: one identical lab per side, so no side's rules or programs are in another's
 //! path, and the measurements at one N, interleaved round by round.
 //!
-//! Every lab's endpoint namespace runs a connection sink and an iperf3 server on two extra
-//! ports of the Service, and also holds the cluster IP itself: network-node-manager's DNAT
-//! turns EXT into the cluster IP, and the lab's kube-proxy (nftables DNAT, like kube-proxy's
-//! iptables/nftables modes) cannot translate a connection a second time, where IPVS would
-//! forward it to the endpoint. So A reaches the endpoint with one translation and B and C
-//! with kube-proxy's; A is spared the second one.
+//! The labs are IPVS-like for the benchmark's ports: kube-proxy IPVS keeps its own connection
+//! table and leaves netfilter's NAT to others, so nothing in netfilter translates the cluster
+//! IP. There is no IPVS module here, so the node routes the cluster IP to the endpoint, which
+//! holds it (the way IPVS's direct-routing mode delivers). Every side therefore pays the same
+//! path to the endpoint — conntrack, forwarding, masquerading where marked — and differs only
+//! in how the external IP becomes the cluster IP: A's DNAT after walking its chain, B's TC
+//! rewrite, C not at all. The endpoint namespace runs a connection sink and an iperf3 server.
+//! (The lab's own nftables DNAT stays on its test port 8080, which the benchmark does not use.)
 
 use std::{
     collections::BTreeMap,
@@ -42,8 +44,8 @@ impl Labs {
         let mut servers = Vec::new();
         for v in Variant::ALL {
             let lab = Lab::new().with_context(|| format!("building the lab for {}", v.label()))?;
-            lab.add_service_port(CONN_PORT)?;
-            lab.add_service_port(IPERF_PORT)?;
+            // No DNAT for the benchmark's ports: the node already routes 198.51.100.0/24 to
+            // the endpoint; binding the cluster IP there makes it the destination itself.
             let out = lab
                 .command(Ns::Ep, "ip")
                 .args(["addr", "add", &format!("{}/32", lab::CLUSTER_V4), "dev", "lo"])
@@ -175,14 +177,19 @@ impl<'a> Bed<'a> {
                     run.p99_us(),
                     run.errors
                 );
-                let sample = ConnSample {
-                    rate: run.rate(),
-                    median_us: run.median_us(),
-                    p99_us: run.p99_us(),
-                    connections: run.connections,
-                    errors: run.errors,
-                };
+                let sample = ConnSample::of(&run);
                 r.conn.entry((n, v)).or_default().push(sample);
+                if Variant::TO_CLUSTER.contains(&v) {
+                    let run = conn::connect_loop(&pod, target(Variant::C, CONN_PORT), plan.conn_time)
+                        .with_context(|| format!("N = {n}, {}, to the cluster IP", v.label()))?;
+                    println!(
+                        "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (to the cluster IP)",
+                        v.label(),
+                        run.rate(),
+                        run.median_us()
+                    );
+                    r.conn_cluster.entry((n, v)).or_default().push(ConnSample::of(&run));
+                }
             }
         }
         for round in 0..plan.iperf_rounds {
@@ -229,6 +236,23 @@ impl<'a> Bed<'a> {
                 packets >= conns,
                 "A ({}) at N = {n}: DNAT counted {packets} < {conns}",
                 backend.iptables()
+            );
+            let entered = self.baseline(backend).chain_entries()?;
+            let to_cluster: u64 =
+                r.conn_cluster.get(&(n, Variant::A(backend))).map_or(0, |s| s.iter().map(|c| c.connections).sum());
+            r.path_checks.push(format!(
+                "N = {}, {}: {} new connections entered its chain (the loops made {} to the LB IP and {} to the cluster IP, plus iperf3's)",
+                int(n),
+                backend.iptables(),
+                int(entered as usize),
+                int(conns as usize),
+                int(to_cluster as usize)
+            ));
+            anyhow::ensure!(
+                entered >= conns + to_cluster,
+                "A ({}) at N = {n}: {entered} connections entered the chain < {} made",
+                backend.iptables(),
+                conns + to_cluster
             );
         }
         let rewrites = self.agent.rewrites()?;

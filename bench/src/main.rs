@@ -46,6 +46,9 @@ struct Args {
     /// Override the N measured for node-manager alone (comma-separated; empty for none).
     #[arg(long, value_delimiter = ',')]
     map_only: Option<Vec<usize>>,
+    /// Measure only the per-packet cost (no labs, no report): for comparing eBPF builds.
+    #[arg(long)]
+    per_packet_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +94,9 @@ fn run(args: &Args) -> Result<()> {
         );
     }
 
+    if args.per_packet_only {
+        return Ok(());
+    }
     {
         let labs = bed::Labs::new().context("building the labs")?;
         let mut bed = bed::Bed::new(&labs, &args.node_manager)?;

@@ -60,6 +60,12 @@ fn decades(lo: f64, hi: f64) -> (f64, f64) {
     (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)))
 }
 
+/// The y axis: whole decades when the data spans one or more, else a margin of a fifth
+/// around it, so values within a few percent of each other (stream throughput) stay apart.
+fn y_range(lo: f64, hi: f64) -> (f64, f64) {
+    if hi / lo >= 10.0 { decades(lo, hi) } else { (lo / 1.2, hi * 1.2) }
+}
+
 /// 1, 10, 100, 1k, 10k, 100k, 1M; 0.5, 0.05 …
 pub fn short_number(v: f64) -> String {
     let a = v.abs();
@@ -88,7 +94,7 @@ impl Chart<'_> {
             return Err(anyhow!("chart {:?}: no positive data to draw", self.title));
         }
         let (x0, x1) = decades(xmin, xmax);
-        let (y0, y1) = decades(ymin, ymax);
+        let (y0, y1) = y_range(ymin, ymax);
         self.draw_on(file, (x0..x1 * 1.2).log_scale(), (y0..y1).log_scale())
     }
 
@@ -171,6 +177,9 @@ mod tests {
         assert_eq!(short_number(2_500_000.0), "2.5M");
         assert_eq!(decades(3.0, 250.0), (1.0, 1000.0));
         assert_eq!(decades(10.0, 10.0), (10.0, 100.0));
+        assert_eq!(y_range(3.0, 250.0), (1.0, 1000.0));
+        let (lo, hi) = y_range(12.0, 15.0);
+        assert!((lo - 10.0).abs() < 1e-9 && (hi - 18.0).abs() < 1e-9, "{lo}..{hi}");
     }
 
     #[test]

@@ -26,6 +26,10 @@ impl Variant {
     pub const ALL: [Variant; 5] =
         [Variant::C, Variant::CMasq, Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::B];
 
+    /// The sides whose pod → cluster IP connections are measured besides C's own: a cluster
+    /// IP needs no rewrite, but every new connection still passes A's chain or B's programs.
+    pub const TO_CLUSTER: [Variant; 3] = [Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::B];
+
     pub fn label(self) -> &'static str {
         match self {
             Variant::C => "C: no rewrite",
@@ -118,11 +122,26 @@ pub struct ConnSample {
     pub errors: u64,
 }
 
+impl ConnSample {
+    pub fn of(run: &crate::conn::ConnRun) -> ConnSample {
+        ConnSample {
+            rate: run.rate(),
+            median_us: run.median_us(),
+            p99_us: run.p99_us(),
+            connections: run.connections,
+            errors: run.errors,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Results {
     pub machine: Machine,
     /// (N, variant) → one sample per round, rounds in order.
     pub conn: BTreeMap<(usize, Variant), Vec<ConnSample>>,
+    /// (N, variant) → one sample per round of pod → cluster IP connections, for the sides in
+    /// [`Variant::TO_CLUSTER`] (C's are in `conn`), measured right after the side's own run.
+    pub conn_cluster: BTreeMap<(usize, Variant), Vec<ConnSample>>,
     /// (N, variant) → bit/s per round.
     pub iperf: BTreeMap<(usize, Variant), Vec<f64>>,
     pub restore_apply: BTreeMap<(usize, Backend), Vec<Duration>>,
@@ -143,6 +162,23 @@ impl Results {
 
     pub fn conn_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
         Summary::of(&self.conn.get(&(n, v))?.iter().map(f).collect::<Vec<_>>())
+    }
+
+    /// Pod → cluster IP connection samples: C's own runs, or those measured in `v`'s lab.
+    pub fn cluster_samples(&self, n: usize, v: Variant) -> Option<&Vec<ConnSample>> {
+        if v == Variant::C { self.conn.get(&(n, v)) } else { self.conn_cluster.get(&(n, v)) }
+    }
+
+    pub fn cluster_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
+        Summary::of(&self.cluster_samples(n, v)?.iter().map(f).collect::<Vec<_>>())
+    }
+
+    /// Per-round ratio of pod → cluster IP connections per second in `a`'s lab to `b`'s.
+    pub fn cluster_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
+        let rates = |v| -> Vec<f64> {
+            self.cluster_samples(n, v).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
+        };
+        Summary::of(&ratios(&rates(a), &rates(b)))
     }
 
     pub fn iperf_gbit(&self, n: usize, v: Variant) -> Vec<f64> {

@@ -26,6 +26,14 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
                 p.push(format!("N = {n}, {label}: {iperf_rounds} iperf3 rounds of {}", plan.iperf_rounds));
             }
         }
+        for v in Variant::TO_CLUSTER {
+            let label = v.label();
+            let rounds = r.conn_cluster.get(&(n, v)).map_or(0, Vec::len);
+            if rounds != plan.rounds {
+                p.push(format!("N = {n}, {label}: {rounds} rounds to the cluster IP of {}", plan.rounds));
+            }
+            p.need(format!("N = {n}, {label}: connections/s to the cluster IP"), r.cluster_summary(n, v, |c| c.rate));
+        }
         for backend in Backend::ALL {
             let b = backend.iptables();
             let restore = r.restore_apply.get(&(n, backend)).and_then(|t| Summary::of_durations(t, Unit::Millis));

@@ -185,7 +185,7 @@ pub enum CounterIndex {
     /// IP but not rewritable: fragment, IPv4 options, IPv6 extension header, other protocol,
     /// truncated. Passed untouched.
     PassUnparsed = 5,
-    /// Source outside the local pod CIDRs: passed.
+    /// Addressed to a frontend, but from a source outside the local pod CIDRs: passed.
     PassNotPod = 6,
     /// No frontend for (destination, port, protocol): passed.
     PassNoFrontend = 7,
@@ -223,9 +223,14 @@ pub enum CounterIndex {
     /// pod untranslated (from the cluster IP) and the connection most likely broke. The entry
     /// is created again.
     FlowLost = 22,
+    /// A pod packet to no frontend on the tuple of a remembered flow: the pod now talks to the
+    /// cluster address directly, from a port an earlier, rewritten flow used (a TCP SYN, or any
+    /// UDP or ICMP echo packet). The entry was removed, so that the replies keep the cluster
+    /// address the pod dialled.
+    FlowDirectReuse = 23,
 }
 
-pub const COUNTERS_LEN: u32 = 23;
+pub const COUNTERS_LEN: u32 = 24;
 
 impl CounterIndex {
     pub const ALL: [CounterIndex; COUNTERS_LEN as usize] = [
@@ -252,6 +257,7 @@ impl CounterIndex {
         CounterIndex::SockRevInsertFailed,
         CounterIndex::FlowCreated,
         CounterIndex::FlowLost,
+        CounterIndex::FlowDirectReuse,
     ];
 
     /// Stable snake_case name, used by `inspect` and metrics.
@@ -280,6 +286,7 @@ impl CounterIndex {
             CounterIndex::SockRevInsertFailed => "sock_rev_insert_failed",
             CounterIndex::FlowCreated => "flow_created",
             CounterIndex::FlowLost => "flow_lost",
+            CounterIndex::FlowDirectReuse => "flow_direct_reuse",
         }
     }
 }

@@ -59,6 +59,14 @@ pub fn remember(key: &FlowKey, external_addr: [u8; 16]) -> Result<Remembered, i3
     NM_FLOWS.insert(key, Flow { external_addr }, 0).map(|_| found)
 }
 
+/// Removes the flow remembered under `key`, if any; whether there was one. A lookup first:
+/// it takes no lock, and the tuple is almost never remembered.
+#[inline(always)]
+pub fn forget(key: &FlowKey) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { NM_FLOWS.get(key) }.is_some() && NM_FLOWS.remove(key).is_ok()
+}
+
 #[inline(always)]
 pub fn external_addr(key: &FlowKey) -> Option<[u8; 16]> {
     // SAFETY: copied out immediately.

@@ -37,12 +37,19 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
         Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
         Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
     };
+    // The hash lookup first: most of a pod's packets go to no frontend, and the pod-CIDR
+    // check (an LPM trie walk) is then never paid.
+    let Some(cluster_addr) = lb::frontend(&pkt) else {
+        // A pod reusing, towards the cluster address itself, the tuple of a flow rewritten
+        // earlier: the replies must not be given that flow's external address.
+        if opens_flow(&ctx, &pkt) && flow::forget(&flow::key_from_pod(&pkt, pkt.daddr)) {
+            count(&ctx, CounterIndex::FlowDirectReuse);
+        }
+        return pass(&ctx, CounterIndex::PassNoFrontend);
+    };
     if !lb::from_local_pod(&pkt) {
         return pass(&ctx, CounterIndex::PassNotPod);
     }
-    let Some(cluster_addr) = lb::frontend(&pkt) else {
-        return pass(&ctx, CounterIndex::PassNoFrontend);
-    };
     let external_addr = pkt.daddr;
     if set_addr(&mut ctx, &pkt, Which::Destination, &external_addr, &cluster_addr).is_err() {
         return pass(&ctx, CounterIndex::RewriteFailed);
@@ -85,12 +92,22 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     CONTINUE
 }
 
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
 /// Whether a TCP segment has SYN set (read only for segments of flows not remembered).
 #[inline(always)]
 fn tcp_syn(ctx: &TcContext, pkt: &parse::Packet) -> bool {
-    const TCP_FLAGS_OFF: usize = 13;
-    const SYN: u8 = 0x02;
-    ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).map_or(true, |flags| flags & SYN != 0)
+    ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).map_or(true, |flags| flags & TCP_SYN != 0)
+}
+
+/// Whether a pod packet may start a new use of its tuple: a TCP SYN without ACK, or any UDP
+/// or ICMP echo packet (they have no handshake to tell).
+#[inline(always)]
+fn opens_flow(ctx: &TcContext, pkt: &parse::Packet) -> bool {
+    pkt.proto != PROTO_TCP
+        || ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).is_ok_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 #[inline(always)]

@@ -246,12 +246,33 @@ impl Gen {
     }
 
     fn request(&mut self) -> (Spec, String) {
+        if !self.known.is_empty() && self.rng.u8(..10) == 0 {
+            // The pod talks to a cluster address directly on a remembered flow's tuple.
+            let (key, _) = self.known[self.rng.usize(..self.known.len())];
+            let (pod, remote) = (ip_of16(key.pod_addr), ip_of16(key.remote_addr));
+            let (sport, dport) = (port_of(key.pod_port), port_of(key.remote_port));
+            let payload = self.payload();
+            let (p, r) = (pod.to_string(), remote.to_string());
+            let spec = match key.proto {
+                6 => Spec { payload, ..Spec::tcp(&p, sport, &r, dport) },
+                17 => Spec { payload, ..Spec::udp(&p, sport, &r, dport) },
+                _ => Spec { payload, ..Spec::echo(&p, &r, if pod.is_ipv4() { 8 } else { 128 }, sport) },
+            };
+            return (spec, format!("direct to the cluster address on a known flow's tuple {p}:{sport} -> {r}:{dport}"));
+        }
         if self.rng.bool() {
             // Aimed at a frontend from a pod (more often a hit than chance would give).
             let (ext, port, protocol, cluster) = self.pick(FRONTENDS);
             self.meant = Some((model::addr16(parse_ip(ext)), model::addr16(parse_ip(cluster))));
             let dst = parse_ip(ext);
-            let src = parse_ip(if dst.is_ipv6() { self.pick(&SRC6[..4]) } else { self.pick(&SRC4[..5]) });
+            // Mostly from a pod; one in eight from outside the pod CIDRs (must stay untouched).
+            let outside = self.rng.u8(..8) == 0;
+            let src = parse_ip(match (dst.is_ipv6(), outside) {
+                (true, false) => self.pick(&SRC6[..4]),
+                (true, true) => self.pick(&SRC6[4..]),
+                (false, false) => self.pick(&SRC4[..5]),
+                (false, true) => self.pick(&SRC4[5..]),
+            });
             let (choice, echo) = match (protocol, dst.is_ipv6()) {
                 (Protocol::Tcp, _) => (0, 0),
                 (Protocol::Udp, _) => (8, 0),
@@ -645,6 +666,7 @@ fn tc_programs_match_the_reference_model_on_random_and_mutated_frames() {
             CounterIndex::PassNoFlow,
             CounterIndex::FlowCreated,
             CounterIndex::FlowLost,
+            CounterIndex::FlowDirectReuse,
         ] {
             // Flows saturate (the generator's key space is small on purpose): at most 2,000.
             assert!(

@@ -216,6 +216,76 @@ fn a_restarted_agent_adopts_the_pinned_datapath_and_replaces_its_programs() {
     assert!(second.stop());
 }
 
+/// TCP from `pod` (bound to `port`, SO_REUSEADDR) to `to`: the echo, and the peer the pod's
+/// socket saw.
+fn tcp_from_port(lab: &Lab, pod: IpAddr, port: u16, to: SocketAddr) -> Result<(Vec<u8>, SocketAddr), String> {
+    use socket2::{Domain, Socket, Type};
+    use std::io::{Read as _, Write as _};
+    lab::in_netns(lab.netns_path(Ns::Pod), || {
+        let s = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(pod, port).into())?;
+        s.connect_timeout(&to.into(), T)?;
+        let mut stream = std::net::TcpStream::from(s);
+        let peer = stream.peer_addr()?;
+        stream.set_read_timeout(Some(T))?;
+        stream.write_all(b"tcp")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut data = Vec::new();
+        stream.read_to_end(&mut data)?;
+        Ok((data, peer))
+    })
+    .map_err(|e| format!("TCP {pod}:{port} -> {to}: {e:#}"))
+}
+
+/// UDP from `pod:port` to `to` (unconnected): the echo and the address it came from.
+fn udp_from_port(lab: &Lab, pod: IpAddr, port: u16, to: SocketAddr) -> Result<(Vec<u8>, SocketAddr), String> {
+    lab::in_netns(lab.netns_path(Ns::Pod), || {
+        let s = std::net::UdpSocket::bind(SocketAddr::new(pod, port))?;
+        s.set_read_timeout(Some(T))?;
+        s.send_to(b"udp", to)?;
+        let mut buf = [0u8; 64];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((buf[..n].to_vec(), from))
+    })
+    .map_err(|e| format!("UDP {pod}:{port} -> {to}: {e:#}"))
+}
+
+/// A pod port used first towards the external IP (rewritten, remembered) and then towards the
+/// cluster IP itself, as ephemeral ports are reused: the replies of the second connection
+/// must come from the cluster IP the pod dialled, not be given the external address of the
+/// earlier flow (which would reset TCP and lose UDP). And back again.
+#[test]
+fn a_pod_port_reused_towards_the_cluster_ip_gets_the_cluster_ips_replies() {
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let services = scratch.file("services.yaml");
+    write(&services, &lab_service_yaml("web"));
+    let agent = Agent::start(&scratch, &lab_agent_args(services.to_str().unwrap()));
+    wait_for("agent ready", Duration::from_secs(15), || {
+        scratch.inspect()["frontends"].as_array().is_some_and(|f| f.len() == 6)
+            && !scratch.inspect()["interfaces"].as_array().unwrap().is_empty()
+    });
+    let cases = [
+        (IpAddr::from(lab::POD_V4), IpAddr::from(lab::EXTERNAL_V4), IpAddr::from(lab::CLUSTER_V4)),
+        (IpAddr::from(lab::POD_V6), IpAddr::from(lab::EXTERNAL_V6), IpAddr::from(lab::CLUSTER_V6)),
+    ];
+    for (k, (pod, external, cluster)) in cases.into_iter().enumerate() {
+        let port = 41000 + k as u16;
+        for to in [external, cluster, external, cluster] {
+            let to = ext(to, lab::SERVICE_PORT);
+            let (data, peer) = tcp_from_port(&lab, pod, port, to).unwrap();
+            assert_eq!((data.as_slice(), peer), (&b"echo:tcp"[..], to), "TCP from port {port}");
+            let (data, from) = udp_from_port(&lab, pod, port, to).unwrap();
+            assert_eq!((data.as_slice(), from), (&b"echo:udp"[..], to), "UDP from port {port}");
+        }
+    }
+    // Each turn to the cluster IP found the flow the turn before had made: TCP (SYN) and UDP,
+    // twice per family.
+    assert_eq!(counter(&scratch.inspect(), "flow_direct_reuse"), 8, "{:#}", scratch.inspect());
+    assert!(agent.stop());
+}
+
 /// A CNI's clsact qdisc and filter on the pod interface: ours run after theirs, inspect lists both,
 /// and cleanup takes only ours (on kernels without TCX, ours are cls_bpf filters on that very
 /// qdisc; with TCX, the qdisc is not ours to touch at all).

@@ -127,12 +127,25 @@ impl Model {
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
             Parsed::Ip(pkt) => pkt,
         };
+        let Some(&cluster) = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto)) else {
+            // The pod talks to a cluster address directly on a remembered flow's tuple: that
+            // flow is over (TCP: at a SYN without ACK; UDP and ICMP echo: at any packet).
+            let opens = pkt.proto != 6 || frame[pkt.l4_off + 13] & 0x12 == 0x02;
+            let key = FlowKey {
+                pod_addr: pkt.saddr,
+                remote_addr: pkt.daddr,
+                pod_port: u16::from_ne_bytes(pkt.sport),
+                remote_port: u16::from_ne_bytes(pkt.dport),
+                proto: pkt.proto,
+                pad: [0; 3],
+            };
+            let also =
+                if opens && self.flows.remove(&key).is_some() { vec![CounterIndex::FlowDirectReuse] } else { vec![] };
+            return Outcome { also, ..untouched(CounterIndex::PassNoFrontend) };
+        };
         if !self.in_pod_cidr(&pkt.saddr) {
             return untouched(CounterIndex::PassNotPod);
         }
-        let Some(&cluster) = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto)) else {
-            return untouched(CounterIndex::PassNoFrontend);
-        };
         let mut out = frame.to_vec();
         rewrite(&mut out, &pkt, Side::Destination, &cluster);
         let key = FlowKey {
