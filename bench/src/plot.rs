@@ -60,8 +60,9 @@ fn decades(lo: f64, hi: f64) -> (f64, f64) {
     (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)))
 }
 
-/// The y axis: whole decades when the data spans one or more, else a margin of a fifth
-/// around it, so values within a few percent of each other (stream throughput) stay apart.
+/// The y axis: whole decades (log) when the data spans one or more, else (linear) a margin of
+/// a fifth around it, so values within a few percent of each other (stream throughput) stay
+/// apart.
 fn y_range(lo: f64, hi: f64) -> (f64, f64) {
     if hi / lo >= 10.0 { decades(lo, hi) } else { (lo / 1.2, hi * 1.2) }
 }
@@ -95,7 +96,12 @@ impl Chart<'_> {
         }
         let (x0, x1) = decades(xmin, xmax);
         let (y0, y1) = y_range(ymin, ymax);
-        self.draw_on(file, (x0..x1 * 1.2).log_scale(), (y0..y1).log_scale())
+        if ymax / ymin >= 10.0 {
+            self.draw_on(file, (x0..x1 * 1.2).log_scale(), (y0..y1).log_scale())
+        } else {
+            // Less than a decade: a linear axis, whose ticks are labelled.
+            self.draw_on(file, (x0..x1 * 1.2).log_scale(), y0..y1)
+        }
     }
 
     fn draw_on<X, Y>(&self, file: &Path, x: X, y: Y) -> Result<()>

@@ -189,7 +189,7 @@ fn markdown(plan: &Plan, r: &Results, meta: &Meta, charts: &[(&str, String)]) ->
     }
     let _ = writeln!(
         w,
-        "## Charts\n\nMedians with min–max bars, log-log. A hollow marker is a lower bound (extrapolated).\n"
+        "## Charts\n\nMedians with min–max bars; N on a log axis, values on a log axis too unless they span less than a decade (then linear). A hollow marker is a lower bound (extrapolated).\n"
     );
     for (file, title) in charts {
         let _ = writeln!(w, "![{title}]({CHARTS_DIR}/{file})\n");
@@ -314,8 +314,30 @@ fn reading(w: &mut String, plan: &Plan, r: &Results) {
         w,
         "- Connection rates compare whole connections — the socket, the handshake, the close — most of \
          which costs the same on every side; the first-packet latency isolates the packet that walks the \
-         rules, so its ratio (A/B) shows the difference more sharply than the rates' (B/A).\n"
+         rules, so its ratio (A/B) shows the difference more sharply than the rates' (B/A)."
     );
+    for b in Backend::ALL {
+        let (Some(ceiling), Some(b_a)) =
+            (r.conn_ratio(hi, Variant::C, Variant::A(b)), r.conn_ratio(hi, Variant::B, Variant::A(b)))
+        else {
+            continue;
+        };
+        let _ = writeln!(
+            w,
+            "- The ceiling on {}: a datapath that cost nothing would open connections at the floor's rate, \
+             {:.2}× A's at N = {} (C/A); node-manager reached {:.2}× ({:.0}% of that ceiling).{}",
+            b.iptables(),
+            ceiling.median,
+            int(hi),
+            b_a.median,
+            100.0 * b_a.median / ceiling.median,
+            if ceiling.median < 5.0 {
+                " A 5× target is above the ceiling on this machine: A's chain costs less than 4× the rest of a connection here."
+            } else {
+                ""
+            }
+        );
+    }
     for b in Backend::ALL {
         let (Some(c), Some(a), Some(ratio_b)) = (
             r.cluster_summary(hi, Variant::C, |s| s.rate),

@@ -126,6 +126,9 @@ mod tests {
                 let c = ConnSample { rate: 1e4, median_us: 40.0, p99_us: 80.0, connections: 5000, errors: 0 };
                 r.conn.insert((n, v), vec![c; plan.rounds]);
                 r.iperf.insert((n, v), vec![1e10; plan.iperf_rounds]);
+                if Variant::TO_CLUSTER.contains(&v) {
+                    r.conn_cluster.insert((n, v), vec![c; plan.rounds]);
+                }
             }
             for b in Backend::ALL {
                 r.restore_apply.insert((n, b), vec![ms]);
@@ -156,12 +159,14 @@ mod tests {
         r.conn.get_mut(&(1, Variant::C)).unwrap()[0].rate = f64::NAN;
         r.prog.get_mut(&10).unwrap().hit = s(100.0);
         r.agent_start.get_mut(&10).unwrap()[0].rss_kib = 0;
+        r.conn_cluster.get_mut(&(1, Variant::B)).unwrap().pop();
         let p = problems(&plan, &r);
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l.starts_with("N = 10: per-packet hit < miss")), "{p:#?}");
         assert!(p.iter().any(|l| l.starts_with("N = 10, node-manager: RSS: not positive")), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: 0 iperf3 rounds of 2"), "{p:#?}");
-        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, B: node-manager: 1 rounds to the cluster IP of 2"), "{p:#?}");
+        assert_eq!(p.len(), 6, "{p:#?}");
     }
 }
