@@ -41,8 +41,15 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
     // check (an LPM trie walk) is then never paid.
     let Some(cluster_addr) = lb::frontend(&pkt) else {
         // A pod reusing, towards the cluster address itself, the tuple of a flow rewritten
-        // earlier: the replies must not be given that flow's external address.
-        if opens_flow(&ctx, &pkt) && flow::forget(&flow::key_from_pod(&pkt, pkt.daddr)) {
+        // earlier: the replies must not be given that flow's external address. Unless another
+        // program of ours chained before this one has just rewritten this very packet (two
+        // generations are attached for a moment while an agent of another layout version is
+        // retired): its masquerade mark says so, since a pod's packet enters the host side of
+        // its veth with mark 0 (crossing network namespaces clears it).
+        let mark = lb::masquerade_mark();
+        // SAFETY: reading the mark field of the skb this program runs on.
+        let rewritten_before = mark != 0 && unsafe { (*ctx.skb.skb).mark } & mark == mark;
+        if !rewritten_before && opens_flow(&ctx, &pkt) && flow::forget(&flow::key_from_pod(&pkt, pkt.daddr)) {
             count(&ctx, CounterIndex::FlowDirectReuse);
         }
         return pass(&ctx, CounterIndex::PassNoFrontend);

@@ -130,7 +130,9 @@ impl Model {
         let Some(&cluster) = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto)) else {
             // The pod talks to a cluster address directly on a remembered flow's tuple: that
             // flow is over (TCP: at a SYN without ACK; UDP and ICMP echo: at any packet).
-            let opens = pkt.proto != 6 || frame[pkt.l4_off + 13] & 0x12 == 0x02;
+            // Not if the mark says another program of ours rewrote the packet already.
+            let rewritten_before = self.masquerade_mark != 0 && mark & self.masquerade_mark == self.masquerade_mark;
+            let opens = !rewritten_before && (pkt.proto != 6 || frame[pkt.l4_off + 13] & 0x12 == 0x02);
             let key = FlowKey {
                 pod_addr: pkt.saddr,
                 remote_addr: pkt.daddr,
