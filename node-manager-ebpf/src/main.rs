@@ -47,8 +47,7 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
         // retired): its masquerade mark says so, since a pod's packet enters the host side of
         // its veth with mark 0 (crossing network namespaces clears it).
         let mark = lb::masquerade_mark();
-        // SAFETY: reading the mark field of the skb this program runs on.
-        let rewritten_before = mark != 0 && unsafe { (*ctx.skb.skb).mark } & mark == mark;
+        let rewritten_before = mark != 0 && skb_mark(&ctx) & mark == mark;
         if !rewritten_before && opens_flow(&ctx, &pkt) && flow::forget(&flow::key_from_pod(&pkt, pkt.daddr)) {
             count(&ctx, CounterIndex::FlowDirectReuse);
         }
@@ -63,9 +62,7 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     let mark = lb::masquerade_mark();
     if mark != 0 {
-        // SAFETY: reading the mark field of the skb this program runs on.
-        let current = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark(current | mark);
+        ctx.set_mark(skb_mark(&ctx) | mark);
     }
     match flow::remember(&flow::key_from_pod(&pkt, cluster_addr), external_addr) {
         Ok(flow::Remembered::Known | flow::Remembered::Replaced) => {}
@@ -103,18 +100,29 @@ const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// Whether a TCP segment has SYN set (read only for segments of flows not remembered).
+#[inline(always)]
+fn skb_mark(ctx: &TcContext) -> u32 {
+    // SAFETY: reading the mark field of the skb this program runs on.
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+/// The flags of a TCP segment (read only off the common path: new or unremembered flows).
+#[inline(always)]
+fn tcp_flags(ctx: &TcContext, pkt: &parse::Packet) -> Option<u8> {
+    ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).ok()
+}
+
+/// Whether a TCP segment has SYN set.
 #[inline(always)]
 fn tcp_syn(ctx: &TcContext, pkt: &parse::Packet) -> bool {
-    ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).map_or(true, |flags| flags & TCP_SYN != 0)
+    tcp_flags(ctx, pkt).is_none_or(|flags| flags & TCP_SYN != 0)
 }
 
 /// Whether a pod packet may start a new use of its tuple: a TCP SYN without ACK, or any UDP
 /// or ICMP echo packet (they have no handshake to tell).
 #[inline(always)]
 fn opens_flow(ctx: &TcContext, pkt: &parse::Packet) -> bool {
-    pkt.proto != PROTO_TCP
-        || ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).is_ok_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+    pkt.proto != PROTO_TCP || tcp_flags(ctx, pkt).is_some_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 #[inline(always)]

@@ -133,16 +133,11 @@ impl Model {
             // Not if the mark says another program of ours rewrote the packet already.
             let rewritten_before = self.masquerade_mark != 0 && mark & self.masquerade_mark == self.masquerade_mark;
             let opens = !rewritten_before && (pkt.proto != 6 || frame[pkt.l4_off + 13] & 0x12 == 0x02);
-            let key = FlowKey {
-                pod_addr: pkt.saddr,
-                remote_addr: pkt.daddr,
-                pod_port: u16::from_ne_bytes(pkt.sport),
-                remote_port: u16::from_ne_bytes(pkt.dport),
-                proto: pkt.proto,
-                pad: [0; 3],
+            let also = if opens && self.flows.remove(&request_flow_key(&pkt, pkt.daddr)).is_some() {
+                vec![CounterIndex::FlowDirectReuse]
+            } else {
+                vec![]
             };
-            let also =
-                if opens && self.flows.remove(&key).is_some() { vec![CounterIndex::FlowDirectReuse] } else { vec![] };
             return Outcome { also, ..untouched(CounterIndex::PassNoFrontend) };
         };
         if !self.in_pod_cidr(&pkt.saddr) {
@@ -150,14 +145,7 @@ impl Model {
         }
         let mut out = frame.to_vec();
         rewrite(&mut out, &pkt, Side::Destination, &cluster);
-        let key = FlowKey {
-            pod_addr: pkt.saddr,
-            remote_addr: cluster,
-            pod_port: u16::from_ne_bytes(pkt.sport),
-            remote_port: u16::from_ne_bytes(pkt.dport),
-            proto: pkt.proto,
-            pad: [0; 3],
-        };
+        let key = request_flow_key(&pkt, cluster);
         let mut also = Vec::new();
         if self.flows.insert(key, pkt.daddr).is_none() {
             also.push(CounterIndex::FlowCreated);
@@ -199,15 +187,20 @@ impl Model {
     pub fn request_key(&self, frame: &[u8]) -> Option<(FlowKey, [u8; 16])> {
         let Parsed::Ip(pkt) = parse(frame, Program::Ingress) else { return None };
         let cluster = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto))?;
-        let key = FlowKey {
-            pod_addr: pkt.saddr,
-            remote_addr: *cluster,
-            pod_port: u16::from_ne_bytes(pkt.sport),
-            remote_port: u16::from_ne_bytes(pkt.dport),
-            proto: pkt.proto,
-            pad: [0; 3],
-        };
-        Some((key, pkt.daddr))
+        Some((request_flow_key(&pkt, *cluster), pkt.daddr))
+    }
+}
+
+/// The flow key of a packet from the pod towards `remote` (the cluster address it is, or is
+/// rewritten to).
+fn request_flow_key(pkt: &Packet, remote: [u8; 16]) -> FlowKey {
+    FlowKey {
+        pod_addr: pkt.saddr,
+        remote_addr: remote,
+        pod_port: u16::from_ne_bytes(pkt.sport),
+        remote_port: u16::from_ne_bytes(pkt.dport),
+        proto: pkt.proto,
+        pad: [0; 3],
     }
 }
 
