@@ -2,7 +2,7 @@
 # node-manager's image for linux/amd64 and linux/arm64:
 #   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/node-manager:0.1.0 --push .
 # Only Debian packages and crates.io. Every build step is an xtask command that `cargo xtask
-# test` runs too (xtask/src/dockerfile.rs checks it); see deploy/README.md, "The image".
+# test` runs too (tools/xtask/src/dockerfile.rs checks it); see deploy/README.md, "The image".
 
 # The toolchain runs on the build machine's platform and cross-compiles for the other one:
 # what `cargo xtask setup` installs for building (Debian's rustc/cargo 1.96 with their library

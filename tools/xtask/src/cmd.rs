@@ -12,10 +12,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// The workspace root (the directory above this crate).
+/// The workspace root (this crate lives in `tools/xtask`).
 pub fn workspace_root() -> &'static Path {
     let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    xtask_dir.parent().unwrap_or(xtask_dir)
+    xtask_dir.ancestors().nth(2).unwrap_or(xtask_dir)
 }
 
 /// Prints a progress line.
