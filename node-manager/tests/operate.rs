@@ -78,47 +78,11 @@ impl StreamServers {
         .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        tcp.set_nonblocking(true).unwrap();
         let s = stop.clone();
-        threads.push(std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((mut conn, _)) => {
-                        conn.set_nonblocking(false).unwrap();
-                        conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-                        let s = s.clone();
-                        std::thread::spawn(move || {
-                            let mut buf = [0u8; 4096];
-                            while !s.load(Ordering::Relaxed) {
-                                match conn.read(&mut buf) {
-                                    Ok(0) => return,
-                                    Ok(n) => {
-                                        if conn.write_all(&buf[..n]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                                    Err(_) => return,
-                                }
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }));
+        threads.push(std::thread::spawn(move || lab::echo::tcp_echo_server(tcp, &s)));
         for socket in [udp4, udp6] {
             let s = stop.clone();
-            socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-            threads.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while !s.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                        let _ = socket.send_to(&buf[..n], from);
-                    }
-                }
-            }));
+            threads.push(std::thread::spawn(move || lab::echo::udp_echo_server(socket, &s)));
         }
         StreamServers { stop, threads }
     }

@@ -4,7 +4,7 @@
 //! checking every echo. A flow is interrupted if its connection fails, an echo is missing or
 //! wrong, or no echo arrives for longer than the bound the test checks.
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc, Mutex,
@@ -48,6 +48,19 @@ pub struct FlowReport {
     pub max_gap: Duration,
     /// Connection errors, missing or wrong echoes; the flow stops at a connection error.
     pub errors: Vec<String>,
+}
+
+impl FlowReport {
+    /// Counts an echo, `last` being when the previous one (or the flow) started.
+    fn echo_after(&mut self, last: &mut Instant) {
+        self.round_trips += 1;
+        self.gap_since(*last);
+        *last = Instant::now();
+    }
+
+    fn gap_since(&mut self, last: Instant) {
+        self.max_gap = self.max_gap.max(last.elapsed());
+    }
 }
 
 pub struct StableFlows {
@@ -96,11 +109,11 @@ impl StableFlows {
         .unwrap();
         for listener in tcp {
             let stop = stop.clone();
-            threads.push(std::thread::spawn(move || tcp_server(listener, &stop)));
+            threads.push(std::thread::spawn(move || lab::echo::tcp_echo_server(listener, &stop)));
         }
         for socket in udp {
             let stop = stop.clone();
-            threads.push(std::thread::spawn(move || udp_server(socket, &stop)));
+            threads.push(std::thread::spawn(move || lab::echo::udp_echo_server(socket, &stop)));
         }
 
         let mut reports = Vec::new();
@@ -181,52 +194,6 @@ impl Drop for StableFlows {
     }
 }
 
-fn tcp_server(listener: TcpListener, stop: &Arc<AtomicBool>) {
-    listener.set_nonblocking(true).unwrap();
-    let mut conns = Vec::new();
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((s, _)) => {
-                let stop = stop.clone();
-                conns.push(std::thread::spawn(move || echo_stream(s, &stop)));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    for c in conns {
-        let _ = c.join();
-    }
-}
-
-/// Echoes everything read at once, until the peer closes or the flows stop.
-fn echo_stream(mut s: TcpStream, stop: &AtomicBool) {
-    let _ = s.set_nonblocking(false);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-    let mut buf = [0u8; 256];
-    while !stop.load(Ordering::SeqCst) {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-fn udp_server(socket: UdpSocket, stop: &AtomicBool) {
-    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let mut buf = [0u8; 256];
-    while !stop.load(Ordering::SeqCst) {
-        if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], from);
-        }
-    }
-}
-
 fn tcp_client(to: SocketAddr, stop: &AtomicBool, report: &Mutex<FlowReport>) {
     let mut s = match TcpStream::connect_timeout(&to, ECHO_TIMEOUT) {
         Ok(s) => s,
@@ -245,9 +212,7 @@ fn tcp_client(to: SocketAddr, stop: &AtomicBool, report: &Mutex<FlowReport>) {
         let mut r = report.lock().unwrap();
         match result {
             Ok(()) if echo == seq.to_be_bytes() => {
-                r.round_trips += 1;
-                r.max_gap = r.max_gap.max(last.elapsed());
-                last = Instant::now();
+                r.echo_after(&mut last);
             }
             Ok(()) => r.errors.push(format!("echo {} for {seq}", u64::from_be_bytes(echo))),
             Err(e) => return r.errors.push(format!("round trip {seq}: {e}")),
@@ -255,8 +220,7 @@ fn tcp_client(to: SocketAddr, stop: &AtomicBool, report: &Mutex<FlowReport>) {
         drop(r);
         std::thread::sleep(PERIOD);
     }
-    let mut r = report.lock().unwrap();
-    r.max_gap = r.max_gap.max(last.elapsed());
+    report.lock().unwrap().gap_since(last);
 }
 
 fn udp_client(to: SocketAddr, stop: &AtomicBool, report: &Mutex<FlowReport>) {
@@ -274,9 +238,7 @@ fn udp_client(to: SocketAddr, stop: &AtomicBool, report: &Mutex<FlowReport>) {
         let mut r = report.lock().unwrap();
         match result {
             Ok(8) if echo[..8] == seq.to_be_bytes() => {
-                r.round_trips += 1;
-                r.max_gap = r.max_gap.max(last.elapsed());
-                last = Instant::now();
+                r.echo_after(&mut last);
             }
             Ok(n) => r.errors.push(format!("echo {:?} for {seq}", &echo[..n])),
             // A missing datagram is an interruption; the flow goes on with the next number.
@@ -285,6 +247,5 @@ fn udp_client(to: SocketAddr, stop: &AtomicBool, report: &Mutex<FlowReport>) {
         drop(r);
         std::thread::sleep(PERIOD);
     }
-    let mut r = report.lock().unwrap();
-    r.max_gap = r.max_gap.max(last.elapsed());
+    report.lock().unwrap().gap_since(last);
 }

@@ -23,9 +23,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{
-    ENDPOINT_V4, ENDPOINT_V6, Lab, NODE_UPLINK_IF, NODE_UPLINK_V4, NODE_UPLINK_V6, Ns, in_netns, run_with_stdin,
-};
+use crate::run::run_with_stdin;
+use crate::{ENDPOINT_V4, ENDPOINT_V6, Lab, NODE_UPLINK_IF, NODE_UPLINK_V4, NODE_UPLINK_V6, Ns, in_netns};
 
 /// The outside server's port (in the endpoint namespace, which plays "the internet" here).
 pub const OUTSIDE_PORT: u16 = 9000;
@@ -104,7 +103,7 @@ impl ResetScenario {
         let (stop2, segs2) = (stop.clone(), segments.clone());
         threads.push(std::thread::spawn(move || capture_loop(&capture, &stop2, &segs2)));
         let stop2 = stop.clone();
-        threads.push(std::thread::spawn(move || echo_server(&listener, &stop2)));
+        threads.push(std::thread::spawn(move || crate::echo::tcp_echo_server(listener, &stop2)));
 
         let client = in_netns(lab.netns_path(Ns::Pod), || {
             TcpStream::connect_timeout(&server, Duration::from_secs(3)).with_context(|| format!("connect {server}"))
@@ -206,31 +205,6 @@ pub fn invalid_counter(lab: &Lab) -> Result<u64> {
     let at = text.find("\"packets\":").context("nft counter output without packets")?;
     let digits: String = text[at + 10..].trim_start().chars().take_while(char::is_ascii_digit).collect();
     Ok(digits.parse()?)
-}
-
-fn echo_server(listener: &TcpListener, stop: &AtomicBool) {
-    let _ = listener.set_nonblocking(true);
-    while !stop.load(Ordering::Relaxed) {
-        let Ok((mut conn, _)) = listener.accept() else {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        };
-        let _ = conn.set_nonblocking(false);
-        let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
-        let mut buf = [0u8; 1024];
-        while !stop.load(Ordering::Relaxed) {
-            match conn.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(_) => break, // reset by the node's RST: the bug
-            }
-        }
-    }
 }
 
 fn packet_socket() -> Result<OwnedFd> {
