@@ -12,6 +12,7 @@ mod demo;
 mod dockerfile;
 mod ebpf_object;
 mod hadolint;
+mod kube;
 mod lint;
 mod setup;
 mod test;
@@ -73,6 +74,15 @@ enum Task {
         #[arg(long)]
         api_server: bool,
     },
+    /// Build the lab's real Kubernetes (kube-apiserver, kube-proxy, kubectl, kube-controller-manager
+    /// at one pinned version, etcd at one pinned version) from their Go modules into target/kube/;
+    /// rebuilt only when a pin changes. `--check` validates deploy/ against a loopback apiserver.
+    Kube {
+        /// Also start etcd and kube-apiserver on 127.0.0.1 and `kubectl apply --dry-run=server`
+        /// deploy/'s manifests against them (stopped and removed afterwards).
+        #[arg(long)]
+        check: bool,
+    },
     /// The kernel matrix: boot Debian's 5.10, 6.1, 6.12 or newest kernel under QEMU (TCG) and
     /// run the kernel-facing tests inside; `--matrix` runs them all and prints the table.
     Vm(vm::VmArgs),
@@ -99,6 +109,7 @@ fn main() -> ExitCode {
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),
         Task::Demo { yes, api_server } => ("demo", demo::run(yes, api_server)),
+        Task::Kube { check } => ("kube", kube::run(check)),
         Task::Vm(args) => ("vm", vm::run(&args)),
         Task::VmGuest { plan, init } => ("vm-guest", vm::run_guest(&plan, init)),
     };
