@@ -6,11 +6,16 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     baseline::Backend,
-    plot::{self, Chart, Point, Series},
     results::{Plan, Results, Variant},
     services,
     stats::{Summary, Unit},
 };
+
+mod charts;
+mod tables;
+
+use charts::charts;
+use tables::tables;
 
 /// Where the charts go, relative to the report.
 pub const CHARTS_DIR: &str = "docs/bench";
@@ -132,50 +137,33 @@ fn per_rule_cell(r: &Results, n: usize, b: Backend) -> String {
     }
 }
 
+/// `template` with every `{key}` replaced by its value.
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    values.iter().fold(template.to_owned(), |text, (key, value)| text.replace(&format!("{{{key}}}"), value))
+}
+
 fn markdown(plan: &Plan, r: &Results, meta: &Meta, charts: &[(&str, String)]) -> String {
     let m = &r.machine;
-    let mut o = String::new();
+    let mut o = fill(
+        include_str!("report/header.md"),
+        &[
+            ("quick", if plan.quick { include_str!("report/quick.md") } else { "" }.to_owned()),
+            ("command", meta.command.to_owned()),
+            ("minutes", num(meta.took.as_secs_f64() / 60.0)),
+            ("date", m.date.to_string()),
+            ("commit", m.commit.to_string()),
+            ("cpu", m.cpu.to_string()),
+            ("cores", m.cores.to_string()),
+            ("memory", num(m.memory_gib)),
+            ("kernel", m.kernel.to_string()),
+            ("iptables_legacy", m.iptables_legacy.to_string()),
+            ("iptables_nft", m.iptables_nft.to_string()),
+            ("iperf3", m.iperf3.to_string()),
+            ("load_before", m.load_before.to_string()),
+            ("load_after", m.load_after.to_string()),
+        ],
+    );
     let w = &mut o;
-    let _ = writeln!(w, "# Benchmarks\n");
-    if plan.quick {
-        let _ = writeln!(
-            w,
-            "> **Quick mode** (`--quick`, the CI smoke run): small N, short runs, few rounds. It checks that \
-             every figure is measured and sane; the numbers are not the record.\n"
-        );
-    }
-    let _ = writeln!(
-        w,
-        "node-manager's eBPF datapath (**B**) side by side with kakao's network-node-manager's iptables rules \
-         (**A**, on both iptables backends) and with no rewrite at all (**C**, the floor), measured in one run \
-         on the same machine and the same lab.\n"
-    );
-    let _ = writeln!(
-        w,
-        "- Produced by: `{}` ({} min, {}, commit `{}`)",
-        meta.command,
-        num(meta.took.as_secs_f64() / 60.0),
-        m.date,
-        m.commit
-    );
-    let _ = writeln!(
-        w,
-        "- Machine: {}, {} cores, {} GiB RAM, Linux {}; {} / {}; {}",
-        m.cpu,
-        m.cores,
-        num(m.memory_gib),
-        m.kernel,
-        m.iptables_legacy,
-        m.iptables_nft,
-        m.iperf3
-    );
-    let _ = writeln!(
-        w,
-        "- **The machine was shared**: other builds and tests ran at the same time (load average {} at the \
-         start, {} at the end, on {} cores). Absolute numbers are noisy; the ratios compare sides measured \
-         back to back within each round and are the figures to read.\n",
-        m.load_before, m.load_after, m.cores
-    );
     targets(w, plan, r);
     reading(w, plan, r);
     method(w, plan);
@@ -187,10 +175,7 @@ fn markdown(plan: &Plan, r: &Results, meta: &Meta, charts: &[(&str, String)]) ->
         }
         let _ = writeln!(w);
     }
-    let _ = writeln!(
-        w,
-        "## Charts\n\nMedians with min–max bars; N on a log axis, values on a log axis too unless they span less than a decade (then linear). A hollow marker is a lower bound (extrapolated).\n"
-    );
+    w.push_str(include_str!("report/charts.md"));
     for (file, title) in charts {
         let _ = writeln!(w, "![{title}]({CHARTS_DIR}/{file})\n");
     }
@@ -201,7 +186,7 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
     let Some(&n) = plan.ns.iter().max() else { return };
     let n_all = plan.all_ns().into_iter().max().unwrap_or(n);
     let n_min = plan.all_ns().into_iter().min().unwrap_or(1);
-    let _ = writeln!(w, "## Targets (from the issue), at N = {}\n", int(n));
+    let _ = writeln!(w, "## Targets, at N = {}\n", int(n));
     let _ = writeln!(w, "| target | measured (median [min–max] over rounds) | met |\n|---|---|---|");
     let yes = |ok: bool| if ok { "yes" } else { "**no**" };
     let bl = r.conn_ratio(n, Variant::B, A_LEGACY);
@@ -361,400 +346,29 @@ fn reading(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w);
 }
 
+/// The method, from `report/method.md`.
 fn method(w: &mut String, plan: &Plan) {
-    let secs = plan.conn_time.as_secs_f64();
-    let _ = writeln!(
-        w,
-        "## How it was measured\n\n\
-- **The lab** (`lab` crate): network namespaces for a pod, the node and the Service endpoint. The node \
-  routes, masquerades what carries mark 0x4000, and binds the LoadBalancer IP {ext} on `kube-ipvs0` as \
-  kube-proxy IPVS does. It is IPVS-like on the benchmark's ports: IPVS keeps its own connection table and \
-  leaves netfilter's NAT alone, so nothing in netfilter translates the cluster IP {cluster}; there is no \
-  IPVS module here, so the node routes the cluster IP to the endpoint, which holds it (as IPVS's \
-  direct-routing mode delivers). Every side thus pays the same path to the endpoint (conntrack, \
-  forwarding, masquerading where marked) and differs only in how {ext} becomes {cluster}. Each side gets \
-  its own identical lab (so no side's rules or programs are in another's path); the endpoint runs a \
-  connection sink (a dedicated accept loop) and `iperf3 -s`.\n\
-- **N Services**: N − 1 filler LoadBalancer Services and, last, the target ({ext} → {cluster}). Fillers \
-  spread over {ips} LB IPs of 203.0.113.0/24 and distinct ports (documentation ranges hold too few IPv4 \
-  addresses for one each). network-node-manager matches the IP only, so it has its 4 rules per Service \
-  either way; the target's rules are the last of its chains.\n\
-- **A, network-node-manager**: its exact rules (`NMANAGER_EX_CLUS_PREROUTING`/`_OUTPUT`, 4 per Service, \
-  jumped from `NMANAGER_PREROUTING`/`_OUTPUT` at position 1 of nat PREROUTING/OUTPUT, with kube-proxy's \
-  `KUBE-MARK-MASQ`) in the node's nat table, loaded with `iptables-legacy-restore` or \
-  `iptables-nft-restore`; the pod connects to {ext}, which its DNAT turns into {cluster}.\n\
-- **B, node-manager**: the release agent binary in the node namespace with `--external-cluster true \
-  --drop-invalid-input false`, on the pod's host-side veth, fed by `fake-apiserver` (the Kubernetes \
-  source, list + watch over HTTP) holding the N Services and the Node; the pod connects to {ext}.\n\
-- **C, the floor**: no rules, no agent; the pod connects to the cluster IP {cluster}.\n\
-- **Every connection, to a cluster IP**: in A's and B's labs, with the rules or the agent in place, the \
-  same loop also connects to the cluster IP right after the side's own run: nothing is rewritten, but \
-  every new connection passes A's chain (its jump's packet counter is checked) or B's programs (a miss).\n\
-- **C′, the floor with masquerading**: as C, plus kube-proxy's masquerade mark on every connection to \
-  the cluster IP. A and B masquerade the rewritten connections (KUBE-MARK-MASQ, so that replies come \
-  back through this node), C does not: B/C′ is the cost of node-manager's rewrite alone, B/C also \
-  includes the masquerading.\n\
-- **Connections/s and first-packet latency**: a Rust loop in the pod's namespace (`bench/src/conn.rs`): \
-  socket, `connect` (timed: SYN → SYN-ACK, the SYN being the packet that walks the NAT rules), close with \
-  RST (`SO_LINGER` 0, so neither ports nor conntrack entries pile up), for {secs} s per side per round, \
-  {rounds} rounds, the order of the sides rotated each round. The latency columns are the medians over \
-  rounds of each round's median and 99th percentile.\n\
-- **Throughput**: `iperf3 -c` from the pod, one TCP stream, {ip} s after omitting {omit} s, {irounds} rounds.\n\
-- **Ratios** (B/A, B/C) are taken per round between sides measured back to back, then summarised \
-  (median [min–max]).\n\
-- **Apply from nothing**: A *network-node-manager's way*: from its empty chains, per Service, for each \
-  of the 4 rules `iptables -w 5 -W 100000 -t nat -C …` (fails: missing) then `… -A …`, one exec each, as \
-  its `runIptables` does — stopped after a time-out of {budget} s. When it did not finish, two \
-  extrapolations are given, both labelled: **≥** elapsed time + remaining Services × the pace of the \
-  last tenth applied (a lower bound: each exec reads, and `-A` rewrites, the whole table, so it gets \
-  slower as the table grows), and **≈** an estimate with the per-Service time rising linearly from that \
-  pace to the per-Service time measured at N (the *one change at N* figure below). Both omit the chain \
-  checks network-node-manager repeats on every reconcile, so they flatter A. A *iptables-restore*: the whole table in one `iptables-restore` from an \
-  empty table ({apply} rounds). B: agent start (no pins) → its log reports all entries written, and the \
-  agent's own measurement of the model + map writes (`elapsed_us` of its `frontends synced` line); \
-  {apply} rounds.\n\
-- **One change at N**: one more Service. A per rule: its 4 × (`-C`, `-A`) execs ({ipt} samples); \
-  A restore: `iptables-restore --noflush` of its 4 rules; B: the Service written to the API server → its \
-  entry in the pinned map (polled every 0.2 ms), and the agent's `elapsed_us` for that sync ({chg} samples, \
-  further apart than the agent's 50 ms event coalescing).\n\
-- **Per-packet cost**: the pod ingress program run by the kernel on a crafted TCP frame \
-  (BPF_PROG_TEST_RUN, {rep} repetitions × {prounds} rounds) for a hit and a miss (known IP, unknown port) \
-  with N frontends in the map, next to an empty TC program (`r0 = -1; exit`).\n\
-- **Memory**: the agent's VmRSS right after its first sync of N Services.\n",
-        cluster = lab::CLUSTER_V4,
-        ext = lab::EXTERNAL_V4,
-        ips = services::FILLER_IPS,
-        rounds = plan.rounds,
-        ip = plan.iperf_secs,
-        irounds = plan.iperf_rounds,
-        omit = plan.iperf_omit,
-        budget = plan.per_rule_budget.as_secs(),
-        apply = plan.apply_rounds,
-        ipt = plan.iptables_changes,
-        chg = plan.agent_changes,
-        rep = num(plan.prog_repeat as f64),
-        prounds = plan.prog_rounds,
+    let text = fill(
+        include_str!("report/method.md"),
+        &[
+            ("cluster", lab::CLUSTER_V4.to_string()),
+            ("ext", lab::EXTERNAL_V4.to_string()),
+            ("ips", services::FILLER_IPS.to_string()),
+            ("secs", plan.conn_time.as_secs_f64().to_string()),
+            ("rounds", plan.rounds.to_string()),
+            ("ip", plan.iperf_secs.to_string()),
+            ("irounds", plan.iperf_rounds.to_string()),
+            ("omit", plan.iperf_omit.to_string()),
+            ("budget", plan.per_rule_budget.as_secs().to_string()),
+            ("apply", plan.apply_rounds.to_string()),
+            ("ipt", plan.iptables_changes.to_string()),
+            ("chg", plan.agent_changes.to_string()),
+            ("rep", num(plan.prog_repeat as f64)),
+            ("prounds", plan.prog_rounds.to_string()),
+        ],
     );
-}
-
-fn tables(w: &mut String, plan: &Plan, r: &Results) {
-    let sides = Variant::ALL;
-    let header = |extra: &str| {
-        let names: Vec<&str> = sides.iter().map(|v| v.label()).collect();
-        let cols = sides.len() + extra.matches('|').count();
-        format!("| N | {} |{extra}\n|---:|{}", names.join(" | "), "---:|".repeat(cols))
-    };
-    let _ = writeln!(w, "## New TCP connections per second (pod → EXT:port of the last-listed Service)\n");
-    let _ = writeln!(w, "{}", header(" B/A legacy | B/A nft | B/C | B/C′ |"));
-    for &n in &plan.ns {
-        let cells: Vec<String> = sides.iter().map(|&v| range(r.conn_summary(n, v, |s| s.rate))).collect();
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {} |",
-            int(n),
-            cells.join(" | "),
-            ratio(r.conn_ratio(n, Variant::B, A_LEGACY)),
-            ratio(r.conn_ratio(n, Variant::B, A_NFT)),
-            ratio(r.conn_ratio(n, Variant::B, Variant::C)),
-            ratio(r.conn_ratio(n, Variant::B, Variant::CMasq))
-        );
-    }
-    let _ = writeln!(
-        w,
-        "\n## Every new connection pays A's chain: pod → cluster IP, connections per second (connect median, µs)\n"
-    );
-    let to_cluster = [Variant::C, A_LEGACY, A_NFT, Variant::B];
-    let names: Vec<&str> = to_cluster.iter().map(|v| v.label()).collect();
-    let _ = writeln!(
-        w,
-        "| N | {} | B/A legacy | B/A nft | B/C |\n|---:|{}",
-        names.join(" | "),
-        "---:|".repeat(to_cluster.len() + 3)
-    );
-    for &n in &plan.ns {
-        let cells: Vec<String> = to_cluster
-            .iter()
-            .map(|&v| {
-                let med = r.cluster_summary(n, v, |s| s.median_us).map_or("—".into(), |s| num(s.median));
-                format!("{} ({med})", range(r.cluster_summary(n, v, |s| s.rate)))
-            })
-            .collect();
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} |",
-            int(n),
-            cells.join(" | "),
-            ratio(r.cluster_ratio(n, Variant::B, A_LEGACY)),
-            ratio(r.cluster_ratio(n, Variant::B, A_NFT)),
-            ratio(r.cluster_ratio(n, Variant::B, Variant::C))
-        );
-    }
-    let _ = writeln!(w, "\n## First-packet latency (`connect` time, µs: median / p99)\n");
-    let _ = writeln!(w, "{}", header(" A legacy / B | A nft / B |"));
-    for &n in &plan.ns {
-        let cells: Vec<String> = sides
-            .iter()
-            .map(|&v| {
-                let med = r.conn_summary(n, v, |s| s.median_us).map_or("—".into(), |s| num(s.median));
-                let p99 = r.conn_summary(n, v, |s| s.p99_us).map_or("—".into(), |s| num(s.median));
-                format!("{med} / {p99}")
-            })
-            .collect();
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} |",
-            int(n),
-            cells.join(" | "),
-            ratio(r.latency_ratio(n, A_LEGACY, Variant::B)),
-            ratio(r.latency_ratio(n, A_NFT, Variant::B))
-        );
-    }
-    let _ = writeln!(w, "\n## Throughput of one established TCP stream (iperf3, Gbit/s)\n");
-    let _ = writeln!(w, "{}", header(" B/C | B/C′ | B/A legacy | B/A nft |"));
-    for &n in &plan.ns {
-        let cells: Vec<String> = sides.iter().map(|&v| range(Summary::of(&r.iperf_gbit(n, v)))).collect();
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {} |",
-            int(n),
-            cells.join(" | "),
-            ratio(r.iperf_ratio(n, Variant::B, Variant::C)),
-            ratio(r.iperf_ratio(n, Variant::B, Variant::CMasq)),
-            ratio(r.iperf_ratio(n, Variant::B, A_LEGACY)),
-            ratio(r.iperf_ratio(n, Variant::B, A_NFT))
-        );
-    }
-    let _ = writeln!(w, "\n## Time to apply N Services from nothing (ms unless marked)\n");
-    let _ = writeln!(
-        w,
-        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | B: model + map writes | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for n in plan.all_ns() {
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            int(n),
-            per_rule_cell(r, n, Backend::Legacy),
-            per_rule_cell(r, n, Backend::Nft),
-            range(ms(r.restore_apply.get(&(n, Backend::Legacy)))),
-            range(ms(r.restore_apply.get(&(n, Backend::Nft)))),
-            range(r.agent_start_summary(n, |s| s.sync, Unit::Millis)),
-            range(r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis)),
-        );
-    }
-    let _ = writeln!(w, "\n## One change at N: one more Service (ms)\n");
-    let _ = writeln!(
-        w,
-        "| N | A legacy, per rule | A nft, per rule | A legacy, restore --noflush | A nft, restore --noflush | B: model + map diff | B: API write → entry in map |\n|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for n in plan.all_ns() {
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            int(n),
-            range(ms(r.per_rule_change.get(&(n, Backend::Legacy)))),
-            range(ms(r.per_rule_change.get(&(n, Backend::Nft)))),
-            range(ms(r.restore_change.get(&(n, Backend::Legacy)))),
-            range(ms(r.restore_change.get(&(n, Backend::Nft)))),
-            range(r.agent_change_summary(n, |c| c.sync, Unit::Millis)),
-            range(r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis)),
-        );
-    }
-    let _ = writeln!(w, "\n## Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN, ns/packet)\n");
-    let _ = writeln!(w, "| frontends | hit | miss | empty program | hit / empty |\n|---:|---:|---:|---:|---:|");
-    for (n, c) in &r.prog {
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {:.1} |",
-            int(*n),
-            range(Some(c.hit)),
-            range(Some(c.miss)),
-            range(Some(c.empty)),
-            c.hit.median / c.empty.median
-        );
-    }
-    let _ = writeln!(w, "\n## Agent memory (VmRSS after the first sync, MiB)\n");
-    let _ = writeln!(w, "| N | node-manager |\n|---:|---:|");
-    for n in plan.all_ns() {
-        let _ = writeln!(w, "| {} | {} |", int(n), range(r.rss_mib(n)));
-    }
-    let _ = writeln!(w);
-}
-
-fn series(name: &str, color: plotters::style::RGBColor, points: Vec<Point>) -> Series {
-    Series { name: name.into(), color, points }
-}
-
-fn pt(x: usize, y: Option<Summary>) -> Option<Point> {
-    Some(Point { x: x as f64, y: y?, lower_bound: false })
-}
-
-fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'static>)> {
-    let colors = [
-        (Variant::C, plot::GREEN),
-        (Variant::CMasq, plot::GREY),
-        (A_LEGACY, plot::RED),
-        (A_NFT, plot::ORANGE),
-        (Variant::B, plot::BLUE),
-    ];
-    let per_variant = |f: &dyn Fn(usize, Variant) -> Option<Summary>| -> Vec<Series> {
-        colors
-            .iter()
-            .map(|&(v, c)| series(v.label(), c, plan.ns.iter().filter_map(|&n| pt(n, f(n, v))).collect()))
-            .collect()
-    };
-    let mut out = vec![
-        (
-            "connections.png",
-            Chart {
-                title: "New TCP connections per second, pod → EXT:port",
-                x_label: "Services (N)",
-                y_label: "connections / s",
-                series: per_variant(&|n, v| r.conn_summary(n, v, |s| s.rate)),
-            },
-        ),
-        (
-            "connections_cluster_ip.png",
-            Chart {
-                title: "Every new connection: pod → cluster IP, with each side in place",
-                x_label: "Services (N)",
-                y_label: "connections / s",
-                series: colors
-                    .iter()
-                    .filter(|(v, _)| *v == Variant::C || Variant::TO_CLUSTER.contains(v))
-                    .map(|&(v, c)| {
-                        series(
-                            v.label(),
-                            c,
-                            plan.ns.iter().filter_map(|&n| pt(n, r.cluster_summary(n, v, |s| s.rate))).collect(),
-                        )
-                    })
-                    .collect(),
-            },
-        ),
-        (
-            "latency.png",
-            Chart {
-                title: "First-packet latency (connect time, median)",
-                x_label: "Services (N)",
-                y_label: "µs",
-                series: per_variant(&|n, v| r.conn_summary(n, v, |s| s.median_us)),
-            },
-        ),
-        (
-            "throughput.png",
-            Chart {
-                title: "One established TCP stream (iperf3)",
-                x_label: "Services (N)",
-                y_label: "Gbit/s",
-                series: per_variant(&|n, v| Summary::of(&r.iperf_gbit(n, v))),
-            },
-        ),
-    ];
-    let per_rule = |b: Backend| -> Vec<Point> {
-        plan.ns
-            .iter()
-            .filter_map(|&n| {
-                let p = r.per_rule_apply.get(&(n, b)).filter(|p| p.done > 0)?;
-                let s = p.total_or_lower_bound().as_secs_f64() * 1e3;
-                Some(Point {
-                    x: n as f64,
-                    y: Summary { median: s, min: s, max: s, count: 1 },
-                    lower_bound: !p.completed(),
-                })
-            })
-            .collect()
-    };
-    let ms_points = |m: &std::collections::BTreeMap<(usize, Backend), Vec<Duration>>, b: Backend| -> Vec<Point> {
-        plan.ns.iter().filter_map(|&n| pt(n, ms(m.get(&(n, b))))).collect()
-    };
-    let all = plan.all_ns();
-    out.push((
-        "apply.png",
-        Chart {
-            title: "Time to apply N Services from nothing",
-            x_label: "Services (N)",
-            y_label: "ms",
-            series: vec![
-                series("A legacy, one exec per rule", plot::RED, per_rule(Backend::Legacy)),
-                series("A nft, one exec per rule", plot::ORANGE, per_rule(Backend::Nft)),
-                series("A legacy, iptables-restore", plot::PURPLE, ms_points(&r.restore_apply, Backend::Legacy)),
-                series("A nft, iptables-restore", plot::BROWN, ms_points(&r.restore_apply, Backend::Nft)),
-                series(
-                    "B, agent start → all in map",
-                    plot::TEAL,
-                    all.iter()
-                        .filter_map(|&n| pt(n, r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis)))
-                        .collect(),
-                ),
-                series(
-                    "B, model + map writes",
-                    plot::BLUE,
-                    all.iter().filter_map(|&n| pt(n, r.agent_start_summary(n, |s| s.sync, Unit::Millis))).collect(),
-                ),
-            ],
-        },
-    ));
-    out.push((
-        "change.png",
-        Chart {
-            title: "One change at N: one more Service",
-            x_label: "Services (N)",
-            y_label: "ms",
-            series: vec![
-                series("A legacy, one exec per rule", plot::RED, ms_points(&r.per_rule_change, Backend::Legacy)),
-                series("A nft, one exec per rule", plot::ORANGE, ms_points(&r.per_rule_change, Backend::Nft)),
-                series(
-                    "A legacy, iptables-restore --noflush",
-                    plot::PURPLE,
-                    ms_points(&r.restore_change, Backend::Legacy),
-                ),
-                series("A nft, iptables-restore --noflush", plot::BROWN, ms_points(&r.restore_change, Backend::Nft)),
-                series(
-                    "B, API write → entry in map",
-                    plot::TEAL,
-                    all.iter()
-                        .filter_map(|&n| pt(n, r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis)))
-                        .collect(),
-                ),
-                series(
-                    "B, model + map diff",
-                    plot::BLUE,
-                    all.iter().filter_map(|&n| pt(n, r.agent_change_summary(n, |c| c.sync, Unit::Millis))).collect(),
-                ),
-            ],
-        },
-    ));
-    let prog = |f: fn(&crate::prog_cost::ProgCost) -> Summary| -> Vec<Point> {
-        r.prog.iter().filter_map(|(&n, c)| pt(n, Some(f(c)))).collect()
-    };
-    out.push((
-        "per_packet.png",
-        Chart {
-            title: "Per-packet cost of the pod ingress program",
-            x_label: "frontends in the map (N)",
-            y_label: "ns / packet",
-            series: vec![
-                series("B hit", plot::BLUE, prog(|c| c.hit)),
-                series("B miss", plot::TEAL, prog(|c| c.miss)),
-                series("empty program", plot::GREY, prog(|c| c.empty)),
-            ],
-        },
-    ));
-    out.push((
-        "memory.png",
-        Chart {
-            title: "Agent memory after the first sync",
-            x_label: "Services (N)",
-            y_label: "VmRSS, MiB",
-            series: vec![series(
-                "B: node-manager",
-                plot::BLUE,
-                all.iter().filter_map(|&n| pt(n, r.rss_mib(n))).collect(),
-            )],
-        },
-    ));
-    out
+    w.push_str(&text);
+    w.push('\n');
 }
 
 #[cfg(test)]

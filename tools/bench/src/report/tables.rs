@@ -1,0 +1,154 @@
+//! The report's tables, one section each.
+
+use std::fmt::Write as _;
+
+use super::{A_LEGACY, A_NFT, int, ms, num, per_rule_cell, range, ratio};
+use crate::{
+    baseline::Backend,
+    results::{Plan, Results, Variant},
+    stats::{Summary, Unit},
+};
+
+pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
+    let sides = Variant::ALL;
+    let header = |extra: &str| {
+        let names: Vec<&str> = sides.iter().map(|v| v.label()).collect();
+        let cols = sides.len() + extra.matches('|').count();
+        format!("| N | {} |{extra}\n|---:|{}", names.join(" | "), "---:|".repeat(cols))
+    };
+    let _ = writeln!(w, "## New TCP connections per second (pod → EXT:port of the last-listed Service)\n");
+    let _ = writeln!(w, "{}", header(" B/A legacy | B/A nft | B/C | B/C′ |"));
+    for &n in &plan.ns {
+        let cells: Vec<String> = sides.iter().map(|&v| range(r.conn_summary(n, v, |s| s.rate))).collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.conn_ratio(n, Variant::B, A_LEGACY)),
+            ratio(r.conn_ratio(n, Variant::B, A_NFT)),
+            ratio(r.conn_ratio(n, Variant::B, Variant::C)),
+            ratio(r.conn_ratio(n, Variant::B, Variant::CMasq))
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n## Every new connection pays A's chain: pod → cluster IP, connections per second (connect median, µs)\n"
+    );
+    let to_cluster = [Variant::C, A_LEGACY, A_NFT, Variant::B];
+    let names: Vec<&str> = to_cluster.iter().map(|v| v.label()).collect();
+    let _ = writeln!(
+        w,
+        "| N | {} | B/A legacy | B/A nft | B/C |\n|---:|{}",
+        names.join(" | "),
+        "---:|".repeat(to_cluster.len() + 3)
+    );
+    for &n in &plan.ns {
+        let cells: Vec<String> = to_cluster
+            .iter()
+            .map(|&v| {
+                let med = r.cluster_summary(n, v, |s| s.median_us).map_or("—".into(), |s| num(s.median));
+                format!("{} ({med})", range(r.cluster_summary(n, v, |s| s.rate)))
+            })
+            .collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.cluster_ratio(n, Variant::B, A_LEGACY)),
+            ratio(r.cluster_ratio(n, Variant::B, A_NFT)),
+            ratio(r.cluster_ratio(n, Variant::B, Variant::C))
+        );
+    }
+    let _ = writeln!(w, "\n## First-packet latency (`connect` time, µs: median / p99)\n");
+    let _ = writeln!(w, "{}", header(" A legacy / B | A nft / B |"));
+    for &n in &plan.ns {
+        let cells: Vec<String> = sides
+            .iter()
+            .map(|&v| {
+                let med = r.conn_summary(n, v, |s| s.median_us).map_or("—".into(), |s| num(s.median));
+                let p99 = r.conn_summary(n, v, |s| s.p99_us).map_or("—".into(), |s| num(s.median));
+                format!("{med} / {p99}")
+            })
+            .collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.latency_ratio(n, A_LEGACY, Variant::B)),
+            ratio(r.latency_ratio(n, A_NFT, Variant::B))
+        );
+    }
+    let _ = writeln!(w, "\n## Throughput of one established TCP stream (iperf3, Gbit/s)\n");
+    let _ = writeln!(w, "{}", header(" B/C | B/C′ | B/A legacy | B/A nft |"));
+    for &n in &plan.ns {
+        let cells: Vec<String> = sides.iter().map(|&v| range(Summary::of(&r.iperf_gbit(n, v)))).collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.iperf_ratio(n, Variant::B, Variant::C)),
+            ratio(r.iperf_ratio(n, Variant::B, Variant::CMasq)),
+            ratio(r.iperf_ratio(n, Variant::B, A_LEGACY)),
+            ratio(r.iperf_ratio(n, Variant::B, A_NFT))
+        );
+    }
+    let _ = writeln!(w, "\n## Time to apply N Services from nothing (ms unless marked)\n");
+    let _ = writeln!(
+        w,
+        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | B: model + map writes | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in plan.all_ns() {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            int(n),
+            per_rule_cell(r, n, Backend::Legacy),
+            per_rule_cell(r, n, Backend::Nft),
+            range(ms(r.restore_apply.get(&(n, Backend::Legacy)))),
+            range(ms(r.restore_apply.get(&(n, Backend::Nft)))),
+            range(r.agent_start_summary(n, |s| s.sync, Unit::Millis)),
+            range(r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis)),
+        );
+    }
+    let _ = writeln!(w, "\n## One change at N: one more Service (ms)\n");
+    let _ = writeln!(
+        w,
+        "| N | A legacy, per rule | A nft, per rule | A legacy, restore --noflush | A nft, restore --noflush | B: model + map diff | B: API write → entry in map |\n|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in plan.all_ns() {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            int(n),
+            range(ms(r.per_rule_change.get(&(n, Backend::Legacy)))),
+            range(ms(r.per_rule_change.get(&(n, Backend::Nft)))),
+            range(ms(r.restore_change.get(&(n, Backend::Legacy)))),
+            range(ms(r.restore_change.get(&(n, Backend::Nft)))),
+            range(r.agent_change_summary(n, |c| c.sync, Unit::Millis)),
+            range(r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis)),
+        );
+    }
+    let _ = writeln!(w, "\n## Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN, ns/packet)\n");
+    let _ = writeln!(w, "| frontends | hit | miss | empty program | hit / empty |\n|---:|---:|---:|---:|---:|");
+    for (n, c) in &r.prog {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {:.1} |",
+            int(*n),
+            range(Some(c.hit)),
+            range(Some(c.miss)),
+            range(Some(c.empty)),
+            c.hit.median / c.empty.median
+        );
+    }
+    let _ = writeln!(w, "\n## Agent memory (VmRSS after the first sync, MiB)\n");
+    let _ = writeln!(w, "| N | node-manager |\n|---:|---:|");
+    for n in plan.all_ns() {
+        let _ = writeln!(w, "| {} | {} |", int(n), range(r.rss_mib(n)));
+    }
+    let _ = writeln!(w);
+}
