@@ -4,7 +4,7 @@ use clap::Parser as _;
 use node_manager::{
     agent, cleanup,
     config::{Cli, Command, Config, LogFormat, bpffs_or_default},
-    inspect,
+    inspect, state,
 };
 
 /// Exit code for bad configuration or input (as clap uses for usage errors).
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(agent::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) if e.downcast_ref::<node_manager::invalid::NotPossible>().is_some() => {
+                Err(e) if e.downcast_ref::<node_manager::features::drop_invalid::NotPossible>().is_some() => {
                     eprintln!("node-manager: invalid configuration: {e:#}");
                     ExitCode::from(EXIT_USAGE)
                 }
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Inspect(args) => match inspect::read(&bpffs_or_default(args.bpffs)) {
+        Command::Inspect(args) => match state::read(&bpffs_or_default(args.bpffs)) {
             Ok(state) => {
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&state).unwrap_or_default());

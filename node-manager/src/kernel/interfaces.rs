@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use anyhow::{Context as _, Result};
 use tokio::sync::Notify;
 
-use crate::datapath::attach::Iface;
+use crate::kernel::attach::Iface;
 
 pub struct Matcher {
     patterns: Vec<glob::Pattern>,

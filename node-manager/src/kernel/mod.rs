@@ -3,11 +3,13 @@
 pub mod attach;
 pub mod btf;
 pub mod cgroup;
+pub mod interfaces;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
 pub mod probe;
 pub mod repair;
+pub mod report;
 pub mod sys;
 pub mod tc_netlink;
 
@@ -26,7 +28,8 @@ use self::{
     attach::{DIRECTIONS, Iface, Mechanism},
     maps::SyncStats,
     pins::{PinState, Pins},
-    probe::{Loads, Probes, Report},
+    probe::Probes,
+    report::{Loads, Report},
 };
 use crate::model::{FrontendAddr, Target};
 
@@ -225,7 +228,7 @@ impl Datapath {
         let report = Report::new("agent", probes, loads, drop_invalid);
         report.log();
         if let Some(pins) = &self.pins
-            && let Err(e) = probe::pin_report(&pins.layout_dir(), &report)
+            && let Err(e) = report::pin_report(&pins.layout_dir(), &report)
         {
             tracing::warn!(error = format!("{e:#}"), "could not pin the kernel-feature report (inspect will probe)");
         }

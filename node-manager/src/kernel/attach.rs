@@ -88,7 +88,7 @@ pub fn pinned_ifaces(links_dir: &Path) -> BTreeSet<Iface> {
     entries
         .flatten()
         .filter_map(|e| parse_link_pin(&e.file_name().to_string_lossy()))
-        .map(|(index, _)| Iface { name: crate::interfaces::name_of(index).unwrap_or_default(), index })
+        .map(|(index, _)| Iface { name: crate::kernel::interfaces::name_of(index).unwrap_or_default(), index })
         .collect()
 }
 
