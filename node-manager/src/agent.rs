@@ -23,8 +23,7 @@ use crate::{
     },
     kernel::{
         Datapath,
-        attach::Iface,
-        interfaces::{self, Matcher},
+        interfaces::{self, Iface, Matcher},
     },
     metrics::{self, Telemetry},
     model, plan,

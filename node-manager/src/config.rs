@@ -344,10 +344,8 @@ impl Config {
             glob::Pattern::new(pattern)
                 .with_context(|| format!("--pod-interfaces / POD_INTERFACES: {pattern:?} is not a glob"))?;
         }
+        // Checked against the filesystem by `check_paths`: parsing does no I/O.
         let cgroup_path = nonempty_path(args.cgroup_path);
-        if let Some(path) = &cgroup_path {
-            crate::kernel::cgroup::validate(path)?;
-        }
         let external_ip_allow = nonempty(args.external_ip_allow)
             .map(|v| parse_cidrs(&v, None, "--external-ip-allow / EXTERNAL_IP_ALLOW"))
             .transpose()?;

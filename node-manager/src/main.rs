@@ -7,6 +7,14 @@ use node_manager::{
     inspect, state,
 };
 
+/// The configured paths checked against the filesystem (a bad one is a configuration error).
+fn check_paths(cfg: &Config) -> anyhow::Result<()> {
+    match &cfg.cgroup_path {
+        Some(path) => node_manager::kernel::cgroup::validate(path),
+        None => Ok(()),
+    }
+}
+
 /// Exit code for bad configuration or input (as clap uses for usage errors).
 const EXIT_USAGE: u8 = 2;
 
@@ -22,7 +30,8 @@ fn main() -> ExitCode {
     init_logging(log_format);
     match cli.command {
         Command::Run(args) => {
-            let cfg = match Config::from_run_args(*args) {
+            let checked = Config::from_run_args(*args).and_then(|cfg| check_paths(&cfg).map(|()| cfg));
+            let cfg = match checked {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("node-manager: invalid configuration: {e:#}");

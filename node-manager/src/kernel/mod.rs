@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod btf;
 pub mod cgroup;
+pub mod fault;
 pub mod interfaces;
 pub mod maps;
 pub mod netfilter;
@@ -25,7 +26,8 @@ use ipnet::IpNet;
 use node_manager_common::{DatapathConfig, map_names};
 
 use self::{
-    attach::{DIRECTIONS, Iface, Mechanism},
+    attach::{DIRECTIONS, Mechanism},
+    interfaces::Iface,
     maps::SyncStats,
     pins::{PinState, Pins},
     probe::Probes,
@@ -57,8 +59,8 @@ pub struct Datapath {
 fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
     use aya::programs::Program;
     for name in names {
-        if fault_injected(name) {
-            return Err(format!("{name}: {}", probe::verifier_rejection(name)));
+        if let Some(rejection) = fault::injected(name) {
+            return Err(format!("{name}: {rejection}"));
         }
         let loaded = match ebpf.program_mut(name) {
             Some(Program::SchedClassifier(p)) => p.load(),
@@ -69,15 +71,6 @@ fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
         loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
     }
     Ok(())
-}
-
-/// Test hook: the programs named in this variable (comma-separated) are not loaded; in their
-/// place a program of the same type that the verifier rejects is, and its verdict stands for
-/// theirs. Shows, with the real verifier, that a rejected program costs only its feature.
-pub const FAULT_ENV: &str = "NODE_MANAGER_FAULT_REJECT";
-
-fn fault_injected(name: &str) -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
 }
 
 /// The errno and the end of the verifier's log (which says why), not the whole log.

@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use crate::{
     kernel::{
         Datapath,
-        attach::Iface,
-        interfaces::{self, Matcher},
+        interfaces::{self, Iface, Matcher},
     },
     plan,
 };
