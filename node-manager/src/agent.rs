@@ -215,7 +215,11 @@ impl Agent {
     /// `full`: read the maps and repair drift; otherwise diff against what was last written.
     fn sync_maps(&mut self, snapshot: Snapshot, full: bool) {
         self.report_once(&snapshot.warnings);
-        let opts = plan::model_options(&self.cfg);
+        let opts = model::Options {
+            external_ip_allow: self.cfg.external_ip_allow.clone(),
+            ipv4: self.cfg.ipv4,
+            ipv6: self.cfg.ipv6,
+        };
         let started = Instant::now();
         let desired = model::desired(&snapshot.services, &opts);
         self.report_once(&desired.warnings);

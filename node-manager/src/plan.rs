@@ -5,13 +5,6 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 
-use crate::{config::Config, model};
-
-/// What the model needs from the configuration.
-pub fn model_options(cfg: &Config) -> model::Options {
-    model::Options { external_ip_allow: cfg.external_ip_allow.clone(), ipv4: cfg.ipv4, ipv6: cfg.ipv6 }
-}
-
 /// The Node's pod CIDRs, overridden per family by POD_CIDR_IPV4 / POD_CIDR_IPV6 (a CNI such as
 /// Calico IPAM does not fill spec.podCIDRs, and may do so for one family only), limited to the
 /// families that are on.
@@ -19,12 +12,7 @@ pub fn pod_cidrs(overrides: Option<&[IpNet]>, from_node: Option<&[IpNet]>, ipv4:
     let overrides = overrides.unwrap_or_default();
     let overridden = |v4: bool| overrides.iter().any(|n| n.addr().is_ipv4() == v4);
     let from_node = from_node.unwrap_or_default().iter().filter(|n| !overridden(n.addr().is_ipv4()));
-    overrides
-        .iter()
-        .chain(from_node)
-        .filter(|n| if n.addr().is_ipv4() { ipv4 } else { ipv6 })
-        .copied()
-        .collect()
+    overrides.iter().chain(from_node).filter(|n| if n.addr().is_ipv4() { ipv4 } else { ipv6 }).copied().collect()
 }
 
 /// What an interface sync does: attach where wanted and not attached by this process yet;
@@ -84,9 +72,27 @@ mod tests {
             (None, Some(&["10.244.1.0/24", "fd00:1::/64"]), true, false, &["10.244.1.0/24"]),
             (None, Some(&["10.244.1.0/24", "fd00:1::/64"]), false, true, &["fd00:1::/64"]),
             // An IPv4 override replaces the Node's IPv4 CIDR only.
-            (Some(&["192.0.2.0/24"]), Some(&["10.244.1.0/24", "fd00:1::/64"]), true, true, &["192.0.2.0/24", "fd00:1::/64"]),
-            (Some(&["2001:db8::/64"]), Some(&["10.244.1.0/24", "fd00:1::/64"]), true, true, &["10.244.1.0/24", "2001:db8::/64"]),
-            (Some(&["192.0.2.0/24", "2001:db8::/64"]), Some(&["10.244.1.0/24"]), true, true, &["192.0.2.0/24", "2001:db8::/64"]),
+            (
+                Some(&["192.0.2.0/24"]),
+                Some(&["10.244.1.0/24", "fd00:1::/64"]),
+                true,
+                true,
+                &["192.0.2.0/24", "fd00:1::/64"],
+            ),
+            (
+                Some(&["2001:db8::/64"]),
+                Some(&["10.244.1.0/24", "fd00:1::/64"]),
+                true,
+                true,
+                &["10.244.1.0/24", "2001:db8::/64"],
+            ),
+            (
+                Some(&["192.0.2.0/24", "2001:db8::/64"]),
+                Some(&["10.244.1.0/24"]),
+                true,
+                true,
+                &["192.0.2.0/24", "2001:db8::/64"],
+            ),
             // Overrides without a Node value (Calico IPAM), and a family that is off.
             (Some(&["192.0.2.0/24", "2001:db8::/64"]), None, true, false, &["192.0.2.0/24"]),
         ];
@@ -112,7 +118,11 @@ mod tests {
         ];
         for (wanted, here, pinned, attach, detach) in cases {
             let got = interface_changes(&s(wanted), &s(here), &s(pinned));
-            assert_eq!(got, InterfaceChanges { attach: attach.to_vec(), detach: detach.to_vec() }, "{wanted:?} {here:?} {pinned:?}");
+            assert_eq!(
+                got,
+                InterfaceChanges { attach: attach.to_vec(), detach: detach.to_vec() },
+                "{wanted:?} {here:?} {pinned:?}"
+            );
         }
     }
 

@@ -310,5 +310,4 @@ mod tests {
         let row = decide(&p, &Loads::default(), Some(("nftables".into(), "auto: fallback".into())));
         assert_eq!(mechanism(&row, DROP_INVALID).mechanism, "nftables");
     }
-
 }
