@@ -1,4 +1,5 @@
-//! The agent: sources → model → datapath. One loop owns the datapath; it reconciles the maps
+//! The agent: sources → model → plan → features → kernel, applied. It decides nothing itself
+//! (`plan` does, purely). One loop owns the datapath; it reconciles the maps
 //! when a new snapshot arrives or the periodic resync fires, and the attachments when links
 //! change. Until the first snapshot, the pinned maps keep serving what they held.
 use std::{
@@ -8,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::IpNet;
 use node_manager_common::DatapathConfig;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -17,11 +17,16 @@ use tokio::{
 
 use crate::{
     config::{Config, SourceConfig},
-    datapath::{Datapath, attach::Iface},
-    interfaces::{self, Matcher},
-    invalid::{self, DropInvalid},
+    features::{
+        drop_invalid::{self, DropInvalid},
+        external_ip::{sock_hooks, tc},
+    },
+    kernel::{
+        Datapath,
+        interfaces::{self, Iface, Matcher},
+    },
     metrics::{self, Telemetry},
-    model,
+    model, plan,
     source::{Snapshot, file, kubernetes},
 };
 
@@ -71,7 +76,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let drop_invalid = if cfg.drop_invalid_input {
         Some(DropInvalid::start(cfg.drop_invalid_mode, &mut datapath)?)
     } else {
-        invalid::disable(&mut datapath);
+        drop_invalid::disable(&mut datapath);
         None
     };
     // Kernel features: which mechanism each feature uses here, or why it is unavailable (logged,
@@ -190,9 +195,13 @@ impl Agent {
 
     /// Ready once every wanted interface has our programs (and the INVALID drop is in place).
     fn update_attached(&self) {
-        let interfaces_done = !self.cfg.external_cluster || self.interfaces_ok;
-        let drop_invalid_ok = !self.cfg.drop_invalid_input || self.drop_invalid.is_some();
-        self.telemetry.set_attached(self.taken_over && interfaces_done && drop_invalid_ok);
+        self.telemetry.set_attached(plan::attached(&plan::Attachments {
+            external_cluster: self.cfg.external_cluster,
+            drop_invalid_input: self.cfg.drop_invalid_input,
+            taken_over: self.taken_over,
+            interfaces_ok: self.interfaces_ok,
+            drop_invalid_running: self.drop_invalid.is_some(),
+        }));
     }
 
     fn report_once(&mut self, warnings: &[String]) {
@@ -201,21 +210,6 @@ impl Agent {
                 tracing::warn!("{w}");
             }
         }
-    }
-
-    /// The Node's pod CIDRs, overridden per family by POD_CIDR_IPV4 / POD_CIDR_IPV6 (a CNI
-    /// such as Calico IPAM does not fill spec.podCIDRs, and may do so for one family only).
-    fn pod_cidrs(&self, snapshot: &Snapshot) -> BTreeSet<IpNet> {
-        let overridden = |v4: bool| self.cfg.pod_cidrs_override.iter().flatten().any(|n| n.addr().is_ipv4() == v4);
-        let from_node = snapshot.node_pod_cidrs.iter().flatten().filter(|n| !overridden(n.addr().is_ipv4()));
-        self.cfg
-            .pod_cidrs_override
-            .iter()
-            .flatten()
-            .chain(from_node)
-            .filter(|n| if n.addr().is_ipv4() { self.cfg.ipv4 } else { self.cfg.ipv6 })
-            .copied()
-            .collect()
     }
 
     /// `full`: read the maps and repair drift; otherwise diff against what was last written.
@@ -229,7 +223,12 @@ impl Agent {
         let started = Instant::now();
         let desired = model::desired(&snapshot.services, &opts);
         self.report_once(&desired.warnings);
-        let pod_cidrs = self.pod_cidrs(&snapshot);
+        let pod_cidrs = plan::pod_cidrs(
+            self.cfg.pod_cidrs_override.as_deref(),
+            snapshot.node_pod_cidrs.as_deref(),
+            self.cfg.ipv4,
+            self.cfg.ipv6,
+        );
         if pod_cidrs.is_empty() {
             self.report_once(&[
                 "no pod CIDR is known: pods' traffic is not rewritten; set POD_CIDR_IPV4/POD_CIDR_IPV6".to_owned(),
@@ -283,7 +282,7 @@ impl Agent {
     /// which takes the xtables lock) and wait for the resync.
     fn ensure_drop_invalid(&mut self, only_cheap: bool) {
         if let Some(drop_invalid) = &mut self.drop_invalid
-            && (!only_cheap || drop_invalid.mode == invalid::Mode::Bpf)
+            && (!only_cheap || drop_invalid.mode == drop_invalid::Mode::Bpf)
         {
             let started = Instant::now();
             let ensured = drop_invalid.ensure(&mut self.datapath);
@@ -294,29 +293,8 @@ impl Agent {
         }
     }
 
-    /// Host-network clients: the socket hooks on the configured cgroup while external-cluster is
-    /// on (re-attached at start, taking over a previous agent's links atomically); detached when
-    /// it is off. Failing to attach is fatal: the feature was asked for and would silently miss
-    /// every host-network client.
     fn sync_cgroup(&mut self) -> Result<()> {
-        // Unavailable on this kernel (reported at start): leave whatever is attached alone.
-        if self.datapath.socket_hooks_loaded().is_err() {
-            return Ok(());
-        }
-        if !self.cfg.external_cluster {
-            let released = self.datapath.detach_cgroup()?;
-            if released > 0 {
-                tracing::info!(hooks = released, "external-cluster is off: socket hooks detached");
-            }
-            return Ok(());
-        }
-        let path = match &self.cfg.cgroup_path {
-            Some(path) => path.clone(),
-            None => crate::datapath::cgroup::default_root()?,
-        };
-        self.datapath.attach_cgroup(&path)?;
-        tracing::info!(cgroup = %path.display(), "socket hooks attached (host-network clients)");
-        Ok(())
+        sock_hooks::sync(&mut self.datapath, self.cfg.external_cluster, self.cfg.cgroup_path.as_deref())
     }
 
     /// Attaches to new matching interfaces and releases pins of vanished ones.
@@ -326,52 +304,9 @@ impl Agent {
             return;
         }
         let started = Instant::now();
-        let ok = self.sync_interfaces_inner();
+        let ok = tc::sync_interfaces(&mut self.datapath, &self.matcher, self.cfg.external_cluster, &mut self.attached);
         self.interfaces_ok = ok;
         self.telemetry.reconciled("interfaces", started.elapsed(), ok);
         self.update_attached();
-    }
-
-    /// Returns false if something failed (reported; retried at the next rescan).
-    fn sync_interfaces_inner(&mut self) -> bool {
-        let mut ok = true;
-        let wanted: BTreeSet<Iface> = if self.cfg.external_cluster {
-            match interfaces::scan(&self.matcher) {
-                Ok(found) => found.into_iter().collect(),
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "listing interfaces failed");
-                    return false;
-                }
-            }
-        } else {
-            BTreeSet::new() // feature off: release whatever an earlier run attached
-        };
-        for iface in wanted.difference(&self.attached.clone()) {
-            match self.datapath.attach(iface) {
-                Ok(()) => {
-                    tracing::info!(iface = %iface.name, ifindex = iface.index, "attached");
-                    self.attached.insert(iface.clone());
-                }
-                // Vanished meanwhile, or refused: reported, retried at the next rescan.
-                Err(e) if interfaces::exists(iface) => {
-                    ok = false;
-                    tracing::error!(iface = %iface.name, error = format!("{e:#}"), "attaching failed")
-                }
-                Err(_) => {}
-            }
-        }
-        let stale: Vec<Iface> =
-            self.datapath.attached().union(&self.attached).filter(|i| !wanted.contains(i)).cloned().collect();
-        for iface in stale {
-            match self.datapath.detach(&iface) {
-                Ok(()) => tracing::info!(iface = %iface.name, ifindex = iface.index, "detached"),
-                Err(e) => {
-                    ok = false;
-                    tracing::error!(iface = %iface.name, error = format!("{e:#}"), "detaching failed")
-                }
-            }
-            self.attached.remove(&iface);
-        }
-        ok
     }
 }

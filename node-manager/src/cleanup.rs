@@ -6,7 +6,7 @@ use std::{fs, io, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use crate::datapath::{
+use crate::kernel::{
     attach::{self, DIRECTIONS},
     cgroup,
     pins::{self, Pins},
@@ -26,7 +26,7 @@ pub fn cleanup(bpffs: &Path, cgroup_path: Option<&Path>) -> Result<Report> {
     // The INVALID drop of every mode: netfilter links, our nftables table, our iptables rules,
     // and the conntrack sysctl restored to what it was (recorded in the pins, so before them).
     // Errors are reported at the end: everything else is still removed.
-    let errors = crate::invalid::remove_except(None, &Pins::new(bpffs), None);
+    let errors = crate::features::drop_invalid::remove_except(None, &Pins::new(bpffs), None);
     if pins::is_bpffs(bpffs) && root.exists() {
         // Every layout version's links: unpinning releases the TCX links and so detaches.
         for version in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?.flatten() {
@@ -53,7 +53,7 @@ pub fn cleanup(bpffs: &Path, cgroup_path: Option<&Path>) -> Result<Report> {
         report.links_removed += cgroup::detach_unpinned(id)?;
     }
     // Netlink filters (kernels without TCX) are not pinned: remove ours from every interface.
-    for iface in crate::interfaces::all().unwrap_or_default() {
+    for iface in crate::kernel::interfaces::all().unwrap_or_default() {
         for (attach_type, _, _) in DIRECTIONS {
             attach::detach_netlink(&iface.name, attach_type);
         }

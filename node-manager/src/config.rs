@@ -150,7 +150,7 @@ pub struct Config {
     /// Pod CIDRs given on the command line or environment; `None`: take them from the Node.
     pub pod_cidrs_override: Option<Vec<IpNet>>,
     pub drop_invalid_input: bool,
-    pub drop_invalid_mode: crate::invalid::Requested,
+    pub drop_invalid_mode: crate::features::drop_invalid::Requested,
     pub external_cluster: bool,
     pub pod_interfaces: Vec<String>,
     /// Where the socket hooks attach; `None`: the cgroup v2 root (found when needed).
@@ -344,10 +344,8 @@ impl Config {
             glob::Pattern::new(pattern)
                 .with_context(|| format!("--pod-interfaces / POD_INTERFACES: {pattern:?} is not a glob"))?;
         }
+        // Checked against the filesystem by `check_paths`: parsing does no I/O.
         let cgroup_path = nonempty_path(args.cgroup_path);
-        if let Some(path) = &cgroup_path {
-            crate::datapath::cgroup::validate(path)?;
-        }
         let external_ip_allow = nonempty(args.external_ip_allow)
             .map(|v| parse_cidrs(&v, None, "--external-ip-allow / EXTERNAL_IP_ALLOW"))
             .transpose()?;
@@ -359,7 +357,7 @@ impl Config {
             drop_invalid_mode: nonempty(args.drop_invalid_mode)
                 .map(|m| m.parse().map_err(|e| anyhow::anyhow!("--drop-invalid-mode / DROP_INVALID_MODE: {e}")))
                 .transpose()?
-                .unwrap_or(crate::invalid::Requested::Auto),
+                .unwrap_or(crate::features::drop_invalid::Requested::Auto),
             external_cluster,
             pod_interfaces,
             cgroup_path,

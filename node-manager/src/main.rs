@@ -4,8 +4,16 @@ use clap::Parser as _;
 use node_manager::{
     agent, cleanup,
     config::{Cli, Command, Config, LogFormat, bpffs_or_default},
-    inspect,
+    inspect, state,
 };
+
+/// The configured paths checked against the filesystem (a bad one is a configuration error).
+fn check_paths(cfg: &Config) -> anyhow::Result<()> {
+    match &cfg.cgroup_path {
+        Some(path) => node_manager::kernel::cgroup::validate(path),
+        None => Ok(()),
+    }
+}
 
 /// Exit code for bad configuration or input (as clap uses for usage errors).
 const EXIT_USAGE: u8 = 2;
@@ -22,7 +30,8 @@ fn main() -> ExitCode {
     init_logging(log_format);
     match cli.command {
         Command::Run(args) => {
-            let cfg = match Config::from_run_args(*args) {
+            let checked = Config::from_run_args(*args).and_then(|cfg| check_paths(&cfg).map(|()| cfg));
+            let cfg = match checked {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("node-manager: invalid configuration: {e:#}");
@@ -38,7 +47,7 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(agent::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) if e.downcast_ref::<node_manager::invalid::NotPossible>().is_some() => {
+                Err(e) if e.downcast_ref::<node_manager::features::drop_invalid::NotPossible>().is_some() => {
                     eprintln!("node-manager: invalid configuration: {e:#}");
                     ExitCode::from(EXIT_USAGE)
                 }
@@ -65,7 +74,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Inspect(args) => match inspect::read(&bpffs_or_default(args.bpffs)) {
+        Command::Inspect(args) => match state::read(&bpffs_or_default(args.bpffs)) {
             Ok(state) => {
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&state).unwrap_or_default());

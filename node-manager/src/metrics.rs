@@ -36,7 +36,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::inspect;
+use crate::state;
 
 /// Which reconcile step a duration or error belongs to.
 pub type StepLabels = Vec<(&'static str, &'static str)>;
@@ -176,7 +176,7 @@ impl Collector for DatapathCollector {
             "1 when the initial sync is done and the programs are attached",
             &[(Vec::new(), if self.telemetry.not_ready().is_none() { 1.0 } else { 0.0 })],
         )?;
-        let state = match inspect::read(&self.telemetry.bpffs) {
+        let state = match state::read(&self.telemetry.bpffs) {
             Ok(state) => state,
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "metrics: reading the pinned datapath failed");
@@ -249,7 +249,7 @@ impl Collector for DatapathCollector {
                 &[(Vec::new(), n)],
             )?;
         }
-        let modes: Vec<(Labels, f64)> = crate::invalid::Mode::ALL
+        let modes: Vec<(Labels, f64)> = crate::features::drop_invalid::Mode::ALL
             .iter()
             .map(|m| (vec![("mode", m.to_string())], if d.mode == Some(*m) { 1.0 } else { 0.0 }))
             .collect();

@@ -26,7 +26,8 @@ fn needs(cfg: &Config) -> Vec<Need> {
     // deploy/README.md, node-manager/tests/least_privilege.rs.
     let bpf_mode_possible = matches!(
         cfg.drop_invalid_mode,
-        crate::invalid::Requested::Auto | crate::invalid::Requested::Only(crate::invalid::Mode::Bpf)
+        crate::features::drop_invalid::Requested::Auto
+            | crate::features::drop_invalid::Requested::Only(crate::features::drop_invalid::Mode::Bpf)
     );
     if cfg.external_cluster {
         needs.push(Need {

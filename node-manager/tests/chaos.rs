@@ -28,7 +28,7 @@ use common::{
 };
 use fake_apiserver::FakeApiServer;
 use lab::{Lab, Ns};
-use node_manager::datapath::sys;
+use node_manager::kernel::sys;
 use node_manager_common::{Frontend, FrontendKey, v4_mapped};
 
 /// Longest time a stable flow may go without an echo (they send every 20 ms; this leaves room

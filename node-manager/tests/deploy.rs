@@ -307,7 +307,7 @@ fn the_variants_differ_only_in_the_external_cluster_rewrite() {
         assert_eq!(ext.unwrap(), m.external_cluster, "{}", m.name);
         let drop = node_manager::config::parse_bool(Some(m.env_value("RULE_DROP_INVALID_INPUT_ENABLE")), false, "drop");
         assert!(drop.unwrap(), "{}: the INVALID drop is on in every variant", m.name);
-        let mode = m.env_value("DROP_INVALID_MODE").parse::<node_manager::invalid::Requested>();
+        let mode = m.env_value("DROP_INVALID_MODE").parse::<node_manager::features::drop_invalid::Requested>();
         assert!(mode.is_ok(), "{}: {mode:?}", m.name);
     }
     // With that one value swapped, the documents are the same.

@@ -241,7 +241,7 @@ fn iptables_mode_drops_and_cleanup_removes_the_rules() {
     let scratch = Scratch::new(&lab);
     let rules = |bin: &str| {
         let out = lab.command(Ns::Node, bin).args(["-w", "5", "-S", "INPUT"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).matches(node_manager::invalid::iptables::COMMENT).count()
+        String::from_utf8_lossy(&out.stdout).matches(node_manager::features::drop_invalid::iptables::COMMENT).count()
     };
     let agent =
         Agent::start(&scratch, &["--services-file", &services_file(&scratch), "--drop-invalid-mode", "iptables"]);

@@ -13,7 +13,7 @@ use common::{
     frames::{Spec, frame},
 };
 use node_manager::{
-    datapath::Datapath,
+    kernel::Datapath,
     model::{FrontendAddr, Protocol, Target},
 };
 use node_manager_common::{FLOWS_MAX, FlowKey, program_names, v4_mapped};

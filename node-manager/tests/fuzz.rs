@@ -21,7 +21,7 @@ use common::{
     model::{self, Model, Program},
 };
 use node_manager::{
-    datapath::Datapath,
+    kernel::Datapath,
     model::{FrontendAddr, Protocol, Target},
 };
 use node_manager_common::{CounterIndex, DatapathConfig, FlowKey, program_names};

@@ -12,8 +12,9 @@ use common::{
     kernel,
 };
 use lab::{Lab, Ns};
-use node_manager::datapath::{
-    probe::{self, DROP_INVALID, POD_TC, SOCKET_HOOKS},
+use node_manager::kernel::{
+    probe,
+    report::{DROP_INVALID, POD_TC, SOCKET_HOOKS},
     sys,
 };
 use serde_json::Value;
@@ -103,7 +104,7 @@ fn a_program_the_verifier_rejects_costs_only_its_feature() {
     let scratch = Scratch::new(&lab);
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
-    let fault = [(node_manager::datapath::FAULT_ENV, "nm_pod_ingress")];
+    let fault = [(node_manager::kernel::fault::FAULT_ENV, "nm_pod_ingress")];
     let mut agent = Agent::start_with_env(&scratch, &lab_agent_args(services.to_str().unwrap()), &fault);
     wait_for("the agent's report and the socket hooks", Duration::from_secs(30), || {
         scratch.try_inspect().is_ok_and(|s| {

@@ -294,7 +294,7 @@ fn is_service_list(request: &str) -> bool {
 
 #[test]
 fn the_periodic_resync_repairs_entries_changed_behind_the_agents_back() {
-    use node_manager::{datapath::maps, model::FrontendAddr};
+    use node_manager::{kernel::maps, model::FrontendAddr};
     let env = Env::new();
     env.server.apply(service("a", "one", "198.51.100.1", &["203.0.113.1"], &[80]));
     let agent = env.agent(&["--resync-period", "1s"]);

@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{Array, MapData};
 use common::frames::{Spec, frame};
-use node_manager::datapath::{Datapath, btf, netfilter, pins::Pins, sys};
+use node_manager::kernel::{Datapath, btf, netfilter, pins::Pins, sys};
 use node_manager_common::{CtConfig, map_names};
 
 const NF_DROP: u32 = 0;
@@ -77,7 +77,7 @@ fn drops_untracked_looking_packets_only_while_conntrack_is_seen_active() {
         // probe says so, which makes auto mode fall back to nftables; see kernel_features.rs).
         let err = format!("{:#}", loaded.expect_err("no netfilter programs before 6.4"));
         assert!(err.contains("as a netfilter program") && err.contains("Invalid argument"), "{err}");
-        assert!(!node_manager::datapath::probe::probe().netfilter_links.ok);
+        assert!(!node_manager::kernel::probe::probe().netfilter_links.ok);
         return;
     }
     let programs = loaded.expect("the verifier accepts both programs");

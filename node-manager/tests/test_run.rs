@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::programs::{TestRun as _, TestRunOptions};
 use common::frames::{self, Spec, frame, verify_checksums};
 use node_manager::{
-    datapath::Datapath,
+    kernel::Datapath,
     model::{FrontendAddr, Protocol, Target},
 };
 use node_manager_common::{DatapathConfig, program_names};

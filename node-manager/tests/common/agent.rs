@@ -22,7 +22,7 @@ impl TestCgroup {
     pub fn new() -> TestCgroup {
         static N: AtomicUsize = AtomicUsize::new(0);
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = node_manager::datapath::cgroup::cgroup2_mount_in(&mountinfo).expect("a cgroup v2 mount");
+        let root = node_manager::kernel::cgroup::cgroup2_mount_in(&mountinfo).expect("a cgroup v2 mount");
         let path = root.join(format!("nml-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         TestCgroup { path }

@@ -14,7 +14,7 @@ use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use fake_apiserver::FakeApiServer;
 use lab::{Lab, Ns};
 use node_manager::{
-    datapath::maps,
+    kernel::maps,
     model::{FrontendAddr, Protocol},
 };
 use node_manager_common::{Counter, Frontend, FrontendKey, map_names};
@@ -40,7 +40,7 @@ impl Scratch {
         let dir = std::env::temp_dir().join(format!("nm-bench-{}", std::process::id()));
         fs::create_dir_all(dir.join("bpffs")).with_context(|| format!("creating {}", dir.display()))?;
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-        let root = node_manager::datapath::cgroup::cgroup2_mount_in(&mountinfo).context("no cgroup v2 mount")?;
+        let root = node_manager::kernel::cgroup::cgroup2_mount_in(&mountinfo).context("no cgroup v2 mount")?;
         // Named like the tests' cgroups, so `cargo xtask test` reports it if it is left over.
         let cgroup = root.join(format!("nml-test-bench-{}", std::process::id()));
         let scratch = Scratch { dir, cgroup, bin: bin.to_owned() };

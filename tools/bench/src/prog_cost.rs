@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use node_manager::{
-    datapath::Datapath,
+    kernel::Datapath,
     model::{FrontendAddr, Protocol, Target},
 };
 use node_manager_common::program_names;

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, Map, MapData};
 use node_manager_common::{CtConfig, map_names};
 
-use crate::datapath::{Datapath, pins::Pins};
+use crate::kernel::{Datapath, pins::Pins};
 
 pub const SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
 

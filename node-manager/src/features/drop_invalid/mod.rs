@@ -22,7 +22,7 @@ use std::{fmt, str::FromStr};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::datapath::{Datapath, pins::Pins};
+use crate::kernel::{Datapath, pins::Pins};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -172,7 +172,7 @@ pub fn remove_except(keep: Option<Mode>, pins: &Pins, datapath: Option<&mut Data
         Err(e) => errors.push(format!("removing {what}: {e:#}")),
     };
     if keep != Some(Mode::Bpf) {
-        note("bpf", crate::datapath::netfilter::detach(&pins.links_dir()));
+        note("bpf", crate::kernel::netfilter::detach(&pins.links_dir()));
     }
     if keep != Some(Mode::Nftables) {
         note("nftables", nft::remove());
@@ -215,7 +215,7 @@ impl DropInvalid {
         let (mode, reason) = choose(requested, |mode| match mode {
             Mode::Bpf => {
                 // What the kernel lacks, named, before the verifier is asked.
-                crate::datapath::probe::drop_invalid_bpf(datapath.probes())?;
+                crate::kernel::report::drop_invalid_bpf(datapath.probes())?;
                 let loaded = bpf::prepare(datapath);
                 bpf_load = Some(loaded.as_ref().map(|_| ()).map_err(Clone::clone));
                 loaded.map(|p| prepared = Some(p))
@@ -305,7 +305,7 @@ pub fn counters(pins: &Pins) -> Counters {
 fn pinned_ct_counters(pins: &Pins) -> Option<Vec<(&'static str, node_manager_common::Counter)>> {
     let data = aya::maps::MapData::from_pin(pins.map(node_manager_common::map_names::CT_COUNTERS)).ok()?;
     let array = aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).ok()?;
-    crate::datapath::maps::read_ct_counters(&array).ok()
+    crate::kernel::maps::read_ct_counters(&array).ok()
 }
 
 /// The recorded mode and why, from the pins.

@@ -6,7 +6,12 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use anyhow::{Context as _, Result};
 use tokio::sync::Notify;
 
-use crate::datapath::attach::Iface;
+/// An interface we attach to, identified by name and index (names are reused by CNIs).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+}
 
 pub struct Matcher {
     patterns: Vec<glob::Pattern>,

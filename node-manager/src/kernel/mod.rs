@@ -3,11 +3,14 @@
 pub mod attach;
 pub mod btf;
 pub mod cgroup;
+pub mod fault;
+pub mod interfaces;
 pub mod maps;
 pub mod netfilter;
 pub mod pins;
 pub mod probe;
 pub mod repair;
+pub mod report;
 pub mod sys;
 pub mod tc_netlink;
 
@@ -23,10 +26,12 @@ use ipnet::IpNet;
 use node_manager_common::{DatapathConfig, map_names};
 
 use self::{
-    attach::{DIRECTIONS, Iface, Mechanism},
+    attach::{DIRECTIONS, Mechanism},
+    interfaces::Iface,
     maps::SyncStats,
     pins::{PinState, Pins},
-    probe::{Loads, Probes, Report},
+    probe::Probes,
+    report::{Loads, Report},
 };
 use crate::model::{FrontendAddr, Target};
 
@@ -54,8 +59,8 @@ pub struct Datapath {
 fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
     use aya::programs::Program;
     for name in names {
-        if fault_injected(name) {
-            return Err(format!("{name}: {}", probe::verifier_rejection(name)));
+        if let Some(rejection) = fault::injected(name) {
+            return Err(format!("{name}: {rejection}"));
         }
         let loaded = match ebpf.program_mut(name) {
             Some(Program::SchedClassifier(p)) => p.load(),
@@ -66,15 +71,6 @@ fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
         loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
     }
     Ok(())
-}
-
-/// Test hook: the programs named in this variable (comma-separated) are not loaded; in their
-/// place a program of the same type that the verifier rejects is, and its verdict stands for
-/// theirs. Shows, with the real verifier, that a rejected program costs only its feature.
-pub const FAULT_ENV: &str = "NODE_MANAGER_FAULT_REJECT";
-
-fn fault_injected(name: &str) -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
 }
 
 /// The errno and the end of the verifier's log (which says why), not the whole log.
@@ -225,7 +221,7 @@ impl Datapath {
         let report = Report::new("agent", probes, loads, drop_invalid);
         report.log();
         if let Some(pins) = &self.pins
-            && let Err(e) = probe::pin_report(&pins.layout_dir(), &report)
+            && let Err(e) = report::pin_report(&pins.layout_dir(), &report)
         {
             tracing::warn!(error = format!("{e:#}"), "could not pin the kernel-feature report (inspect will probe)");
         }

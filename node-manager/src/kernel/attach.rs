@@ -24,7 +24,10 @@ use aya::programs::{
 };
 use node_manager_common::program_names;
 
-use super::{sys, tc_netlink};
+use super::{
+    interfaces::{self, Iface},
+    sys, tc_netlink,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mechanism {
@@ -55,13 +58,6 @@ pub const DIRECTIONS: [(TcAttachType, &str, &str); 2] = [
     (TcAttachType::Egress, "egress", program_names::POD_EGRESS),
 ];
 
-/// An interface we attach to, identified by name and index (names are reused by CNIs).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Iface {
-    pub name: String,
-    pub index: u32,
-}
-
 /// Pin of an interface's link, keyed by ifindex: bpffs refuses names with dots, which
 /// interface names may contain (`eth0.100`), and an ifindex is not reused within a network
 /// namespace, so it also tells a recreated interface of the same name apart.
@@ -88,7 +84,7 @@ pub fn pinned_ifaces(links_dir: &Path) -> BTreeSet<Iface> {
     entries
         .flatten()
         .filter_map(|e| parse_link_pin(&e.file_name().to_string_lossy()))
-        .map(|(index, _)| Iface { name: crate::interfaces::name_of(index).unwrap_or_default(), index })
+        .map(|(index, _)| Iface { name: interfaces::name_of(index).unwrap_or_default(), index })
         .collect()
 }
 

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use node_manager_common::CtConfig;
 
-use crate::datapath::{
+use crate::kernel::{
     Datapath, btf,
     netfilter::{self, Family},
     pins::Pins,

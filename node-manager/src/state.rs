@@ -1,0 +1,324 @@
+//! The live datapath's state, decoded from the pins alone (works with or without a running
+//! agent): what `inspect` renders and `/metrics` exports, so the two cannot disagree.
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use node_manager_common::{DatapathConfig, Flow, FlowKey, FrontendKey, Owner, SockRev, SockRevKey, map_names};
+use serde::Serialize;
+
+use crate::{
+    features::drop_invalid::{self, Mode, Requested},
+    kernel::{
+        Datapath,
+        attach::{self, Mechanism},
+        cgroup, maps, netfilter,
+        pins::Pins,
+        probe::probe,
+        report::{Loads, Report, UNAVAILABLE, drop_invalid_bpf, pinned_report},
+    },
+};
+
+#[derive(Debug, Serialize)]
+pub struct State {
+    pub pins: String,
+    pub installed: bool,
+    pub features: Vec<Feature>,
+    pub interfaces: Vec<Interface>,
+    /// Socket hooks for host-network clients (cgroup v2 socket-address programs).
+    pub cgroup_hooks: Vec<CgroupHook>,
+    /// Host sockets remembered for getpeername/recvmsg.
+    pub sockets: usize,
+    pub pod_cidrs: Vec<String>,
+    pub frontends: Vec<FrontendEntry>,
+    pub flows: usize,
+    pub masquerade_mark: Option<String>,
+    pub counters: Vec<CounterEntry>,
+    pub drop_invalid: DropInvalidState,
+    /// Which mechanism each feature uses on this kernel, or why it is unavailable.
+    pub kernel_features: Option<Report>,
+}
+
+/// The conntrack-INVALID drop: the mode recorded by the agent, why, what is installed in the
+/// kernel for each mode (so leftovers show), and the counters.
+#[derive(Debug, Default, Serialize)]
+pub struct DropInvalidState {
+    pub mode: Option<crate::features::drop_invalid::Mode>,
+    pub why: Option<String>,
+    /// Netfilter links found pinned: "ipv4 link 12 prog 34 LOCAL_IN priority -100".
+    pub netfilter_links: Vec<String>,
+    pub nftables_table: bool,
+    /// bpf mode's guard: how long ago conntrack was last seen tracking a packet on each
+    /// family's hook (drops happen only within the window). None: never.
+    pub conntrack_seen_v4_ms_ago: Option<u64>,
+    pub conntrack_seen_v6_ms_ago: Option<u64>,
+    pub counters: crate::features::drop_invalid::Counters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    pub active: bool,
+    pub mechanism: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    pub present: bool,
+    /// Programs on the interface's TCX hooks, in run order (ours and others', e.g. a CNI's).
+    pub tcx_ingress: Vec<String>,
+    pub tcx_egress: Vec<String>,
+    /// Kernels without TCX: the cls_bpf filters on the clsact hooks (program names), in run order.
+    pub tc_ingress: Vec<String>,
+    pub tc_egress: Vec<String>,
+}
+
+/// Names of the cls_bpf programs on an interface's clsact hook (other filters by kind).
+fn tc_filters(ifindex: u32, ingress: bool) -> Vec<String> {
+    crate::kernel::tc_netlink::filters(ifindex, ingress)
+        .map(|f| f.into_iter().map(|f| f.name.unwrap_or(f.kind)).collect())
+        .unwrap_or_default()
+}
+
+/// Names of the programs attached to an interface's TCX hook, in order.
+fn tcx_programs(iface: &str, attach_type: aya::programs::TcAttachType) -> Vec<String> {
+    aya::programs::SchedClassifier::query_tcx(iface, attach_type)
+        .map(|(_, progs)| progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Serialize)]
+pub struct CgroupHook {
+    pub hook: String,
+    pub attach_type: &'static str,
+    pub cgroup_id: u64,
+    /// The cgroup's directory, when found under the cgroup v2 mount.
+    pub cgroup_path: Option<String>,
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub program: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendEntry {
+    pub frontend: String,
+    pub cluster_ip: String,
+    /// The Service (`namespace/name`) the frontend belongs to; None in an older agent's pins.
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterEntry {
+    pub name: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn open(pins: &Pins, name: &str) -> Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("{name}: unsupported map type"))
+}
+
+pub fn read(bpffs: &Path) -> Result<State> {
+    let pins = Pins::new(bpffs);
+    // Every map the pod datapath needs (NM_SOCK_REV may be missing from an older agent's pins):
+    // an agent that is starting pins them one by one, and reading half of them would fail.
+    let installed =
+        [map_names::FRONTENDS, map_names::POD_CIDRS, map_names::FLOWS, map_names::CONFIG, map_names::COUNTERS]
+            .iter()
+            .all(|name| pins.map(name).exists());
+    let mut state = State {
+        pins: pins.layout_dir().display().to_string(),
+        installed,
+        features: Vec::new(),
+        interfaces: Vec::new(),
+        cgroup_hooks: Vec::new(),
+        sockets: 0,
+        pod_cidrs: Vec::new(),
+        frontends: Vec::new(),
+        flows: 0,
+        masquerade_mark: None,
+        counters: Vec::new(),
+        drop_invalid: drop_invalid_state(&pins),
+        kernel_features: kernel_report(&pins, installed),
+    };
+    if let Some(mode) = state.drop_invalid.mode {
+        state.features.push(Feature {
+            name: "drop-invalid-input",
+            active: true,
+            mechanism: format!("{mode}: {}", state.drop_invalid.why.as_deref().unwrap_or("")),
+        });
+    }
+    if !installed {
+        return Ok(state);
+    }
+    let mut ifaces: Vec<_> = attach::pinned_ifaces(&pins.links_dir()).into_iter().collect();
+    ifaces.sort();
+    state.interfaces = ifaces
+        .iter()
+        .map(|i| Interface {
+            name: i.name.clone(),
+            ifindex: i.index,
+            present: !i.name.is_empty(),
+            tcx_ingress: tcx_programs(&i.name, aya::programs::TcAttachType::Ingress),
+            tcx_egress: tcx_programs(&i.name, aya::programs::TcAttachType::Egress),
+            tc_ingress: tc_filters(i.index, true),
+            tc_egress: tc_filters(i.index, false),
+        })
+        .collect();
+    let mechanism = Mechanism::detect();
+    state.features.push(Feature {
+        name: "external-cluster (pods, TC)",
+        active: !state.interfaces.is_empty(),
+        mechanism: format!("{} on {} interface(s)", mechanism.name(), state.interfaces.len()),
+    });
+
+    let hooks = cgroup::pinned_hooks(&pins.links_dir());
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .flatten()
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let mut paths = std::collections::HashMap::new();
+    for h in hooks {
+        let path = paths.entry(h.cgroup_id).or_insert_with(|| cgroup::path_of(h.cgroup_id)).clone();
+        state.cgroup_hooks.push(CgroupHook {
+            attach_type: cgroup::attach_type_name(h.attach_type),
+            cgroup_id: h.cgroup_id,
+            cgroup_path: path.map(|p| p.display().to_string()),
+            link_id: h.link_id,
+            prog_id: h.prog_id,
+            program: names.get(&h.prog_id).cloned().unwrap_or_else(|| "?".to_owned()),
+            hook: h.hook,
+        });
+    }
+    let cgroups: std::collections::BTreeSet<String> = state
+        .cgroup_hooks
+        .iter()
+        .map(|h| h.cgroup_path.clone().unwrap_or_else(|| format!("cgroup id {}", h.cgroup_id)))
+        .collect();
+    state.features.push(Feature {
+        name: "external-cluster (host, cgroup)",
+        active: !state.cgroup_hooks.is_empty(),
+        mechanism: format!(
+            "{}/{} socket hooks on {}",
+            state.cgroup_hooks.len(),
+            cgroup::HOOKS.len(),
+            if cgroups.is_empty() {
+                "no cgroup".to_owned()
+            } else {
+                cgroups.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        ),
+    });
+
+    let frontends: HashMap<MapData, _, _> = HashMap::try_from(open(&pins, map_names::FRONTENDS)?)?;
+    let owners: std::collections::BTreeMap<FrontendKey, Owner> = match open(&pins, map_names::OWNERS) {
+        Ok(map) => maps::read_hash(&HashMap::<_, FrontendKey, Owner>::try_from(map)?, map_names::OWNERS)?,
+        Err(_) => Default::default(), // pins of an agent that predates the owners map
+    };
+    for (key, value) in maps::read_frontends(&frontends)? {
+        let frontend = maps::frontend_addr(&key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
+        state.frontends.push(FrontendEntry {
+            frontend,
+            cluster_ip: maps::addr_from16(value.cluster_addr).to_string(),
+            service: owners.get(&key).and_then(|o| o.as_str()).map(str::to_owned),
+        });
+    }
+    let trie: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(open(&pins, map_names::POD_CIDRS)?)?;
+    state.pod_cidrs = maps::read_pod_cidrs(&trie)?.iter().map(ToString::to_string).collect();
+    let flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(open(&pins, map_names::FLOWS)?)?;
+    state.flows = flows.keys().filter(Result::is_ok).count();
+    // Absent when the pins predate the socket hooks (an older agent's).
+    if pins.map(map_names::SOCK_REV).exists() {
+        let socks: HashMap<MapData, SockRevKey, SockRev> = HashMap::try_from(open(&pins, map_names::SOCK_REV)?)?;
+        state.sockets = socks.keys().filter(Result::is_ok).count();
+    }
+    let config: Array<MapData, DatapathConfig> = Array::try_from(open(&pins, map_names::CONFIG)?)?;
+    state.masquerade_mark = maps::read_config(&config).ok().map(|c| format!("{:#x}", c.masquerade_mark));
+    let counters: PerCpuArray<MapData, node_manager_common::Counter> =
+        PerCpuArray::try_from(open(&pins, map_names::COUNTERS)?)?;
+    state.counters = maps::read_counters(&counters)?
+        .into_iter()
+        .map(|(name, c)| CounterEntry { name, packets: c.packets, bytes: c.bytes })
+        .collect();
+    Ok(state)
+}
+
+fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
+    let recorded = crate::features::drop_invalid::recorded(pins);
+    DropInvalidState {
+        mode: recorded.as_ref().map(|(m, _)| *m),
+        why: recorded.map(|(_, why)| why),
+        netfilter_links: crate::kernel::netfilter::linked(&pins.links_dir())
+            .iter()
+            .map(|(family, info)| {
+                let (_, hook, priority) = info.netfilter;
+                let hook =
+                    if hook == crate::kernel::sys::NF_INET_LOCAL_IN { "LOCAL_IN".into() } else { hook.to_string() };
+                format!("{} link {} prog {} {hook} priority {priority}", family.name, info.id, info.prog_id)
+            })
+            .collect(),
+        nftables_table: std::process::Command::new("nft")
+            .args(["list", "table", "inet", crate::features::drop_invalid::nft::TABLE])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        conntrack_seen_v4_ms_ago: seen_ms_ago(pins, node_manager_common::CT_FAMILY_V4),
+        conntrack_seen_v6_ms_ago: seen_ms_ago(pins, node_manager_common::CT_FAMILY_V6),
+        counters: crate::features::drop_invalid::counters(pins),
+    }
+}
+
+fn seen_ms_ago(pins: &Pins, family: u32) -> Option<u64> {
+    let seen: Array<MapData, u64> = Array::try_from(open(pins, map_names::CT_SEEN).ok()?).ok()?;
+    let at = seen.get(&family, 0).ok().filter(|&t| t != 0)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a local timespec. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    Some(now.saturating_sub(at) / 1_000_000)
+}
+
+/// The report `inspect` shows: the agent's, pinned at start; with nothing installed, one probed
+/// now (programs trial-loaded, the INVALID drop's mode as `auto` would pick it). `None` while an
+/// agent is installing (maps pinned, report not yet).
+pub fn kernel_report(pins: &Pins, installed: bool) -> Option<Report> {
+    if let Some(report) = pinned_report(&pins.layout_dir()) {
+        return Some(report);
+    }
+    (!installed).then(live_report)
+}
+
+/// Probes, trial-loads every program against private maps (nothing is attached or pinned), and
+/// decides as the agent would.
+pub fn live_report() -> Report {
+    let probes = probe();
+    let mut loads = Loads::default();
+    match Datapath::load_unpinned() {
+        Ok(datapath) => {
+            loads.pod_tc = Some(datapath.pod_tc_loaded());
+            loads.socket_hooks = Some(datapath.socket_hooks_loaded());
+            if drop_invalid_bpf(&probes).is_ok() {
+                let loaded = netfilter::load_programs_with(|name| datapath.map_fd(name));
+                loads.drop_invalid_bpf = Some(loaded.map(|_| ()).map_err(|e| format!("{e:#}")));
+            }
+        }
+        Err(e) => {
+            let why = format!("loading the object (maps): {e:#}");
+            (loads.pod_tc, loads.socket_hooks) = (Some(Err(why.clone())), Some(Err(why)));
+        }
+    }
+    let auto = drop_invalid::choose(Requested::Auto, |mode| match mode {
+        Mode::Bpf => drop_invalid_bpf(&probes).and(loads.drop_invalid_bpf.clone().unwrap_or(Ok(()))),
+        Mode::Nftables => drop_invalid::nft::probe(),
+        Mode::Iptables => drop_invalid::iptables::probe(),
+        Mode::Liberal => drop_invalid::liberal::probe(),
+    });
+    let drop_invalid = match auto {
+        Ok((mode, reason)) => (mode.to_string(), drop_invalid::describe(mode, reason.code())),
+        Err(why) => (UNAVAILABLE.to_owned(), why),
+    };
+    Report::new("probed", probes, loads, Some(drop_invalid))
+}
