@@ -6,6 +6,9 @@
 //! addresses and ports are in network byte order, as they sit in the packet.
 #![no_std]
 
+mod counters;
+pub use counters::{COUNTERS_LEN, CT_COUNTERS_LEN, CounterIndex, CounterKind, CtCounterIndex};
+
 /// Version of the pinned layout. Bumped whenever a map's key, value or size changes; pins live
 /// under `<bpffs>/node-manager/v<LAYOUT_VERSION>/`.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -170,127 +173,6 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Index of each counter in the per-CPU counters array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CounterIndex {
-    /// Pod → external frontend, destination rewritten to the cluster IP.
-    RewriteIngressV4 = 0,
-    RewriteIngressV6 = 1,
-    /// Reply from the cluster IP, source rewritten back to the external address.
-    RewriteEgressV4 = 2,
-    RewriteEgressV6 = 3,
-    /// Not IPv4/IPv6 (ARP, VLAN-tagged, ...): passed.
-    PassNotIp = 4,
-    /// IP but not rewritable: fragment, IPv4 options, IPv6 extension header, other protocol,
-    /// truncated. Passed untouched.
-    PassUnparsed = 5,
-    /// Addressed to a frontend, but from a source outside the local pod CIDRs: passed.
-    PassNotPod = 6,
-    /// No frontend for (destination, port, protocol): passed.
-    PassNoFrontend = 7,
-    /// Egress packet that belongs to no rewritten flow: passed.
-    PassNoFlow = 8,
-    /// Flow could not be remembered (map update failed); the packet was still rewritten.
-    FlowInsertFailed = 9,
-    /// Rewrite helper failed; the packet was passed (possibly partly rewritten: counted so it
-    /// shows).
-    RewriteFailed = 10,
-    // Host-network sockets (cgroup socket-address hooks). These count calls, not packets
-    // (their byte count stays 0).
-    /// `connect` to a frontend redirected to the cluster IP.
-    SockConnectV4 = 11,
-    SockConnectV6 = 12,
-    /// Unconnected UDP `sendmsg` to a frontend redirected to the cluster IP.
-    SockSendmsgV4 = 13,
-    SockSendmsgV6 = 14,
-    /// UDP `recvmsg` from the cluster IP shown as coming from the external address.
-    SockRecvmsgV4 = 15,
-    SockRecvmsgV6 = 16,
-    /// `getpeername` shown as the external address.
-    SockGetpeernameV4 = 17,
-    SockGetpeernameV6 = 18,
-    /// `connect`/`sendmsg` to no frontend (or a protocol the hook does not rewrite): untouched.
-    SockPassNoFrontend = 19,
-    /// The socket could not be remembered (map update failed): the call was still redirected,
-    /// but `getpeername`/`recvmsg` will show the cluster IP.
-    SockRevInsertFailed = 20,
-    /// A rewritten pod packet whose flow was not remembered yet: a new entry in the flow map
-    /// (the rate of new rewritten flows; a full map evicts its least recently used entry).
-    FlowCreated = 21,
-    /// A rewritten TCP segment without SYN whose flow was not remembered: the entry of an open
-    /// connection was evicted (flow map full) or removed, so replies sent meanwhile reached the
-    /// pod untranslated (from the cluster IP) and the connection most likely broke. The entry
-    /// is created again.
-    FlowLost = 22,
-    /// A pod packet to no frontend on the tuple of a remembered flow: the pod now talks to the
-    /// cluster address directly, from a port an earlier, rewritten flow used (a TCP SYN, or any
-    /// UDP or ICMP echo packet). The entry was removed, so that the replies keep the cluster
-    /// address the pod dialled.
-    FlowDirectReuse = 23,
-}
-
-pub const COUNTERS_LEN: u32 = 24;
-
-impl CounterIndex {
-    pub const ALL: [CounterIndex; COUNTERS_LEN as usize] = [
-        CounterIndex::RewriteIngressV4,
-        CounterIndex::RewriteIngressV6,
-        CounterIndex::RewriteEgressV4,
-        CounterIndex::RewriteEgressV6,
-        CounterIndex::PassNotIp,
-        CounterIndex::PassUnparsed,
-        CounterIndex::PassNotPod,
-        CounterIndex::PassNoFrontend,
-        CounterIndex::PassNoFlow,
-        CounterIndex::FlowInsertFailed,
-        CounterIndex::RewriteFailed,
-        CounterIndex::SockConnectV4,
-        CounterIndex::SockConnectV6,
-        CounterIndex::SockSendmsgV4,
-        CounterIndex::SockSendmsgV6,
-        CounterIndex::SockRecvmsgV4,
-        CounterIndex::SockRecvmsgV6,
-        CounterIndex::SockGetpeernameV4,
-        CounterIndex::SockGetpeernameV6,
-        CounterIndex::SockPassNoFrontend,
-        CounterIndex::SockRevInsertFailed,
-        CounterIndex::FlowCreated,
-        CounterIndex::FlowLost,
-        CounterIndex::FlowDirectReuse,
-    ];
-
-    /// Stable snake_case name, used by `inspect` and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            CounterIndex::RewriteIngressV4 => "rewrite_ingress_v4",
-            CounterIndex::RewriteIngressV6 => "rewrite_ingress_v6",
-            CounterIndex::RewriteEgressV4 => "rewrite_egress_v4",
-            CounterIndex::RewriteEgressV6 => "rewrite_egress_v6",
-            CounterIndex::PassNotIp => "pass_not_ip",
-            CounterIndex::PassUnparsed => "pass_unparsed",
-            CounterIndex::PassNotPod => "pass_not_pod",
-            CounterIndex::PassNoFrontend => "pass_no_frontend",
-            CounterIndex::PassNoFlow => "pass_no_flow",
-            CounterIndex::FlowInsertFailed => "flow_insert_failed",
-            CounterIndex::RewriteFailed => "rewrite_failed",
-            CounterIndex::SockConnectV4 => "sock_connect_v4",
-            CounterIndex::SockConnectV6 => "sock_connect_v6",
-            CounterIndex::SockSendmsgV4 => "sock_sendmsg_v4",
-            CounterIndex::SockSendmsgV6 => "sock_sendmsg_v6",
-            CounterIndex::SockRecvmsgV4 => "sock_recvmsg_v4",
-            CounterIndex::SockRecvmsgV6 => "sock_recvmsg_v6",
-            CounterIndex::SockGetpeernameV4 => "sock_getpeername_v4",
-            CounterIndex::SockGetpeernameV6 => "sock_getpeername_v6",
-            CounterIndex::SockPassNoFrontend => "sock_pass_no_frontend",
-            CounterIndex::SockRevInsertFailed => "sock_rev_insert_failed",
-            CounterIndex::FlowCreated => "flow_created",
-            CounterIndex::FlowLost => "flow_lost",
-            CounterIndex::FlowDirectReuse => "flow_direct_reuse",
-        }
-    }
-}
-
 /// Settings of the conntrack-INVALID drop (one-entry array, written by the agent before it links
 /// the netfilter programs).
 #[repr(C)]
@@ -320,37 +202,14 @@ pub struct CtConfig {
 pub const CT_FAMILY_V4: u32 = 0;
 pub const CT_FAMILY_V6: u32 = 1;
 
-/// Counters of the conntrack-INVALID drop, per CPU.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CtCounterIndex {
-    /// INVALID by conntrack's verdict, addressed to the host: dropped.
-    DroppedV4 = 0,
-    DroppedV6 = 1,
-    /// No conntrack entry, but conntrack was not seen active recently (it may never have looked
-    /// at the packet): accepted, counted so it shows.
-    UnverifiedV4 = 2,
-    UnverifiedV6 = 3,
-}
-
-pub const CT_COUNTERS_LEN: u32 = 4;
-
-impl CtCounterIndex {
-    pub const ALL: [CtCounterIndex; CT_COUNTERS_LEN as usize] = [
-        CtCounterIndex::DroppedV4,
-        CtCounterIndex::DroppedV6,
-        CtCounterIndex::UnverifiedV4,
-        CtCounterIndex::UnverifiedV6,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            CtCounterIndex::DroppedV4 => "invalid_dropped_v4",
-            CtCounterIndex::DroppedV6 => "invalid_dropped_v6",
-            CtCounterIndex::UnverifiedV4 => "invalid_unverified_v4",
-            CtCounterIndex::UnverifiedV6 => "invalid_unverified_v6",
-        }
-    }
+/// Whether a 16-byte address is IPv4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub const fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 /// IPv4-mapped form of an IPv4 address (network byte order octets).

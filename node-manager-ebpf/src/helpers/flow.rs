@@ -3,7 +3,7 @@
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
 use node_manager_common::{FLOWS_MAX, Flow, FlowKey};
 
-use crate::parse::Packet;
+use crate::helpers::parse::Packet;
 
 #[btf_map]
 static NM_FLOWS: LruHashMap<FlowKey, Flow, { FLOWS_MAX as usize }> = LruHashMap::new();

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use node_manager_common::{DatapathConfig, FRONTENDS_MAX, Frontend, FrontendKey, OWNERS_MAX, Owner, POD_CIDRS_MAX};
 
-use crate::parse::Packet;
+use crate::helpers::parse::Packet;
 
 #[btf_map]
 static NM_FRONTENDS: HashMap<FrontendKey, Frontend, { FRONTENDS_MAX as usize }> = HashMap::new();

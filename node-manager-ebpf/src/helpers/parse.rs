@@ -5,18 +5,9 @@
 //! IPv6 packets with IPv4-mapped addresses, protocols other than TCP/UDP/ICMP echo,
 //! truncated headers.
 use aya_ebpf::programs::TcContext;
-use node_manager_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, v4_mapped};
+use node_manager_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped, v4_mapped};
 
-pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-pub const IPV4_HLEN: usize = 20;
-pub const IPV6_HLEN: usize = 40;
-
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
+use crate::helpers::headers::*;
 
 /// Which side of the pod interface: from the pod (requests) or to the pod (replies).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,7 +37,7 @@ pub enum Parsed {
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext, direction: Direction) -> Parsed {
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
         return Parsed::NotIp;
     };
     match u16::from_be(ethertype) {
@@ -63,27 +54,37 @@ fn parse_ipv4(ctx: &TcContext, direction: Direction) -> Parsed {
         return Parsed::Unparsed;
     };
     // Version 4, no options (IHL 5).
-    if hdr[0] != 0x45 {
+    if hdr[IPV4_VER_IHL_OFF] != IPV4_VER_IHL_NO_OPTIONS {
         return Parsed::Unparsed;
     }
     // Any fragment (MF set or non-zero offset): only the first carries ports; rewriting part of
     // a datagram would break it, so fragments pass untouched.
-    if u16::from_be_bytes([hdr[6], hdr[7]]) & 0x3fff != 0 {
+    if be16(&hdr, IPV4_FRAG_OFF) & IPV4_FRAG_MASK != 0 {
         return Parsed::Unparsed;
     }
-    let total_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    let total_len = be16(&hdr, IPV4_TOT_LEN_OFF) as usize;
     if total_len < IPV4_HLEN || ETH_HLEN + total_len > ctx.len() as usize {
         return Parsed::Unparsed;
     }
-    let proto = hdr[9];
-    let l4_off = ETH_HLEN + IPV4_HLEN;
-    let saddr = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    let daddr = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    let echo_type = match direction {
-        Direction::FromPod => ICMP_ECHO_REQUEST,
-        Direction::ToPod => ICMP_ECHO_REPLY,
-    };
-    parse_l4(ctx, direction, false, proto, PROTO_ICMP, echo_type, l4_off, total_len - IPV4_HLEN, saddr, daddr)
+    let s = IPV4_SADDR_OFF;
+    let d = IPV4_DADDR_OFF;
+    parse_l4(
+        ctx,
+        direction,
+        L4 {
+            v6: false,
+            proto: hdr[IPV4_PROTO_OFF],
+            icmp_proto: PROTO_ICMP,
+            echo_type: match direction {
+                Direction::FromPod => ICMP_ECHO_REQUEST,
+                Direction::ToPod => ICMP_ECHO_REPLY,
+            },
+            off: ETH_HLEN + IPV4_HLEN,
+            len: total_len - IPV4_HLEN,
+            saddr: v4_mapped([hdr[s], hdr[s + 1], hdr[s + 2], hdr[s + 3]]),
+            daddr: v4_mapped([hdr[d], hdr[d + 1], hdr[d + 2], hdr[d + 3]]),
+        },
+    )
 }
 
 #[inline(always)]
@@ -94,69 +95,81 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     if hdr[0] >> 4 != 6 {
         return Parsed::Unparsed;
     }
-    let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
+    let payload_len = be16(&hdr, IPV6_PAYLOAD_LEN_OFF) as usize;
     if ETH_HLEN + IPV6_HLEN + payload_len > ctx.len() as usize {
         return Parsed::Unparsed;
     }
     // The next header must be the transport header itself: extension headers pass untouched.
-    let proto = hdr[6];
+    let proto = hdr[IPV6_NEXTHDR_OFF];
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
-    saddr.copy_from_slice(&hdr[8..24]);
-    daddr.copy_from_slice(&hdr[24..40]);
+    saddr.copy_from_slice(&hdr[IPV6_SADDR_OFF..IPV6_SADDR_OFF + 16]);
+    daddr.copy_from_slice(&hdr[IPV6_DADDR_OFF..IPV6_DADDR_OFF + 16]);
     // IPv4 entries are stored IPv4-mapped (::ffff:a.b.c.d): an IPv6 packet carrying such an
     // address (which has no place on the wire, RFC 4291 2.5.5.2) must not match them.
     if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
         return Parsed::Unparsed;
     }
-    let echo_type = match direction {
-        Direction::FromPod => ICMPV6_ECHO_REQUEST,
-        Direction::ToPod => ICMPV6_ECHO_REPLY,
-    };
-    parse_l4(ctx, direction, true, proto, PROTO_ICMPV6, echo_type, ETH_HLEN + IPV6_HLEN, payload_len, saddr, daddr)
+    parse_l4(
+        ctx,
+        direction,
+        L4 {
+            v6: true,
+            proto,
+            icmp_proto: PROTO_ICMPV6,
+            echo_type: match direction {
+                Direction::FromPod => ICMPV6_ECHO_REQUEST,
+                Direction::ToPod => ICMPV6_ECHO_REPLY,
+            },
+            off: ETH_HLEN + IPV6_HLEN,
+            len: payload_len,
+            saddr,
+            daddr,
+        },
+    )
 }
 
 #[inline(always)]
-fn is_v4_mapped(a: &[u8; 16]) -> bool {
-    u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
+fn be16(hdr: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([hdr[off], hdr[off + 1]])
 }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn parse_l4(
-    ctx: &TcContext,
-    direction: Direction,
+/// What the IP header says about the transport header that follows it.
+struct L4 {
     v6: bool,
+    /// The IP header's protocol (next header).
     proto: u8,
+    /// The family's ICMP protocol, and the echo type expected in this direction.
     icmp_proto: u8,
     echo_type: u8,
-    l4_off: usize,
-    l4_len: usize,
+    /// Offset of the transport header in the packet, and the IP payload's length.
+    off: usize,
+    len: usize,
     saddr: [u8; 16],
     daddr: [u8; 16],
-) -> Parsed {
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
+    let L4 { v6, proto, icmp_proto, echo_type, off: l4_off, len: l4_len, saddr, daddr } = l4;
     // The whole header the rewrite touches must be inside the IP payload and the skb.
     let (min_len, sport, dport) = if proto == PROTO_TCP || proto == PROTO_UDP {
-        let min_len = if proto == PROTO_TCP { 20 } else { 8 };
+        let min_len = if proto == PROTO_TCP { TCP_HLEN } else { UDP_HLEN };
         let Ok(ports) = ctx.load::<[u16; 2]>(l4_off) else {
             return Parsed::Unparsed;
         };
         (min_len, ports[0], ports[1])
     } else if proto == icmp_proto {
-        let Ok(icmp) = ctx.load::<[u8; 8]>(l4_off) else {
+        let Ok(icmp) = ctx.load::<[u8; ICMP_HLEN]>(l4_off) else {
             return Parsed::Unparsed;
         };
         if icmp[0] != echo_type || icmp[1] != 0 {
             return Parsed::Unparsed;
         }
-        let id = u16::from_ne_bytes([icmp[4], icmp[5]]);
+        let id = u16::from_ne_bytes([icmp[ICMP_ECHO_ID_OFF], icmp[ICMP_ECHO_ID_OFF + 1]]);
         match direction {
-            Direction::FromPod => (8, id, 0),
-            Direction::ToPod => (8, 0, id),
+            Direction::FromPod => (ICMP_HLEN, id, 0),
+            Direction::ToPod => (ICMP_HLEN, 0, id),
         }
     } else {
         return Parsed::Unparsed;

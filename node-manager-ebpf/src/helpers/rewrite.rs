@@ -7,13 +7,13 @@ use aya_ebpf::{
 };
 use node_manager_common::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
-use crate::parse::{ETH_HLEN, Packet};
-
-const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
-const IPV4_SADDR_OFF: usize = ETH_HLEN + 12;
-const IPV4_DADDR_OFF: usize = ETH_HLEN + 16;
-const IPV6_SADDR_OFF: usize = ETH_HLEN + 8;
-const IPV6_DADDR_OFF: usize = ETH_HLEN + 24;
+use crate::helpers::{
+    headers::{
+        ETH_HLEN, ICMP_CSUM_OFF, IPV4_CSUM_OFF, IPV4_DADDR_OFF, IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
+        TCP_CSUM_OFF, UDP_CSUM_OFF,
+    },
+    parse::Packet,
+};
 
 #[derive(Clone, Copy)]
 pub enum Which {
@@ -26,10 +26,10 @@ pub enum Which {
 #[inline(always)]
 fn l4_csum(pkt: &Packet) -> Option<(usize, u64)> {
     match pkt.proto {
-        PROTO_TCP => Some((pkt.l4_off + 16, BPF_F_PSEUDO_HDR as u64)),
+        PROTO_TCP => Some((pkt.l4_off + TCP_CSUM_OFF, BPF_F_PSEUDO_HDR as u64)),
         // A zero UDP checksum (IPv4: "none") stays zero; a result of zero is written as 0xffff.
-        PROTO_UDP => Some((pkt.l4_off + 6, (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) as u64)),
-        PROTO_ICMPV6 => Some((pkt.l4_off + 2, BPF_F_PSEUDO_HDR as u64)),
+        PROTO_UDP => Some((pkt.l4_off + UDP_CSUM_OFF, (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) as u64)),
+        PROTO_ICMPV6 => Some((pkt.l4_off + ICMP_CSUM_OFF, BPF_F_PSEUDO_HDR as u64)),
         _ => None,
     }
 }
@@ -41,8 +41,8 @@ pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16],
     let l4 = l4_csum(pkt);
     if pkt.v6 {
         let off = match which {
-            Which::Source => IPV6_SADDR_OFF,
-            Which::Destination => IPV6_DADDR_OFF,
+            Which::Source => ETH_HLEN + IPV6_SADDR_OFF,
+            Which::Destination => ETH_HLEN + IPV6_DADDR_OFF,
         };
         // IPv6 has no header checksum; the pseudo header's 16-byte addresses change the L4 sum
         // by their difference.
@@ -59,13 +59,13 @@ pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16],
         }
     } else {
         let off = match which {
-            Which::Source => IPV4_SADDR_OFF,
-            Which::Destination => IPV4_DADDR_OFF,
+            Which::Source => ETH_HLEN + IPV4_SADDR_OFF,
+            Which::Destination => ETH_HLEN + IPV4_DADDR_OFF,
         };
         let from = u32::from_ne_bytes([old[12], old[13], old[14], old[15]]);
         let to = u32::from_ne_bytes([new[12], new[13], new[14], new[15]]);
         ctx.store(off, &to, 0)?;
-        ctx.l3_csum_replace(IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
+        ctx.l3_csum_replace(ETH_HLEN + IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
         if let Some((csum_off, flags)) = l4 {
             ctx.l4_csum_replace(csum_off, from as u64, to as u64, flags | 4)?;
         }

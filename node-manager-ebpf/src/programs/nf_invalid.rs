@@ -10,6 +10,7 @@
 //! type, so they live in a section aya parses but never loads here ("socket"); the agent relocates
 //! and loads them itself (see the agent's `datapath::netfilter`). Field offsets of `struct sk_buff`
 //! come from the running kernel's BTF through `NM_CT_CONFIG`.
+use crate::helpers::counters;
 use aya_ebpf::{
     btf_maps::{Array, PerCpuArray},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -88,11 +89,5 @@ fn verdict(ctx: *mut NfCtx, family: u32) -> i32 {
 
 #[inline(always)]
 fn count(index: u32, len: u32) {
-    if let Some(counter) = NM_CT_COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, valid for the program's run; no other writer on this CPU.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += u64::from(len);
-        }
-    }
+    counters::add(NM_CT_COUNTERS.get_ptr_mut(index), Some(u64::from(len)));
 }

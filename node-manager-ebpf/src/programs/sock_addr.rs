@@ -18,24 +18,15 @@
 //! special: the frontend map stores IPv4 in that form already.
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use aya_ebpf::{
-    EbpfContext as _,
-    btf_maps::LruHashMap,
-    helpers::bpf_get_socket_cookie,
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
-};
-use node_manager_common::{CounterIndex, PROTO_TCP, PROTO_UDP, SOCK_REV_MAX, SockRev, SockRevKey, v4_mapped};
+use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use node_manager_common::{CounterIndex, PROTO_TCP, PROTO_UDP, SockRevKey, is_v4_mapped, v4_mapped};
 
-use crate::{counters::count_event, lb};
+use crate::helpers::{counters::count_event, frontend, sock_rev};
 
 /// What the kernel expects of a socket-address hook that lets the call proceed.
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
-
-#[btf_map]
-static NM_SOCK_REV: LruHashMap<SockRevKey, SockRev, { SOCK_REV_MAX as usize }> = LruHashMap::new();
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -96,11 +87,6 @@ fn word(addr: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]])
 }
 
-#[inline(always)]
-fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    word(addr, 0) == 0 && word(addr, 1) == 0 && addr[8] == 0 && addr[9] == 0 && addr[10] == 0xff && addr[11] == 0xff
-}
-
 /// Writes `addr` as the call's address. False if it does not fit the hook's family (an IPv6
 /// address cannot be given to an IPv4 hook), in which case nothing was written.
 #[inline(always)]
@@ -157,7 +143,7 @@ fn forward(ctx: &SockAddrContext, family: Family, hook: Forward) -> i32 {
     };
     let external_addr = user_addr(ctx, family);
     let port = user_port(ctx);
-    let Some(cluster_addr) = lb::frontend_of(external_addr, port, proto) else {
+    let Some(cluster_addr) = frontend::frontend_of(external_addr, port, proto) else {
         count_event(CounterIndex::SockPassNoFrontend);
         return ALLOW;
     };
@@ -166,10 +152,7 @@ fn forward(ctx: &SockAddrContext, family: Family, hook: Forward) -> i32 {
         return ALLOW;
     }
     let key = SockRevKey { cookie: cookie(ctx), cluster_addr, port, pad: [0; 6] };
-    // Unconnected UDP sends every datagram through here: write only what is new.
-    // SAFETY: read once and compared; a concurrent eviction only causes a redundant insert.
-    let known = unsafe { NM_SOCK_REV.get(key) }.is_some_and(|r| r.external_addr == external_addr);
-    if !known && NM_SOCK_REV.insert(key, SockRev { external_addr }, 0).is_err() {
+    if sock_rev::remember(key, external_addr).is_err() {
         count_event(CounterIndex::SockRevInsertFailed);
     }
     count_event(match (hook, family) {
@@ -185,8 +168,7 @@ fn forward(ctx: &SockAddrContext, family: Family, hook: Forward) -> i32 {
 fn reverse(ctx: &SockAddrContext, family: Family, hook: Reverse) -> i32 {
     let key =
         SockRevKey { cookie: cookie(ctx), cluster_addr: user_addr(ctx, family), port: user_port(ctx), pad: [0; 6] };
-    // SAFETY: copied out immediately.
-    let Some(external_addr) = unsafe { NM_SOCK_REV.get(key) }.map(|r| r.external_addr) else {
+    let Some(external_addr) = sock_rev::external_addr(key) else {
         // Not a redirected peer (the common case, not counted: every UDP receive passes here).
         return ALLOW;
     };

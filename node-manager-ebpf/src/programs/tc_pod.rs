@@ -1,30 +1,20 @@
-//! node-manager's datapath: TC programs on the host side of pod interfaces, and netfilter
-//! programs dropping conntrack-INVALID packets addressed to the host (`invalid`).
+//! TC programs on the host side of pod interfaces.
 //!
 //! ingress (packets from the pod): destination external/LB IP:port → the Service's cluster IP,
 //! mark for masquerade, remember the flow. egress (packets to the pod): the reply's source
 //! cluster IP → the external IP the pod dialled. Everything else continues untouched
 //! (TC_ACT_UNSPEC, which is also TCX_NEXT), so CNI programs on the same device still run.
 //!
-//! Host-network clients are served by the cgroup socket-address hooks in [`sock`], from the
+//! Host-network clients are served by the cgroup socket-address hooks in [`super::sock_addr`], from the
 //! same frontend map.
-#![no_std]
-#![no_main]
-
-mod counters;
-mod flow;
-mod invalid;
-mod lb;
-mod parse;
-mod rewrite;
-mod sock;
-
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use node_manager_common::{CounterIndex, PROTO_TCP};
 
-use crate::{
+use crate::helpers::{
     counters::count,
-    parse::{Direction, Parsed, parse},
+    flow, frontend as lb,
+    headers::{TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
+    parse::{self, Direction, Parsed, parse},
     rewrite::{Which, set_addr},
 };
 
@@ -96,10 +86,6 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     CONTINUE
 }
 
-const TCP_FLAGS_OFF: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
 #[inline(always)]
 fn skb_mark(ctx: &TcContext) -> u32 {
     // SAFETY: reading the mark field of the skb this program runs on.
@@ -130,13 +116,3 @@ fn pass(ctx: &TcContext, why: CounterIndex) -> i32 {
     count(ctx, why);
     CONTINUE
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

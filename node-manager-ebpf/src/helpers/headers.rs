@@ -1,0 +1,45 @@
+//! Header layouts: lengths, field offsets and values, declared once for the parser and the
+//! rewrite. IP field offsets are relative to the IP header, which starts at [`ETH_HLEN`].
+
+pub const ETH_HLEN: usize = 14;
+/// Offset of the ethertype in the Ethernet header.
+pub const ETH_TYPE_OFF: usize = 12;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+pub const IPV4_HLEN: usize = 20;
+/// Version and IHL byte; [`IPV4_VER_IHL_NO_OPTIONS`] is version 4 without options.
+pub const IPV4_VER_IHL_OFF: usize = 0;
+pub const IPV4_VER_IHL_NO_OPTIONS: u8 = 0x45;
+pub const IPV4_TOT_LEN_OFF: usize = 2;
+/// Flags and fragment offset; [`IPV4_FRAG_MASK`] is MF plus the offset.
+pub const IPV4_FRAG_OFF: usize = 6;
+pub const IPV4_FRAG_MASK: u16 = 0x3fff;
+pub const IPV4_PROTO_OFF: usize = 9;
+pub const IPV4_CSUM_OFF: usize = 10;
+pub const IPV4_SADDR_OFF: usize = 12;
+pub const IPV4_DADDR_OFF: usize = 16;
+
+pub const IPV6_HLEN: usize = 40;
+pub const IPV6_PAYLOAD_LEN_OFF: usize = 4;
+pub const IPV6_NEXTHDR_OFF: usize = 6;
+pub const IPV6_SADDR_OFF: usize = 8;
+pub const IPV6_DADDR_OFF: usize = 24;
+
+pub const TCP_HLEN: usize = 20;
+pub const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+pub const UDP_HLEN: usize = 8;
+pub const UDP_CSUM_OFF: usize = 6;
+
+pub const ICMP_HLEN: usize = 8;
+pub const ICMP_CSUM_OFF: usize = 2;
+/// Offset of the echo identifier.
+pub const ICMP_ECHO_ID_OFF: usize = 4;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;

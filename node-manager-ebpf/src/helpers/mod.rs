@@ -1,0 +1,9 @@
+//! What the programs share: header layouts, parsing, checksummed rewrites, the maps of each
+//! concern and the counters.
+pub mod counters;
+pub mod flow;
+pub mod frontend;
+pub mod headers;
+pub mod parse;
+pub mod rewrite;
+pub mod sock_rev;
