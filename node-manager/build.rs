@@ -16,6 +16,7 @@ use aya_build::{Package, Toolchain};
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=NM_EBPF_TOOLCHAIN");
     println!("cargo:rerun-if-env-changed=NM_EBPF_OBJECT");
+    println!("cargo:rerun-if-env-changed=NM_LLVM_BIN");
     if let Some(object) = env::var_os("NM_EBPF_OBJECT").filter(|v| !v.is_empty()) {
         return embed_prebuilt(Path::new(&object));
     }
@@ -30,8 +31,8 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: build scripts are single-threaded at this point.
         unsafe {
             env::set_var("RUSTC_BOOTSTRAP", "1");
-            let llvm = "/usr/lib/llvm-22/bin";
-            if Path::new(llvm).is_dir() {
+            let llvm = env::var("NM_LLVM_BIN").unwrap_or_default();
+            if !llvm.is_empty() && Path::new(&llvm).is_dir() {
                 let path = env::var("PATH").unwrap_or_default();
                 env::set_var("PATH", format!("{llvm}:{path}"));
             }

@@ -11,8 +11,9 @@ pub const BPF_TOOLCHAIN: &str = "bpf-debian";
 pub const BPF_TOOLCHAIN_DIR: &str = "/usr";
 /// The library source `-Z build-std=core` needs (Debian package rust-web-src).
 pub const BPF_LIBRARY_SRC: &str = "/usr/lib/rustlib/src/rust/library";
-/// LLVM 22's tools; bpf-linker must find this LLVM, not Debian's default one.
-pub const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+/// LLVM 22's tools; bpf-linker must find this LLVM, not Debian's default one (set once, in
+/// `.cargo/config.toml`, for this and node-manager's build.rs).
+pub const LLVM_BIN: &str = env!("NM_LLVM_BIN");
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 pub const BPF_TARGET: &str = "bpfel-unknown-none";
 
