@@ -66,7 +66,8 @@ mod tests {
     #[test]
     fn pod_cidrs_override_per_family_and_follow_the_families_that_are_on() {
         // (overrides, from the Node, ipv4, ipv6) -> served
-        let cases: &[(Option<&[&str]>, Option<&[&str]>, bool, bool, &[&str])] = &[
+        type Case<'a> = (Option<&'a [&'a str]>, Option<&'a [&'a str]>, bool, bool, &'a [&'a str]);
+        let cases: &[Case] = &[
             (None, None, true, true, &[]),
             (None, Some(&["10.244.1.0/24", "fd00:1::/64"]), true, true, &["10.244.1.0/24", "fd00:1::/64"]),
             (None, Some(&["10.244.1.0/24", "fd00:1::/64"]), true, false, &["10.244.1.0/24"]),
@@ -106,7 +107,8 @@ mod tests {
     fn interface_changes_attach_the_new_and_release_the_unwanted() {
         let s = |l: &[u32]| l.iter().copied().collect::<BTreeSet<u32>>();
         // (wanted, attached by this process, pinned) -> (attach, detach)
-        let cases: &[(&[u32], &[u32], &[u32], &[u32], &[u32])] = &[
+        type Case<'a> = (&'a [u32], &'a [u32], &'a [u32], &'a [u32], &'a [u32]);
+        let cases: &[Case] = &[
             (&[], &[], &[], &[], &[]),
             (&[1, 2], &[], &[], &[1, 2], &[]),
             // Pinned by the previous agent: attached again (taking over), not released.

@@ -29,7 +29,7 @@ fn modules() -> BTreeMap<Module, String> {
             } else if path.extension().is_some_and(|e| e == "rs") {
                 let module = match name.as_str() {
                     "lib" | "main" | "mod" => prefix.to_vec(),
-                    _ => [prefix, &[name.clone()]].concat(),
+                    _ => [prefix, std::slice::from_ref(&name)].concat(),
                 };
                 if name != "main" {
                     out.insert(module, fs::read_to_string(&path).unwrap());
