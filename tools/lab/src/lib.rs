@@ -38,6 +38,7 @@
 
 pub mod clients;
 pub mod echo;
+pub mod kube;
 pub mod netns;
 pub mod reset;
 mod run;

@@ -53,12 +53,26 @@ pub struct Lab {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) servers: Vec<JoinHandle<()>>,
     pub(crate) peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Whether the node has the lab's own kube-proxy stand-in (nft table [`NFT_TABLE`] and the
+    /// external IPs bound on `kube-ipvs0`), or is left for the real kube-proxy.
+    stand_in_kube_proxy: bool,
 }
 
 impl Lab {
     /// Builds the whole topology and starts the echo servers. On error, whatever was already
     /// created is removed again before returning.
     pub fn new() -> Result<Lab> {
+        Self::build_with(true)
+    }
+
+    /// The same namespaces, links, addresses, routes and echo servers, but no kube-proxy: no
+    /// [`NFT_TABLE`], no `kube-ipvs0`, nothing bound to the external IPs. For the real
+    /// kube-proxy (see `lab::kube`), which writes its own rules in the node namespace.
+    pub fn for_real_kube_proxy() -> Result<Lab> {
+        Self::build_with(false)
+    }
+
+    fn build_with(stand_in_kube_proxy: bool) -> Result<Lab> {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let base = format!("{NETNS_PREFIX}{pid}-{id}");
@@ -74,6 +88,7 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             peers: Arc::new(Mutex::new(Vec::new())),
+            stand_in_kube_proxy,
         };
         lab.build()?;
         Ok(lab)
@@ -94,7 +109,9 @@ impl Lab {
         wl(&mut b, &format!("link add {host_if} type veth peer name eth0 netns {pod}"));
         wl(&mut b, &format!("link add {NODE_UPLINK_IF} type veth peer name eth0 netns {ep}"));
         ip_batch(node, &b)?;
-        self.add_kube_ipvs0()?;
+        if self.stand_in_kube_proxy {
+            self.add_kube_ipvs0()?;
+        }
 
         let mut b = String::new();
         host_side_of_pod(&mut b, host_if, POD_V4, POD_V6);
@@ -106,8 +123,16 @@ impl Lab {
         // lookup to succeed before the output NAT hook runs.
         wl(&mut b, &format!("route add 198.51.100.0/24 via {ENDPOINT_V4} dev {NODE_UPLINK_IF}"));
         wl(&mut b, &format!("route add 2001:db8:5::/64 via {ENDPOINT_V6} dev {NODE_UPLINK_IF}"));
-        wl(&mut b, &format!("addr add {EXTERNAL_V4}/32 dev kube-ipvs0"));
-        wl(&mut b, &format!("addr add {EXTERNAL_V6}/128 dev kube-ipvs0 nodad"));
+        if self.stand_in_kube_proxy {
+            wl(&mut b, &format!("addr add {EXTERNAL_V4}/32 dev kube-ipvs0"));
+            wl(&mut b, &format!("addr add {EXTERNAL_V6}/128 dev kube-ipvs0 nodad"));
+        } else {
+            // The LB IPs are somewhere outside (the load balancer), reached over the uplink; the
+            // route lets node processes' packets reach the output NAT hook, where kube-proxy
+            // DNATs them (nftables and iptables modes bind no LB IP).
+            wl(&mut b, &format!("route add 203.0.113.0/24 via {ENDPOINT_V4} dev {NODE_UPLINK_IF}"));
+            wl(&mut b, &format!("route add 2001:db8:e::/64 via {ENDPOINT_V6} dev {NODE_UPLINK_IF}"));
+        }
         ip_batch(node, &b)?;
 
         configure_pod(pod, POD_V4, POD_V6)?;
@@ -121,8 +146,10 @@ impl Lab {
         wl(&mut b, &format!("route add ::/0 via {NODE_UPLINK_V6} dev eth0"));
         ip_batch(ep, &b)?;
 
-        let rules = kube_proxy_ruleset();
-        run_with_stdin(self.nsenter(node, "nft").args(["-f", "-"]), node, &rules)?;
+        if self.stand_in_kube_proxy {
+            let rules = kube_proxy_ruleset();
+            run_with_stdin(self.nsenter(node, "nft").args(["-f", "-"]), node, &rules)?;
+        }
 
         self.start_echo_servers()
     }
