@@ -64,9 +64,14 @@ pub fn render(state: &State) -> String {
     }
     let _ = writeln!(out, "flows: {} remembered", state.flows);
     let _ = writeln!(out, "host sockets: {} remembered", state.sockets);
-    let _ = writeln!(out, "counters:{:>28}{:>16}", "packets", "bytes");
+    let _ = writeln!(
+        out,
+        "rewrites to cluster IPs: {} by the socket hooks (endpoint sees the client), {} packet(s) by TC (masqueraded)",
+        state.served_by.socket, state.served_by.tc
+    );
+    let _ = writeln!(out, "counters:{:>28}{:>16}  path", "packets", "bytes");
     for c in &state.counters {
-        let _ = writeln!(out, "  {:<24}{:>12}{:>16}", c.name, c.packets, c.bytes);
+        let _ = writeln!(out, "  {:<24}{:>12}{:>16}  {}", c.name, c.packets, c.bytes, c.path);
     }
     out
 }

@@ -7,12 +7,13 @@ use node_manager::{
     inspect, state,
 };
 
-/// The configured paths checked against the filesystem (a bad one is a configuration error).
-fn check_paths(cfg: &Config) -> anyhow::Result<()> {
-    match &cfg.cgroup_path {
-        Some(path) => node_manager::kernel::cgroup::validate(path),
-        None => Ok(()),
+/// The configured paths checked against the filesystem (a bad one is a configuration error);
+/// a hybrid host's cgroup v1 tmpfs is replaced by the cgroup2 mount below it.
+fn check_paths(mut cfg: Config) -> anyhow::Result<Config> {
+    if let Some(path) = &cfg.cgroup_path {
+        cfg.cgroup_path = Some(node_manager::kernel::cgroup::resolve(path)?);
     }
+    Ok(cfg)
 }
 
 /// Exit code for bad configuration or input (as clap uses for usage errors).
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
     init_logging(log_format);
     match cli.command {
         Command::Run(args) => {
-            let checked = Config::from_run_args(*args).and_then(|cfg| check_paths(&cfg).map(|()| cfg));
+            let checked = Config::from_run_args(*args).and_then(check_paths);
             let cfg = match checked {
                 Ok(cfg) => cfg,
                 Err(e) => {
@@ -59,7 +60,11 @@ fn main() -> ExitCode {
         }
         Command::Cleanup(args) => match cleanup::cleanup(
             &bpffs_or_default(args.bpffs),
-            args.cgroup_path.as_deref().filter(|p| !p.as_os_str().is_empty()),
+            // As `run` resolves it (a hybrid host's v1 tmpfs: the cgroup2 mount below it).
+            args.cgroup_path
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| node_manager::kernel::cgroup::resolve(&p).unwrap_or(p))
+                .as_deref(),
         ) {
             Ok(report) => {
                 println!(

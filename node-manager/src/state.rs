@@ -34,6 +34,8 @@ pub struct State {
     pub flows: usize,
     pub masquerade_mark: Option<String>,
     pub counters: Vec<CounterEntry>,
+    /// Which path rewrote connections to external IPs (from the counters).
+    pub served_by: ServedBy,
     pub drop_invalid: DropInvalidState,
     /// Which mechanism each feature uses on this kernel, or why it is unavailable.
     pub kernel_features: Option<Report>,
@@ -112,8 +114,42 @@ pub struct FrontendEntry {
 #[derive(Debug, Serialize)]
 pub struct CounterEntry {
     pub name: &'static str,
+    /// Which path counts it: `tc` (the pod interfaces' programs), `socket` (the cgroup
+    /// socket hooks), `netfilter`.
+    pub path: &'static str,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Which path rewrote connections to external IPs: the socket hooks (at `connect()`/`sendmsg()`
+/// of every process below the hooked cgroup, pods' included: no NAT, the endpoint sees the
+/// client) or the TC programs (packets of pods whose sockets the hooks did not see: marked for
+/// masquerading, the endpoint sees the node).
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ServedBy {
+    /// Socket-hook rewrites (TCP connects and UDP sends, both families).
+    pub socket: u64,
+    /// Packets the TC programs rewrote towards a cluster IP.
+    pub tc: u64,
+}
+
+impl ServedBy {
+    pub fn from_counters(counters: &[CounterEntry]) -> ServedBy {
+        let sum = |names: &[&str]| counters.iter().filter(|c| names.contains(&c.name)).map(|c| c.packets).sum();
+        ServedBy {
+            socket: sum(&["sock_connect_v4", "sock_connect_v6", "sock_sendmsg_v4", "sock_sendmsg_v6"]),
+            tc: sum(&["rewrite_ingress_v4", "rewrite_ingress_v6"]),
+        }
+    }
+}
+
+fn counter_path(kind: node_manager_common::CounterKind) -> &'static str {
+    use node_manager_common::CounterKind;
+    match kind {
+        CounterKind::Tc | CounterKind::TcFailure => "tc",
+        CounterKind::Sock => "socket",
+        CounterKind::Netfilter => "netfilter",
+    }
 }
 
 fn open(pins: &Pins, name: &str) -> Result<Map> {
@@ -142,6 +178,7 @@ pub fn read(bpffs: &Path) -> Result<State> {
         flows: 0,
         masquerade_mark: None,
         counters: Vec::new(),
+        served_by: ServedBy::default(),
         drop_invalid: drop_invalid_state(&pins),
         kernel_features: kernel_report(&pins, installed),
     };
@@ -242,8 +279,12 @@ pub fn read(bpffs: &Path) -> Result<State> {
         PerCpuArray::try_from(open(&pins, map_names::COUNTERS)?)?;
     state.counters = maps::read_counters(&counters)?
         .into_iter()
-        .map(|(name, c)| CounterEntry { name, packets: c.packets, bytes: c.bytes })
+        .map(|(name, c)| {
+            let kind = node_manager_common::CounterIndex::ALL.iter().find(|i| i.name() == name).map(|i| i.kind());
+            CounterEntry { name, path: kind.map_or("?", counter_path), packets: c.packets, bytes: c.bytes }
+        })
         .collect();
+    state.served_by = ServedBy::from_counters(&state.counters);
     Ok(state)
 }
 
@@ -321,4 +362,31 @@ pub fn live_report() -> Report {
         Err(why) => (UNAVAILABLE.to_owned(), why),
     };
     Report::new("probed", probes, loads, Some(drop_invalid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_by_sums_the_socket_hook_rewrites_and_the_tc_rewrites_apart() {
+        let c = |name, path, packets| CounterEntry { name, path, packets, bytes: 0 };
+        let counters = [
+            c("sock_connect_v4", "socket", 2),
+            c("sock_sendmsg_v6", "socket", 3),
+            c("sock_recvmsg_v4", "socket", 7), // replies shown as the external IP: no rewrite
+            c("rewrite_ingress_v4", "tc", 5),
+            c("rewrite_egress_v4", "tc", 4), // replies back to the pod: not a new rewrite
+            c("sock_pass_no_frontend", "socket", 9),
+        ];
+        assert_eq!(ServedBy::from_counters(&counters), ServedBy { socket: 5, tc: 5 });
+        assert_eq!(ServedBy::from_counters(&[]), ServedBy::default());
+    }
+
+    #[test]
+    fn every_counter_has_a_path() {
+        for i in node_manager_common::CounterIndex::ALL {
+            assert!(["tc", "socket", "netfilter"].contains(&counter_path(i.kind())), "{}", i.name());
+        }
+    }
 }

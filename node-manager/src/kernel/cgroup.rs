@@ -89,6 +89,49 @@ pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// The cgroup v2 mount directly usable for a configured path that is not itself cgroup v2:
+/// the shallowest `cgroup2` mount below it (a hybrid host's `/sys/fs/cgroup/unified` when the
+/// path is `/sys/fs/cgroup`, the v1 tmpfs; also when a container sees it as
+/// `/host/sys/fs/cgroup`). `None` if there is none or several at the same depth.
+pub fn cgroup2_mount_below(mountinfo: &str, path: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then_some(())?;
+            let mount_point = PathBuf::from(unescape(pre.split_whitespace().nth(4)?));
+            (mount_point != path && mount_point.starts_with(path)).then_some(mount_point)
+        })
+        .collect();
+    found.sort_by_key(|p| p.components().count());
+    found.dedup();
+    match found.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        [a, b, ..] if a.components().count() < b.components().count() => Some(a.clone()),
+        _ => None,
+    }
+}
+
+/// The directory the socket hooks attach to for a configured `--cgroup-path`: the path itself
+/// when it is cgroup v2; on a hybrid host, where the path names the v1 tmpfs, the cgroup2
+/// mount below it (logged, so the operator sees which). Otherwise the error of [`validate`].
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if fs::metadata(path).is_ok_and(|m| m.is_dir()) && !is_cgroup2(path) {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if let Some(below) = cgroup2_mount_below(&mountinfo, path).filter(|p| is_cgroup2(p)) {
+            tracing::info!(
+                configured = %path.display(),
+                using = %below.display(),
+                "CGROUP_PATH is not cgroup v2 (a hybrid cgroup layout); using the cgroup2 mount below it"
+            );
+            return Ok(below);
+        }
+    }
+    validate(path)?;
+    Ok(path.to_owned())
+}
+
 pub fn is_cgroup2(path: &Path) -> bool {
     super::pins::fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
 }
@@ -305,6 +348,25 @@ mod tests {
 ";
         assert_eq!(cgroup2_mount_in(nested), Some(PathBuf::from("/host cgroup")));
         assert_eq!(cgroup2_mount_in("22 1 0:21 / /sys rw - sysfs sysfs rw\n"), None);
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount_below_a_hybrid_hosts_v1_tmpfs() {
+        let hybrid = "\
+25 30 0:22 / /host/sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:23 /nml-test-1 /host/sys/fs/cgroup/unified ro,nosuid - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:24 / /host/sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
+28 26 0:23 / /host/sys/fs/cgroup/unified/deeper rw - cgroup2 cgroup2 rw
+";
+        let base = Path::new("/host/sys/fs/cgroup");
+        assert_eq!(cgroup2_mount_below(hybrid, base), Some(PathBuf::from("/host/sys/fs/cgroup/unified")));
+        // Not a prefix match of names: /host/sys/fs/cgroupX is not below /host/sys/fs/cgroup.
+        let sibling = "26 25 0:23 / /host/sys/fs/cgroupX rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount_below(sibling, base), None);
+        // Two candidates at one depth: ambiguous, the operator must choose.
+        let two = "1 0 0:1 / /c/a rw - cgroup2 cgroup2 rw\n2 0 0:1 / /c/b rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount_below(two, Path::new("/c")), None);
+        assert_eq!(cgroup2_mount_below("", base), None);
     }
 
     #[test]

@@ -4,6 +4,8 @@ pub mod capacity;
 pub mod deploy;
 pub mod frames;
 pub mod kernel;
+pub mod kube;
 pub mod model;
+pub mod pod;
 pub mod scale;
 pub mod stable;

@@ -53,7 +53,9 @@ pub fn bin_dir() -> Result<PathBuf> {
     }
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kube");
     let found: Vec<PathBuf> = fs::read_dir(&target)
-        .map(|d| d.filter_map(|e| Some(e.ok()?.path().join("bin"))).filter(|b| b.join("kube-apiserver").is_file()).collect())
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.path().join("bin"))).filter(|b| b.join("kube-apiserver").is_file()).collect()
+        })
         .unwrap_or_default();
     match found.as_slice() {
         [one] => Ok(one.clone()),
@@ -192,10 +194,19 @@ impl Cluster {
                 ],
                 child: None,
             },
-            apiserver: Proc { name: "kube-apiserver", program: bin.join("kube-apiserver"), args: Vec::new(), child: None },
+            apiserver: Proc {
+                name: "kube-apiserver",
+                program: bin.join("kube-apiserver"),
+                args: Vec::new(),
+                child: None,
+            },
             loud_drop: true,
         };
         write_pki(&dir)?;
+        fs::write(
+            dir.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )?;
         fs::write(dir.join("tokens.csv"), format!("{admin_token},lab-admin,lab-admin,system:masters\n"))?;
         let mut args = vec![
             format!("--etcd-servers={etcd_url}"),
@@ -216,6 +227,11 @@ impl Cluster {
             "--endpoint-reconciler-type=none".to_owned(),
             "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
+            // Every request, with its URI, user, agent and response code, for tests that check
+            // how a client talks to the API (watch parameters, relists, rejected tokens).
+            format!("--audit-policy-file={}", d("audit-policy.yaml")),
+            format!("--audit-log-path={}", d("audit.log")),
+            "--audit-log-format=json".to_owned(),
         ];
         if let Some(i) = opts.compaction_interval {
             args.push(format!("--etcd-compaction-interval={}s", i.as_secs().max(1)));
@@ -256,17 +272,18 @@ impl Cluster {
         loop {
             for p in [&mut self.etcd, &mut self.apiserver] {
                 if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    bail!("{} exited ({status}) while starting:\n{}", p.name, tail(&self.dir.join(format!("{}.log", p.name)), 20));
+                    bail!(
+                        "{} exited ({status}) while starting:\n{}",
+                        p.name,
+                        tail(&self.dir.join(format!("{}.log", p.name)), 20)
+                    );
                 }
             }
             if self.kubectl(&["get", "--raw=/readyz"]).output().is_ok_and(|o| o.status.success()) {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(90) {
-                bail!(
-                    "kube-apiserver not ready after 90 s:\n{}",
-                    tail(&self.dir.join("kube-apiserver.log"), 20)
-                );
+                bail!("kube-apiserver not ready after 90 s:\n{}", tail(&self.dir.join("kube-apiserver.log"), 20));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -333,7 +350,12 @@ impl Cluster {
         child.stdin.take().context("kubectl stdin")?.write_all(input.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("kubectl {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -367,6 +389,12 @@ impl Cluster {
         self.loud_drop = false;
     }
 
+    /// The audit log's events (one JSON object per line, as text): `requestURI`, `verb`,
+    /// `user.username`, `userAgent`, `responseStatus.code`, ...
+    pub fn audit_lines(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         tail(&self.dir.join(format!("{name}.log")), lines)
     }
@@ -381,7 +409,11 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
             if loud {
-                eprintln!("--- last lines of {}.log ---\n{}", p.name, tail(&self.dir.join(format!("{}.log", p.name)), 15));
+                eprintln!(
+                    "--- last lines of {}.log ---\n{}",
+                    p.name,
+                    tail(&self.dir.join(format!("{}.log", p.name)), 15)
+                );
             }
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
@@ -426,13 +458,37 @@ fn write_pki(dir: &Path) -> Result<()> {
          DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n",
     )?;
     openssl(
-        &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver"],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "apiserver.key",
+            "-out",
+            "apiserver.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
         "serving key",
     )?;
     openssl(
         &[
-            "x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-            "apiserver.crt", "-days", "2", "-extfile", "serving.ext",
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "apiserver.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "serving.ext",
         ],
         "serving certificate",
     )?;
@@ -507,6 +563,9 @@ impl Drop for ApiBridge {
 pub enum ProxyMode {
     Nftables,
     Iptables,
+    /// Needs the ip_vs modules and the `ipset` tool (the QEMU guest has both; this host kernel
+    /// has no ip_vs).
+    Ipvs,
 }
 
 impl ProxyMode {
@@ -514,13 +573,15 @@ impl ProxyMode {
         match self {
             ProxyMode::Nftables => "nftables",
             ProxyMode::Iptables => "iptables",
+            ProxyMode::Ipvs => "ipvs",
         }
     }
 }
 
 /// The real kube-proxy in a lab node namespace, its kubeconfig pointing at an [`ApiBridge`]
 /// there. Dropping it kills it and runs `kube-proxy --proxy-mode=<mode> --cleanup` in the
-/// namespace (which removes its nft tables or KUBE-* chains).
+/// namespace (which removes its nft tables, KUBE-* chains, IPVS services, ipsets and
+/// kube-ipvs0).
 pub struct KubeProxy {
     child: Option<Child>,
     netns: PathBuf,
@@ -533,7 +594,13 @@ impl KubeProxy {
     /// Starts kube-proxy as node `node_name`, with the ServiceAccount `kube-proxy` (bound to
     /// the built-in ClusterRole `system:node-proxier`, created here if missing), and waits
     /// until it reports healthy (its `/healthz` inside the namespace).
-    pub fn start(cluster: &Cluster, netns: &Path, node_name: &str, mode: ProxyMode, cluster_cidr: &str) -> Result<KubeProxy> {
+    pub fn start(
+        cluster: &Cluster,
+        netns: &Path,
+        node_name: &str,
+        mode: ProxyMode,
+        cluster_cidr: &str,
+    ) -> Result<KubeProxy> {
         let rbac = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: kube-proxy, namespace: kube-system}\n---\n\
                     apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: lab-kube-proxy}\n\
                     roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: 'system:node-proxier'}\n\

@@ -24,7 +24,10 @@ fn control_plane_bridge_and_kube_proxy_start_and_clean_up() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && (err.contains("Unauthorized") || err.contains("provide credentials")), "{err}");
+        assert!(
+            !out.status.success() && (err.contains("Unauthorized") || err.contains("provide credentials")),
+            "{err}"
+        );
 
         let lab = Lab::for_real_kube_proxy().unwrap();
         let node = lab.netns_path(Ns::Node);
@@ -39,13 +42,16 @@ fn control_plane_bridge_and_kube_proxy_start_and_clean_up() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{}", String::from_utf8_lossy(&out.stderr));
 
         cluster
-            .apply(
-                "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: ['192.0.2.0/25']}\n",
-            )
+            .apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDRs: ['192.0.2.0/25']}\n")
             .unwrap();
         cluster
             .kubectl_ok(&[
-                "patch", "node", "node-a", "--subresource=status", "--type=merge", "-p",
+                "patch",
+                "node",
+                "node-a",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
                 r#"{"status":{"addresses":[{"type":"InternalIP","address":"192.0.2.129"}]}}"#,
             ])
             .unwrap();

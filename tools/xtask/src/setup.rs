@@ -37,8 +37,13 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "iputils-ping",
     "curl",
-    // The demo's host-network client.
+    // The demo's host-network client; the real-Kubernetes tests' pod clients.
     "socat",
+    // The lab control plane's CA, serving certificate and ServiceAccount keys.
+    "openssl",
+    // kube-proxy's IPVS mode (in the guest: it calls ipset; ipvsadm shows what it wrote).
+    "ipset",
+    "ipvsadm",
     "procps",
     "psmisc",
     "kmod",

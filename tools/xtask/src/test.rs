@@ -60,6 +60,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
              fail too: {e:#}"
         );
     }
+    // The real-Kubernetes suite needs the components; a failed build fails the run (the tests
+    // that need them would fail anyway, each naming the missing binary).
+    let kube = crate::kube::ensure();
     // The upgrade test replaces the test build of the agent with a different build of it.
     step("test: building the release agent (the upgrade test's \"new version\"; the benchmarks use it too)");
     let upgrade = Cmd::cargo().args(["build", "--release", "-p", "node-manager", "--bin", "node-manager"]).run();
@@ -68,6 +71,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut tests = Cmd::cargo();
     if upgrade.is_ok() {
         tests = tests.env("NM_UPGRADE_BIN", crate::cmd::workspace_root().join("target/release/node-manager"));
+    }
+    if let Ok(bins) = &kube {
+        tests = tests.env("NM_KUBE_BIN", &bins.bin);
     }
     let tests = tests
         .args(["test", "--workspace", "--exclude", "node-manager-ebpf", "--all-targets"])
@@ -81,6 +87,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     if let Err(e) = upgrade {
         failures.push(format!("release build: {e:#}"));
+    }
+    if let Err(e) = kube {
+        failures.push(format!("the lab's Kubernetes components (cargo xtask kube): {e:#}"));
     }
     match (tests, leftovers) {
         (Ok(()), Ok(())) => step(format!("test: tests passed, nothing left behind ({})", elapsed(started))),
@@ -157,8 +166,8 @@ fn cross_build_and_check() -> Result<()> {
 }
 
 /// Fails, naming them, if network namespaces `nml-*`, test or demo cgroups `nml-test-*`,
-/// `nml-demo-*` (directly under the cgroup v2 mount), the demo's scratch directories or the
-/// agent's BPF pin directory exist.
+/// `nml-demo-*` (directly under the cgroup v2 mount), the demo's scratch directories, the lab
+/// control planes' directories or processes, or the agent's BPF pin directory exist.
 fn check_leftovers() -> Result<()> {
     step(format!("test: checking for leftovers (network namespaces {NETNS_PREFIX}*, {BPF_PIN_DIR})"));
     let out = Cmd::new("ip").args(["netns", "list"]).output()?;
@@ -176,6 +185,12 @@ fn check_leftovers() -> Result<()> {
     }
     for dir in leftover_demo_dirs() {
         problems.push(format!("demo directory {dir} (`umount {dir}/bpffs; rm -r {dir}`)"));
+    }
+    for dir in leftover_kube_dirs() {
+        problems.push(format!("lab control-plane directory {dir} with etcd data (`rm -r {dir}`)"));
+    }
+    for (pid, exe) in leftover_kube_processes() {
+        problems.push(format!("lab Kubernetes process {pid} {exe} still running (`kill {pid}`)"));
     }
     if Path::new(BPF_PIN_DIR).exists() {
         problems.push(format!("pinned BPF objects in {BPF_PIN_DIR} (remove with `rm -r {BPF_PIN_DIR}`)"));
@@ -199,6 +214,37 @@ fn leftover_demo_dirs() -> Vec<String> {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("nm-demo-"))
         .map(|e| e.path().display().to_string())
+        .collect();
+    found.sort();
+    found
+}
+
+/// The lab control planes' scratch directories (`nm-kube-*` in the temp directory: etcd data,
+/// keys, logs).
+fn leftover_kube_dirs() -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nm-kube-"))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Processes whose executable is one of the lab's Kubernetes components (under target/kube).
+fn leftover_kube_processes() -> Vec<(u32, String)> {
+    let kube_dir = crate::cmd::workspace_root().join("target/kube");
+    let mut found: Vec<(u32, String)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            exe.starts_with(&kube_dir).then(|| (pid, exe.display().to_string()))
+        })
         .collect();
     found.sort();
     found

@@ -43,7 +43,7 @@ pub fn run(plan_path: &Path, as_init: bool) -> Result<()> {
     let mut results = fs::File::create(out.join(plan::RESULTS))?;
     let (mut passed, mut failed) = (0, 0);
     for suite in &plan.suites {
-        let tests = list_tests(suite)?;
+        let tests = list_tests(suite, plan.include_ignored)?;
         for test in tests.iter().filter(|t| plan.filters.is_empty() || plan.filters.iter().any(|f| t.contains(f))) {
             let result = run_test(&plan, suite, test)?;
             println!("{who} {}::{} ... {} ({:.1}s)", suite.name, test, result.status.word(), result.secs);
@@ -96,9 +96,10 @@ fn feature_report(plan: &Plan, who: &str) {
 }
 
 /// The test names of a libtest binary (`--list --format=terse`: `name: test`).
-fn list_tests(suite: &plan::Suite) -> Result<Vec<String>> {
+fn list_tests(suite: &plan::Suite, include_ignored: bool) -> Result<Vec<String>> {
     let out = Command::new(&suite.binary)
         .args(["--list", "--format=terse"])
+        .args(include_ignored.then_some("--include-ignored"))
         .current_dir(&suite.cwd)
         .output()
         .with_context(|| format!("listing the tests of {}", suite.binary.display()))?;
@@ -118,6 +119,7 @@ fn run_test(plan: &Plan, suite: &plan::Suite, test: &str) -> Result<TestResult> 
     let started = Instant::now();
     let mut child = Command::new(&suite.binary)
         .args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .args(plan.include_ignored.then_some("--include-ignored"))
         .current_dir(&suite.cwd)
         .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null())

@@ -28,6 +28,10 @@ pub use self::guest::run as run_guest;
 
 /// The test binaries run in every kernel (integration tests of node-manager and lab).
 const SUITES: [&str; 7] = ["kernel_features", "test_run", "netfilter", "netns", "cgroup", "drop_invalid", "lab"];
+/// Test binaries only a guest runs (named with `--suite`; not part of the default set).
+const GUEST_ONLY_SUITES: [&str; 1] = ["ipvs_guest"];
+/// The kernel the IPVS guest boots: Debian trixie's, which ships ip_vs.
+pub const IPVS_KERNEL: &str = "6.12";
 /// The matrix, in order; `host` is this machine's kernel.
 pub const MATRIX: [&str; 5] = ["5.10", "6.1", "6.12", "sid", "host"];
 /// What CI boots (`cargo xtask test`): the oldest supported kernel.
@@ -67,6 +71,9 @@ pub struct VmArgs {
     /// Also write the matrix table (Markdown) to this file.
     #[arg(long, value_name = "PATH")]
     pub table: Option<PathBuf>,
+    /// Also run the tests marked `#[ignore]` (those that need a guest, such as `--suite ipvs_guest`).
+    #[arg(long)]
+    pub include_ignored: bool,
 }
 
 const TEST_TIMEOUT: u64 = 300;
@@ -77,6 +84,21 @@ const CPUS: u32 = 2;
 const CI_GUEST_TIMEOUT: u64 = 900;
 
 impl VmArgs {
+    /// What `cargo xtask test` runs for kube-proxy's IPVS mode: the real control plane and
+    /// kube-proxy in the 6.12 guest (more memory: etcd, kube-apiserver and kube-proxy run there).
+    pub fn ipvs() -> VmArgs {
+        VmArgs {
+            kernels: vec![IPVS_KERNEL.to_owned()],
+            suites: vec!["ipvs_guest".to_owned()],
+            include_ignored: true,
+            test_timeout: 900,
+            guest_timeout: 1200,
+            memory: 4096,
+            cpus: CPUS,
+            ..VmArgs::default()
+        }
+    }
+
     /// What `cargo xtask test` runs: the CI kernel, within CI's budget.
     pub fn ci() -> VmArgs {
         VmArgs {
@@ -183,7 +205,7 @@ fn vm_dir() -> PathBuf {
 /// builds them with (so nothing is rebuilt after it), and returns those of `SUITES` and the agent,
 /// from cargo's JSON messages.
 fn build_suites(only: &[String]) -> Result<(Vec<Suite>, PathBuf)> {
-    let known = SUITES;
+    let known: Vec<&str> = SUITES.iter().chain(GUEST_ONLY_SUITES.iter()).copied().collect();
     if let Some(unknown) = only.iter().find(|s| !known.contains(&s.as_str())) {
         bail!("unknown test binary {unknown:?}: use one of {}", known.join(", "));
     }
@@ -203,7 +225,11 @@ fn build_suites(only: &[String]) -> Result<(Vec<Suite>, PathBuf)> {
         bail!("building the test binaries failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     let json = String::from_utf8_lossy(&out.stdout);
-    let wanted: Vec<&str> = known.into_iter().filter(|t| only.is_empty() || only.iter().any(|o| o == t)).collect();
+    let wanted: Vec<&str> = if only.is_empty() {
+        SUITES.to_vec()
+    } else {
+        known.into_iter().filter(|t| only.iter().any(|o| o == t)).collect()
+    };
     let agent = artifact(&json, "bin", "node-manager").context("cargo built no node-manager binary")?;
     Ok((test_executables(&json, &wanted)?, agent.binary))
 }
@@ -249,6 +275,7 @@ fn run_one(name: &str, suites: &[Suite], agent: &Path, args: &VmArgs) -> Result<
         filters: args.filters.clone(),
         test_timeout_secs: args.test_timeout,
         exec: args.exec.clone(),
+        include_ignored: args.include_ignored,
     };
     let plan_path = run_dir.join("plan.json");
     let mut package = None;

@@ -22,6 +22,10 @@ pub struct Plan {
     /// Instead of the tests: a shell command to run in the guest (for investigating a kernel).
     #[serde(default)]
     pub exec: Option<String>,
+    /// Also run the tests marked `#[ignore]` (those that need what only a guest has, such as
+    /// kube-proxy's IPVS mode).
+    #[serde(default)]
+    pub include_ignored: bool,
 }
 
 /// One test binary.
