@@ -268,10 +268,22 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     }
     std::thread::sleep(Duration::from_secs(5)); // at least two compactions
     let log_before = agent.log().len();
+    let requests_before = agent_requests(&cluster).len();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_exact("after 410 Gone", &as_refs(&[web.clone(), api.clone()].concat()), &agent);
     let resumed = agent.log()[log_before..].to_owned();
-    eprintln!("AFTER-CONT:\n{resumed}");
+    assert!(resumed.contains("too old") && resumed.contains("Expired"), "the watch got 410 Gone:\n{resumed}");
+    // ... and the agent listed the Services again (the audit log has the request).
+    let after = agent_requests(&cluster)[requests_before..].to_vec();
+    assert!(
+        after.iter().any(|r| r.contains(" list 200 /api/v1/services") && !r.contains("watch=true")),
+        "a new list after the 410:\n{}",
+        after.join("\n")
+    );
+    // Every watch asked for bookmarks (kube-rs' watcher does; they keep a quiet watch's
+    // resourceVersion fresh, so fewer 410s).
+    let watches: Vec<String> = agent_requests(&cluster).into_iter().filter(|r| r.contains("watch=true")).collect();
+    assert!(!watches.is_empty() && watches.iter().all(|w| w.contains("allowWatchBookmarks=true")), "{watches:#?}");
     cluster.quiet();
 }
 

@@ -235,11 +235,45 @@ pub fn daemonset(c: &Cluster) -> Value {
 
 /// The lab's Service `shop/web` (dual-stack, TCP+UDP 8080, LB IPs set by status, lab-written
 /// slices with the endpoint on node-b).
+/// The Service of the kubernetes#74839 case: cluster IP 198.51.100.30 (and 2001:db8:5::30),
+/// TCP 9000, its endpoint the reset scenario's server in the endpoint namespace.
+pub const RESET_CLUSTER_V4: &str = "198.51.100.30";
+
+fn create_reset_service(c: &Cluster) {
+    let port = lab::reset::OUTSIDE_PORT;
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reset, namespace: shop}}\nspec:\n  ipFamilyPolicy: SingleStack\n  \
+         clusterIP: '{RESET_CLUSTER_V4}'\n  ports:\n  - {{name: tcp-{port}, port: {port}, protocol: TCP, targetPort: {port}}}\n"
+    );
+    c.apply(&yaml).unwrap();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: reset-ipv4\n  namespace: shop\n  \
+         labels: {{kubernetes.io/service-name: reset, endpointslice.kubernetes.io/managed-by: nml-lab}}\n\
+         addressType: IPv4\nendpoints:\n  - addresses: ['192.0.2.130']\n    conditions: {{ready: true}}\n    nodeName: {NODE_B}\n\
+         ports:\n  - {{name: tcp-{port}, port: {port}, protocol: TCP}}\n"
+    );
+    c.apply(&slice).unwrap();
+}
+
+/// The pod's connection through kube-proxy's DNAT of the reset Service, then out-of-window
+/// segments from the server: (RSTs the node sent, connection alive after).
+pub fn provoke_invalid(lab: &Lab) -> (usize, bool) {
+    let via: SocketAddr = format!("{RESET_CLUSTER_V4}:{}", lab::reset::OUTSIDE_PORT).parse().unwrap();
+    let mut scenario =
+        lab::reset::ResetScenario::start_via(lab, false, Some(via)).expect("pod connects via the cluster IP");
+    scenario.inject_out_of_window(3).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let alive = scenario.exchange(b"after the injection");
+    std::thread::sleep(Duration::from_millis(100));
+    (scenario.node_resets(), alive)
+}
+
 pub fn create_web_service(c: &Cluster) {
     create_namespace(c, "shop");
     c.apply(&service_yaml("shop", "web", &[CLUSTER_V4, CLUSTER_V6], &[8080])).unwrap();
     set_lb_ips(c, "shop", "web", &[LB_V4, LB_V6]);
     c.apply(&endpoint_slices_yaml("shop", "web", &["192.0.2.130", "2001:db8:2::2"], &[8080])).unwrap();
+    create_reset_service(c);
 }
 
 /// A ServiceAccount token of node-manager, bound to Secret `secret` (deleting it revokes the token).
@@ -352,6 +386,14 @@ pub fn kube_proxy_story(mode: ProxyMode) {
     }
     served("pod", &pod_ns, None, POD_V4);
     served("node", &node_ns, None, NODE_UPLINK_V4);
+    // kubernetes#74839 through kube-proxy's DNAT, without the agent: the node resets the pod's
+    // connection.
+    let (resets, alive) = provoke_invalid(&lab);
+    assert!(
+        resets > 0 && !alive,
+        "{}: without node-manager the node resets ({resets} RSTs, alive {alive})",
+        mode.name()
+    );
 
     // node-manager as the manifest for this mode runs it: nothing that worked changes.
     cluster.kubectl_ok(&["apply", "--validate=strict", "-f", &manifest("node-manager.yaml")]).unwrap();
@@ -364,6 +406,10 @@ pub fn kube_proxy_story(mode: ProxyMode) {
     let pods = PodCgroup::new(&scratch.cgroup.path);
     served("pod (agent, default manifest)", &pod_ns, Some(&pods.0), POD_V4);
     served("node (agent, default manifest)", &node_ns, None, NODE_UPLINK_V4);
+    // kubernetes#74839 through kube-proxy's DNAT: with the agent, the INVALID segment is dropped.
+    let (resets, alive) = provoke_invalid(&lab);
+    assert_eq!(resets, 0, "{}: no RST from the node with node-manager", mode.name());
+    assert!(alive, "{}: the pod's connection survives with node-manager", mode.name());
     pod.stop();
 
     // With the rewrite on: a pod below the hooked cgroup is served by the socket hook (no TC

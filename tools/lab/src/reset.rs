@@ -82,6 +82,13 @@ impl ResetScenario {
     /// Installs the masquerade (once per lab), starts the capture and the echo server, connects
     /// from the pod and exchanges one message.
     pub fn start(lab: &Lab, v6: bool) -> Result<ResetScenario> {
+        Self::start_via(lab, v6, None)
+    }
+
+    /// Like [`ResetScenario::start`], but the pod connects to `via` (a Service's cluster
+    /// IP:[`OUTSIDE_PORT`], which the real kube-proxy DNATs to the server): the INVALID segment
+    /// then also misses kube-proxy's reverse DNAT.
+    pub fn start_via(lab: &Lab, v6: bool, via: Option<SocketAddr>) -> Result<ResetScenario> {
         let node = lab.ns_name(Ns::Node).to_owned();
         let listed = lab.command(Ns::Node, "nft").args(["list", "table", "inet", TABLE]).output()?;
         if !listed.status.success() {
@@ -105,8 +112,9 @@ impl ResetScenario {
         let stop2 = stop.clone();
         threads.push(std::thread::spawn(move || crate::echo::tcp_echo_server(listener, &stop2)));
 
+        let to = via.unwrap_or(server);
         let client = in_netns(lab.netns_path(Ns::Pod), || {
-            TcpStream::connect_timeout(&server, Duration::from_secs(3)).with_context(|| format!("connect {server}"))
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).with_context(|| format!("connect {to}"))
         })?;
         client.set_read_timeout(Some(Duration::from_secs(2)))?;
         client.set_nodelay(true)?;
