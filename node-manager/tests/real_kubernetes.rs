@@ -243,11 +243,44 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     c_apply_api_service(&cluster);
     wait_exact("after the restart", &as_refs(&[web.clone(), api.clone()].concat()), &agent);
 
-    // Down while a Service is deleted: the restarted agent's list removes its entries.
+    // Down while a Service is deleted, and the apiserver down too when the agent starts again:
+    // it adopts the pinned maps and serves them as they are (not ready: /readyz 503); once the
+    // apiserver is back, its list sweeps the deleted Service's entries.
     assert!(agent.stop(), "the agent stops cleanly on SIGTERM");
     cluster.kubectl_ok(&["delete", "svc", "api", "-n", "shop"]).unwrap();
-    let agent = start_agent();
+    cluster.stop_apiserver();
+    let agent = Agent::start(
+        &scratch,
+        &["--kubeconfig", &kc, "--node-name", NODE_A, "--external-cluster", "true", "--metrics-addr", "127.0.0.1:0"],
+    );
+    wait("the agent reports the API unreachable", 30, || agent.log().contains("Kubernetes API: not ready"));
+    assert_eq!(frontends(&scratch).len(), web.len() + api.len(), "nothing is flushed before a list completes");
+    let metrics = common::agent::metrics_addr(&agent.log()).expect("the metrics address in the log");
+    assert_eq!(common::agent::http_get(metrics, "/readyz").unwrap().0, 503, "not ready without a list");
+    cluster.start_apiserver().unwrap();
     wait_exact("deleted while down", &web, &agent);
+    wait("ready", 30, || common::agent::http_get(metrics, "/readyz").is_ok_and(|(code, _)| code == 200));
+    let (_, body) = common::agent::http_get(metrics, "/metrics").unwrap();
+    assert!(
+        body.lines().any(|l| l.starts_with(r#"node_manager_watch_restarts_total{resource="Service"}"#)),
+        "failed watches are counted:\n{body}"
+    );
+
+    // More shapes of Service: externalIPs of a ClusterIP Service count; a headless Service
+    // adds nothing.
+    let ext = "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: shop}\nspec:\n  clusterIP: '198.51.100.50'\n  \
+               externalIPs: ['203.0.113.50']\n  ports:\n  - {name: dns, port: 53, protocol: UDP}\n";
+    cluster.apply(ext).unwrap();
+    let headless = "apiVersion: v1\nkind: Service\nmetadata: {name: headless, namespace: shop}\nspec:\n  clusterIP: None\n  \
+                    externalIPs: ['203.0.113.51']\n  ports:\n  - {name: h, port: 80, protocol: TCP}\n";
+    cluster.apply(headless).unwrap();
+    let mut want = web.clone();
+    want.push(("203.0.113.50:0/ICMP".into(), "198.51.100.50".into()));
+    want.push(("203.0.113.50:53/UDP".into(), "198.51.100.50".into()));
+    want.sort();
+    wait_exact("externalIPs and headless", &want, &agent);
+    cluster.kubectl_ok(&["delete", "svc", "ext", "headless", "-n", "shop"]).unwrap();
+    wait_exact("externalIPs deleted", &web, &agent);
 
     // The Node replaced with other pod CIDRs (spec.podCIDRs cannot change in place).
     cluster.kubectl_ok(&["delete", "node", NODE_A]).unwrap();
@@ -284,6 +317,13 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     // resourceVersion fresh, so fewer 410s).
     let watches: Vec<String> = agent_requests(&cluster).into_iter().filter(|r| r.contains("watch=true")).collect();
     assert!(!watches.is_empty() && watches.iter().all(|w| w.contains("allowWatchBookmarks=true")), "{watches:#?}");
+    // The Node is asked for by name (a field selector), never the whole list.
+    let node_requests: Vec<String> =
+        agent_requests(&cluster).into_iter().filter(|r| r.contains("/api/v1/nodes")).collect();
+    assert!(
+        !node_requests.is_empty() && node_requests.iter().all(|r| r.contains("fieldSelector=metadata.name%3Dnode-a")),
+        "{node_requests:#?}"
+    );
     cluster.quiet();
 }
 

@@ -175,6 +175,10 @@ impl DaemonSetPod {
             }
             let _ = c.kill();
             let _ = c.wait();
+            // The chain nsenter → unshare → sh → chroot → setpriv → env → agent only execs, so
+            // the child's pid is the agent's: nothing of the pod may outlive it.
+            // SAFETY: signal 0 only checks for existence.
+            assert!(unsafe { libc::kill(c.id() as i32, 0) } != 0, "the pod's agent (pid {}) is gone", c.id());
         }
     }
 }

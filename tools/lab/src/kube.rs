@@ -666,12 +666,22 @@ impl Drop for KubeProxy {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut cmd = crate::netns::nsenter_command(&self.netns, self.bin.as_os_str());
-        cmd.args([format!("--proxy-mode={}", self.mode.name()), "--cleanup".to_owned()]);
-        match cmd.stdin(Stdio::null()).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("kube-proxy --cleanup: {}: {}", o.status, String::from_utf8_lossy(&o.stderr).trim()),
-            Err(e) => eprintln!("kube-proxy --cleanup: {e}"),
+        // A second pass: with iptables-nft, IPVS mode's cleanup can fail to delete a chain
+        // still referenced by one it removes in the same pass ("CHAIN_DEL failed ... busy").
+        for attempt in 1..=2 {
+            let mut cmd = crate::netns::nsenter_command(&self.netns, self.bin.as_os_str());
+            cmd.args([format!("--proxy-mode={}", self.mode.name()), "--cleanup".to_owned()]);
+            match cmd.stdin(Stdio::null()).output() {
+                Ok(o) if o.status.success() => break,
+                Ok(o) if attempt == 2 => {
+                    eprintln!("kube-proxy --cleanup: {}: {}", o.status, String::from_utf8_lossy(&o.stderr).trim())
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("kube-proxy --cleanup: {e}");
+                    break;
+                }
+            }
         }
     }
 }

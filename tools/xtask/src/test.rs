@@ -26,7 +26,8 @@ pub struct TestArgs {
     /// Skip the cross build for the other architecture and its check under qemu-user.
     #[arg(long)]
     no_cross: bool,
-    /// Skip the kernel 5.10 guest (`cargo xtask vm --kernel 5.10`, several minutes under TCG).
+    /// Skip the guests: kernel 5.10 (`cargo xtask vm --kernel 5.10`, several minutes under TCG)
+    /// and the IPVS guest (kernel 6.12, kube-proxy in IPVS mode).
     #[arg(long)]
     no_vm: bool,
     /// Extra arguments for the test harness, after `--` (e.g. a test name filter).
@@ -131,11 +132,27 @@ pub fn run(args: &TestArgs) -> Result<()> {
             failures.push(format!("kernel {} guest: {e:#}", crate::vm::CI_KERNEL));
         }
     }
+    // kube-proxy's IPVS mode needs ip_vs, which the host kernel lacks: the real control plane
+    // and kube-proxy in the Debian 6.12 guest.
+    if !failures.is_empty() {
+        step(format!("test: skipping the IPVS guest (kernel {}): something failed above", crate::vm::IPVS_KERNEL));
+    } else if args.no_vm {
+        step("test: skipping the IPVS guest (--no-vm)");
+    } else {
+        step(format!(
+            "test: kube-proxy IPVS mode with node-manager in the kernel {} guest (cargo xtask vm --kernel {0} \
+             --suite ipvs_guest --include-ignored)",
+            crate::vm::IPVS_KERNEL
+        ));
+        if let Err(e) = crate::vm::run(&crate::vm::VmArgs::ipvs()) {
+            failures.push(format!("IPVS guest (kernel {}): {e:#}", crate::vm::IPVS_KERNEL));
+        }
+    }
     if !failures.is_empty() {
         bail!("{} part(s) failed:\n{}", failures.len(), failures.join("\n"));
     }
     println!(
-        "xtask test: lint, tests, bench smoke, leftover check and the kernel {} guest all passed",
+        "xtask test: lint, tests, bench smoke, leftover check, the kernel {} guest and the IPVS guest all passed",
         crate::vm::CI_KERNEL
     );
     Ok(())
