@@ -354,15 +354,17 @@ fn ten_thousand_services_from_the_real_apiserver_reach_the_map() {
     create_nodes(&cluster);
     create_namespace(&cluster, "scale");
     const N: u32 = 10_000;
-    let mut list = String::new();
+    const CHUNKS: u32 = 4;
+    let mut lists = vec![String::new(); CHUNKS as usize];
     for i in 0..N {
-        list.push_str(&format!(
+        lists[(i % CHUNKS) as usize].push_str(&format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: scale}}\nspec:\n  \
              ipFamilies: [IPv6]\n  externalIPs: ['2001:db8:e::1:{i:x}']\n  ports:\n  - {{name: t, port: 8080, protocol: TCP}}\n"
         ));
     }
     let applied = Instant::now();
-    cluster.kubectl_stdin(&["create", "-f", "-", "-o", "name"], &list).unwrap();
+    let inputs: Vec<&str> = lists.iter().map(String::as_str).collect();
+    cluster.kubectl_stdin_parallel(&["create", "-f", "-", "-o", "name"], &inputs).unwrap();
     println!("created {N} Services with kubectl in {:?}", applied.elapsed());
     let token = node_manager_token(&cluster, "nm-token");
     let kubeconfig = cluster.write_kubeconfig("agent.kubeconfig", &token).unwrap();

@@ -200,10 +200,10 @@ fn check_leftovers() -> Result<()> {
     for cgroup in leftover_cgroups() {
         problems.push(format!("test cgroup {cgroup} (remove with `rmdir {cgroup}`)"));
     }
-    for dir in leftover_demo_dirs() {
+    for dir in temp_dirs_with_prefix("nm-demo-") {
         problems.push(format!("demo directory {dir} (`umount {dir}/bpffs; rm -r {dir}`)"));
     }
-    for dir in leftover_kube_dirs() {
+    for dir in temp_dirs_with_prefix("nm-kube-") {
         problems.push(format!("lab control-plane directory {dir} with etcd data (`rm -r {dir}`)"));
     }
     for (pid, exe) in leftover_kube_processes() {
@@ -223,27 +223,15 @@ fn check_leftovers() -> Result<()> {
     }
 }
 
-/// The demo's scratch directories (`nm-demo-*` in the temp directory), as full paths.
-fn leftover_demo_dirs() -> Vec<String> {
+/// Entries of the temp directory whose name starts with `prefix`, as full paths, sorted: the
+/// demo's scratch directories (`nm-demo-*`) and the lab control planes' (`nm-kube-*`: etcd
+/// data, keys, logs).
+fn temp_dirs_with_prefix(prefix: &str) -> Vec<String> {
     let mut found: Vec<String> = std::fs::read_dir(std::env::temp_dir())
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("nm-demo-"))
-        .map(|e| e.path().display().to_string())
-        .collect();
-    found.sort();
-    found
-}
-
-/// The lab control planes' scratch directories (`nm-kube-*` in the temp directory: etcd data,
-/// keys, logs).
-fn leftover_kube_dirs() -> Vec<String> {
-    let mut found: Vec<String> = std::fs::read_dir(std::env::temp_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("nm-kube-"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
         .map(|e| e.path().display().to_string())
         .collect();
     found.sort();
