@@ -284,11 +284,16 @@ pub async fn watch(
     let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
     let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Node>(&()));
     let strip = |o: &mut DynamicObject| o.metadata.managed_fields = None;
-    let service_events = watcher(services, watcher::Config::default().any_semantic())
+    // Lists are consistent reads (resourceVersion unset), not `any_semantic` (resourceVersion=0,
+    // whatever the apiserver's watch cache holds): after a 410 Gone or an apiserver restart a
+    // cache-served list can be older than what the agent had already seen, and a relist then
+    // loses Services created meanwhile (client-go's reflector relists consistently for the
+    // same reason). Seen in the real-apiserver test as a Service that never reached the map.
+    let service_events = watcher(services, watcher::Config::default())
         .default_backoff()
         .map(move |e| Kind::Service(e.map(|e| e.modify(strip))));
     let node_events =
-        watcher(nodes, watcher::Config::default().any_semantic().fields(&format!("metadata.name={node_name}")))
+        watcher(nodes, watcher::Config::default().fields(&format!("metadata.name={node_name}")))
             .default_backoff()
             .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
     let mut events = futures::stream::select(service_events.boxed(), node_events.boxed());
