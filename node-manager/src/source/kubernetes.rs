@@ -292,10 +292,9 @@ pub async fn watch(
     let service_events = watcher(services, watcher::Config::default())
         .default_backoff()
         .map(move |e| Kind::Service(e.map(|e| e.modify(strip))));
-    let node_events =
-        watcher(nodes, watcher::Config::default().fields(&format!("metadata.name={node_name}")))
-            .default_backoff()
-            .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
+    let node_events = watcher(nodes, watcher::Config::default().fields(&format!("metadata.name={node_name}")))
+        .default_backoff()
+        .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
     let mut events = futures::stream::select(service_events.boxed(), node_events.boxed());
 
     let mut state = State::new(&node_name);
