@@ -157,8 +157,14 @@ impl Cluster {
     /// Certificates, etcd, kube-apiserver, `/readyz`. Fails (never skips) when a component is
     /// missing or does not start, with its log's last lines.
     pub fn start(opts: &Options) -> Result<Cluster> {
+        Self::start_with(&bin_dir()?, opts)
+    }
+
+    /// [`Cluster::start`] with the components in `bin` (for `cargo xtask kube --check`, which
+    /// has just built them).
+    pub fn start_with(bin: &Path, opts: &Options) -> Result<Cluster> {
         remove_stale_dirs();
-        let bin = bin_dir()?;
+        let bin = bin.to_owned();
         for c in ["etcd", "kube-apiserver", "kubectl"] {
             if !bin.join(c).is_file() {
                 bail!("{} is missing: run `cargo xtask kube`", bin.join(c).display());

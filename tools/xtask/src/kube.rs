@@ -7,10 +7,8 @@
 
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -334,153 +332,16 @@ pub fn run(check: bool) -> Result<()> {
     Ok(())
 }
 
-/// Child processes killed (and waited for) and a scratch directory removed on drop, also on failure.
-struct ControlPlane {
-    children: Vec<(&'static str, Child)>,
-    dir: PathBuf,
-    keep_logs_on_drop: bool,
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        for (name, child) in self.children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-            println!("    stopped {name} (pid {})", child.id());
-        }
-        if self.keep_logs_on_drop {
-            for log in ["etcd.log", "kube-apiserver.log"] {
-                if let Ok(text) = fs::read_to_string(self.dir.join(log)) {
-                    let lines: Vec<&str> = text.lines().collect();
-                    println!("    --- last lines of {log} ---");
-                    for l in &lines[lines.len().saturating_sub(15)..] {
-                        println!("    {l}");
-                    }
-                }
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-        println!("    removed {}", self.dir.display());
-    }
-}
-
-impl ControlPlane {
-    fn spawn(&mut self, name: &'static str, program: &Path, args: &[String]) -> Result<()> {
-        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
-        println!("    $ {} {}   (log: {name}.log)", program.display(), args.join(" "));
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        self.children.push((name, child));
-        Ok(())
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        for (name, child) in &mut self.children {
-            if let Some(status) = child.try_wait()? {
-                bail!("{name} exited early ({status})");
-            }
-        }
-        Ok(())
-    }
-}
-
-fn port_free(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-const ETCD_CLIENT_PORT: u16 = 2379;
-const ETCD_PEER_PORT: u16 = 2380;
-const APISERVER_PORT: u16 = 6443;
-
-/// etcd and kube-apiserver on loopback, /readyz, then deploy/ validated by the real apiserver.
+/// etcd and kube-apiserver as the tests start them (`lab::kube::Cluster`: loopback, RBAC and
+/// Node authorization, the lab CA; removed on drop, also on failure), then deploy/ validated
+/// by the real apiserver.
 fn smoke_check(bins: &KubeBins) -> Result<()> {
     let started = Instant::now();
     cmd::step("smoke check: etcd and kube-apiserver on 127.0.0.1, kubectl apply --dry-run=server of deploy/");
-    for port in [ETCD_CLIENT_PORT, ETCD_PEER_PORT, APISERVER_PORT] {
-        if !port_free(port) {
-            bail!("127.0.0.1:{port} is in use; stop what listens there (`ss -ltnp | grep :{port}`) and retry");
-        }
-    }
-    let dir = kube_dir().join(format!("check-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    let mut cp = ControlPlane { children: Vec::new(), dir: dir.clone(), keep_logs_on_drop: true };
-    let d = |p: &str| dir.join(p).display().to_string();
-
-    Cmd::new("openssl").args(["genrsa", "-out", &d("sa.key"), "2048"]).output().context("openssl genrsa")?;
-    Cmd::new("openssl")
-        .args(["rsa", "-in", &d("sa.key"), "-pubout", "-out", &d("sa.pub")])
-        .output()
-        .context("openssl rsa")?;
-    if !dir.join("sa.pub").is_file() {
-        bail!("openssl did not write the ServiceAccount key pair (is openssl installed?)");
-    }
-    let token = format!("lab-admin-{}-{}", std::process::id(), started.elapsed().as_nanos());
-    fs::write(dir.join("tokens.csv"), format!("{token},admin,admin,system:masters\n"))?;
-
-    let etcd_client = format!("http://127.0.0.1:{ETCD_CLIENT_PORT}");
-    cp.spawn(
-        "etcd",
-        &bins.path("etcd"),
-        &[
-            format!("--data-dir={}", d("etcd")),
-            format!("--listen-client-urls={etcd_client}"),
-            format!("--advertise-client-urls={etcd_client}"),
-            format!("--listen-peer-urls=http://127.0.0.1:{ETCD_PEER_PORT}"),
-            format!("--initial-advertise-peer-urls=http://127.0.0.1:{ETCD_PEER_PORT}"),
-            format!("--initial-cluster=default=http://127.0.0.1:{ETCD_PEER_PORT}"),
-            "--listen-metrics-urls=".to_owned(),
-        ],
-    )?;
-    cp.spawn(
-        "kube-apiserver",
-        &bins.path("kube-apiserver"),
-        &[
-            format!("--etcd-servers={etcd_client}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
-            format!("--secure-port={APISERVER_PORT}"),
-            format!("--cert-dir={}", d("serving")),
-            format!("--token-auth-file={}", d("tokens.csv")),
-            "--authorization-mode=Node,RBAC".to_owned(),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
-            format!("--service-account-key-file={}", d("sa.pub")),
-            format!("--service-account-signing-key-file={}", d("sa.key")),
-            "--service-cluster-ip-range=10.96.0.0/16,fd00:10:96::/112".to_owned(),
-            "--allow-privileged=true".to_owned(),
-        ],
-    )?;
-
-    let server = format!("https://127.0.0.1:{APISERVER_PORT}");
-    // The serving certificate is self-signed and written by the apiserver itself; on loopback,
-    // in a scratch control plane, the smoke check does not verify it.
-    let kubectl = |args: &[&str]| {
-        Cmd::new(bins.path("kubectl").display().to_string())
-            .arg(format!("--server={server}"))
-            .arg("--insecure-skip-tls-verify=true")
-            .arg(format!("--token={token}"))
-            .args(args.iter().copied())
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        cp.check_alive()?;
-        let ready = kubectl(&["get", "--raw=/readyz"]).stdout_if_ok();
-        if ready.as_deref().map(str::trim) == Some("ok") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("kube-apiserver not ready on {server}/readyz after 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    println!("    {server}/readyz: ok after {}", cmd::elapsed(started));
+    let mut cluster = lab::kube::Cluster::start_with(&bins.bin, &lab::kube::Options::default())?;
+    println!("    {}/readyz: ok after {} (apiserver {})", cluster.server(), cmd::elapsed(started), cluster.version()?);
     let root = cmd::workspace_root();
-    let out = kubectl(&[
+    let out = cluster.kubectl_ok(&[
         "apply",
         "--dry-run=server",
         "--validate=strict",
@@ -488,13 +349,12 @@ fn smoke_check(bins: &KubeBins) -> Result<()> {
         &root.join("deploy/node-manager.yaml").display().to_string(),
         "-f",
         &root.join("deploy/node-manager-ipvs.yaml").display().to_string(),
-    ])
-    .run_stdout()?;
+    ])?;
     for l in out.lines() {
         println!("    {l}");
     }
-    cp.keep_logs_on_drop = false;
-    drop(cp);
+    cluster.quiet();
+    drop(cluster);
     cmd::step(format!("smoke check passed in {}", cmd::elapsed(started)));
     Ok(())
 }
