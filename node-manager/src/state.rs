@@ -279,9 +279,13 @@ pub fn read(bpffs: &Path) -> Result<State> {
         PerCpuArray::try_from(open(&pins, map_names::COUNTERS)?)?;
     state.counters = maps::read_counters(&counters)?
         .into_iter()
-        .map(|(name, c)| {
-            let kind = node_manager_common::CounterIndex::ALL.iter().find(|i| i.name() == name).map(|i| i.kind());
-            CounterEntry { name, path: kind.map_or("?", counter_path), packets: c.packets, bytes: c.bytes }
+        // read_counters yields them in CounterIndex::ALL order.
+        .zip(node_manager_common::CounterIndex::ALL)
+        .map(|((name, c), index)| CounterEntry {
+            name,
+            path: counter_path(index.kind()),
+            packets: c.packets,
+            bytes: c.bytes,
         })
         .collect();
     state.served_by = ServedBy::from_counters(&state.counters);

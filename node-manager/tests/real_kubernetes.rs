@@ -112,7 +112,7 @@ fn the_daemonset_runs_from_the_applied_manifest_with_its_token_rbac_and_capabili
     cluster.stop_apiserver();
     std::thread::sleep(Duration::from_secs(1));
     cluster.start_apiserver().unwrap();
-    c_apply_api_service(&cluster);
+    create_api_service(&cluster);
     let mut with_api = web.clone();
     with_api.extend(lab_frontends("9090", ("203.0.113.20", "198.51.100.20"), ("2001:db8:e::20", "2001:db8:5::20")));
     with_api.sort();
@@ -153,7 +153,7 @@ fn agent_requests(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-fn c_apply_api_service(c: &Cluster) {
+fn create_api_service(c: &Cluster) {
     c.apply(&service_yaml("shop", "api", &["198.51.100.20", "2001:db8:5::20"], &[9090])).unwrap();
     set_lb_ips(c, "shop", "api", &["203.0.113.20", "2001:db8:e::20"]);
 }
@@ -206,7 +206,7 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     wait_pod_cidrs(&scratch, &["192.0.2.0/25", "2001:db8:1::/64"], || agent.log());
 
     // Live: a new Service, a changed LB IP, a deletion.
-    c_apply_api_service(&cluster);
+    create_api_service(&cluster);
     let api = lab_frontends("9090", ("203.0.113.20", "198.51.100.20"), ("2001:db8:e::20", "2001:db8:5::20"));
     wait_exact("created", &as_refs(&[web.clone(), api.clone()].concat()), &agent);
     set_lb_ips(&cluster, "shop", "api", &["203.0.113.21", "2001:db8:e::20"]);
@@ -218,7 +218,7 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     // Objects the apiserver accepts and node-manager refuses, each reported once by name: an
     // SCTP port, an IPv6 LB IP on an IPv4-only Service, an LB IP:port already claimed (the
     // Service whose name sorts first keeps it: shop/web before shop/yclash).
-    c_apply_refused(&cluster);
+    create_refused_services(&cluster);
     let accepted = lab_frontends("7070", ("203.0.113.40", "198.51.100.40"), ("2001:db8:e::40", "2001:db8:5::40"));
     let mut want = as_refs(&[web.clone(), accepted].concat());
     want.push(("203.0.113.41:0/ICMP".into(), "198.51.100.41".into()));
@@ -243,7 +243,7 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(frontends(&scratch).len(), web.len(), "entries stay in force while the API is down");
     cluster.start_apiserver().unwrap();
-    c_apply_api_service(&cluster);
+    create_api_service(&cluster);
     wait_exact("after the restart", &as_refs(&[web.clone(), api.clone()].concat()), &agent);
 
     // Down while a Service is deleted, and the apiserver down too when the agent starts again:
@@ -296,7 +296,7 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     cluster.stop_apiserver();
     cluster.start_apiserver().unwrap();
-    c_apply_api_service(&cluster);
+    create_api_service(&cluster);
     for i in 0..5 {
         cluster
             .kubectl_ok(&["annotate", "svc", "web", "-n", "shop", "--overwrite", &format!("nml/round={i}")])
@@ -330,7 +330,7 @@ fn the_controller_follows_the_real_apiserver_through_changes_outages_and_compact
     cluster.quiet();
 }
 
-fn c_apply_refused(c: &Cluster) {
+fn create_refused_services(c: &Cluster) {
     let sctp = "apiVersion: v1\nkind: Service\nmetadata: {name: sctp, namespace: shop}\nspec:\n  type: LoadBalancer\n  \
                 externalTrafficPolicy: Local\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: '198.51.100.40'\n  clusterIPs: ['198.51.100.40', '2001:db8:5::40']\n  \
                 ports:\n  - {name: t, port: 7070, protocol: TCP}\n  - {name: u, port: 7070, protocol: UDP}\n  - {name: s, port: 7070, protocol: SCTP}\n";

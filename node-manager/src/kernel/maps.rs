@@ -211,7 +211,7 @@ pub fn read_config<T: std::borrow::Borrow<MapData>>(array: &Array<T, DatapathCon
     array.get(&0, 0).context("reading NM_CONFIG")
 }
 
-/// Counter totals over all CPUs, by name.
+/// Counter totals over all CPUs, by name, in `CounterIndex::ALL` order.
 pub fn read_counters<T: std::borrow::Borrow<MapData>>(
     array: &PerCpuArray<T, Counter>,
 ) -> Result<Vec<(&'static str, Counter)>> {
