@@ -2,10 +2,7 @@
 //! lab's two nodes: `node-a` is the lab's node namespace (the agent's node), `node-b` the
 //! endpoint namespace (the node that runs the Service's only endpoint, a hostNetwork pod there).
 //!
-//! EndpointSlices are written by the lab for selector-less Services (a supported pattern,
-//! label `kubernetes.io/service-name`), not by kube-controller-manager: its EndpointSlice
-//! controller lists only Pods a kubelet reported ready, and the lab runs no kubelet, so Pod
-//! statuses would have to be written by hand anyway.
+//! The objects' YAML is `lab::kube::objects` (EndpointSlices written by the lab, and why).
 #![allow(dead_code)]
 use std::{
     collections::BTreeMap,
@@ -18,9 +15,11 @@ use std::{
 
 use lab::{
     Lab, Ns,
-    kube::{ApiBridge, Cluster, KubeProxy, Options, ProxyMode},
+    kube::{ApiBridge, Cluster, KubeProxy, Options, ProxyMode, objects},
 };
 use serde_json::Value;
+
+pub use lab::kube::objects::service_yaml;
 
 use super::{
     agent::{Scratch, wait_for},
@@ -42,77 +41,20 @@ pub fn create_nodes(c: &Cluster) {
 }
 
 pub fn create_node(c: &Cluster, name: &str, cidrs: &[&str], addrs: &[&str]) {
-    let yaml = format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}}}}}\n\
-         spec: {{podCIDR: '{}', podCIDRs: [{}]}}\n",
-        cidrs[0],
-        cidrs.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(", ")
-    );
-    c.apply(&yaml).unwrap();
-    let addresses: Vec<String> =
-        addrs.iter().map(|a| format!("{{\"type\":\"InternalIP\",\"address\":\"{a}\"}}")).collect();
-    let patch = format!("{{\"status\":{{\"addresses\":[{}]}}}}", addresses.join(","));
-    c.kubectl_ok(&["patch", "node", name, "--subresource=status", "--type=merge", "-p", &patch]).unwrap();
+    c.create_node(name, cidrs, addrs).unwrap();
 }
 
 pub fn create_namespace(c: &Cluster, ns: &str) {
-    c.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n")).unwrap();
+    c.create_namespace(ns).unwrap();
 }
 
-/// A selector-less LoadBalancer Service, `externalTrafficPolicy: Local`, TCP and UDP on each
-/// port, with the given cluster IPs (their families make it single- or dual-stack).
-pub fn service_yaml(ns: &str, name: &str, cluster_ips: &[&str], ports: &[u16]) -> String {
-    let families: Vec<&str> = cluster_ips.iter().map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" }).collect();
-    let policy = if cluster_ips.len() > 1 { "RequireDualStack" } else { "SingleStack" };
-    let mut port_lines = String::new();
-    for p in ports {
-        for proto in ["TCP", "UDP"] {
-            port_lines.push_str(&format!(
-                "  - {{name: {}-{p}, port: {p}, protocol: {proto}, targetPort: {p}}}\n",
-                proto.to_lowercase()
-            ));
-        }
-    }
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: LoadBalancer\n  \
-         externalTrafficPolicy: Local\n  ipFamilyPolicy: {policy}\n  ipFamilies: [{}]\n  clusterIP: '{}'\n  \
-         clusterIPs: [{}]\n  ports:\n{port_lines}",
-        families.join(", "),
-        cluster_ips[0],
-        cluster_ips.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(", ")
-    )
-}
-
-/// Sets the Service's LoadBalancer ingress IPs through the status subresource, as a
-/// load-balancer controller does.
 pub fn set_lb_ips(c: &Cluster, ns: &str, name: &str, ips: &[&str]) {
-    let ingress: Vec<String> = ips.iter().map(|ip| format!("{{\"ip\":\"{ip}\",\"ipMode\":\"VIP\"}}")).collect();
-    let patch = format!("{{\"status\":{{\"loadBalancer\":{{\"ingress\":[{}]}}}}}}", ingress.join(","));
-    c.kubectl_ok(&["patch", "svc", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &patch]).unwrap();
+    c.set_lb_ips(ns, name, ips).unwrap();
 }
 
-/// The lab-written EndpointSlices of a selector-less Service: one endpoint per family on
-/// `node-b`, ready, for every port of [`service_yaml`].
+/// The lab-written EndpointSlices of a selector-less Service, the endpoint on `node-b`.
 pub fn endpoint_slices_yaml(ns: &str, service: &str, endpoints: &[&str], ports: &[u16]) -> String {
-    let mut docs = Vec::new();
-    for ep in endpoints {
-        let family = if ep.contains(':') { "IPv6" } else { "IPv4" };
-        let mut port_lines = String::new();
-        for p in ports {
-            for proto in ["TCP", "UDP"] {
-                port_lines
-                    .push_str(&format!("  - {{name: {}-{p}, port: {p}, protocol: {proto}}}\n", proto.to_lowercase()));
-            }
-        }
-        docs.push(format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{}\n  namespace: {ns}\n  \
-             labels: {{kubernetes.io/service-name: {service}, endpointslice.kubernetes.io/managed-by: nml-lab}}\n\
-             addressType: {family}\nendpoints:\n  - addresses: ['{ep}']\n    conditions: {{ready: true, serving: true, \
-             terminating: false}}\n    nodeName: {NODE_B}\nports:\n{port_lines}",
-            family.to_lowercase()
-        ));
-    }
-    docs.join("---\n")
+    objects::endpoint_slices_yaml(ns, service, endpoints, ports, NODE_B)
 }
 
 /// The frontends map as `inspect --json` shows it: "addr:port/proto" → cluster IP (empty while
@@ -241,18 +183,8 @@ pub const RESET_CLUSTER_V4: &str = "198.51.100.30";
 
 fn create_reset_service(c: &Cluster) {
     let port = lab::reset::OUTSIDE_PORT;
-    let yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reset, namespace: shop}}\nspec:\n  ipFamilyPolicy: SingleStack\n  \
-         clusterIP: '{RESET_CLUSTER_V4}'\n  ports:\n  - {{name: tcp-{port}, port: {port}, protocol: TCP, targetPort: {port}}}\n"
-    );
-    c.apply(&yaml).unwrap();
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: reset-ipv4\n  namespace: shop\n  \
-         labels: {{kubernetes.io/service-name: reset, endpointslice.kubernetes.io/managed-by: nml-lab}}\n\
-         addressType: IPv4\nendpoints:\n  - addresses: ['192.0.2.130']\n    conditions: {{ready: true}}\n    nodeName: {NODE_B}\n\
-         ports:\n  - {{name: tcp-{port}, port: {port}, protocol: TCP}}\n"
-    );
-    c.apply(&slice).unwrap();
+    c.apply(&objects::cluster_ip_service_yaml("shop", "reset", RESET_CLUSTER_V4, port)).unwrap();
+    c.apply(&endpoint_slices_yaml("shop", "reset", &["192.0.2.130"], &[port])).unwrap();
 }
 
 /// The pod's connection through kube-proxy's DNAT of the reset Service, then out-of-window

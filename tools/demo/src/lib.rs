@@ -9,6 +9,7 @@
 //! nothing was left behind, 1 otherwise or on error, 2 for bad arguments, 130 on Ctrl-C.
 mod host;
 mod interrupt;
+mod real;
 mod say;
 mod stage;
 mod stale;
@@ -39,10 +40,15 @@ struct Options {
     /// Do not pause between steps. Also implied by CI=true or when stdin is not a terminal.
     #[arg(long, short = 'y')]
     yes: bool,
-    /// Serve the Service (and this node's Node) from a test API server (list/watch over HTTP,
-    /// the project's fake-apiserver) instead of a services file.
-    #[arg(long)]
-    api_server: bool,
+    /// Run the story on the real Kubernetes components: etcd, kube-apiserver and kube-proxy in
+    /// this mode (built by `cargo xtask kube`), the Service from the apiserver, node-manager as
+    /// deploy/node-manager.yaml runs it. Without it, the lab's stand-ins show the IPVS black
+    /// hole of kube-proxy releases before kubernetes PR #97081.
+    #[arg(long, value_name = "MODE", value_parser = ["nftables", "iptables"])]
+    kube_proxy: Option<String>,
+    /// Where the components are [default: the one target/kube/<version>/bin of the workspace].
+    #[arg(long, env = "NM_KUBE_BIN", value_name = "DIR")]
+    kube_bin: Option<PathBuf>,
 }
 
 /// Runs the demo with these command-line arguments (the first is the program name) and returns
@@ -82,26 +88,67 @@ fn run(opts: &Options) -> Result<bool> {
     }
     interrupt::install()?;
     let say = say::Say::new(opts.yes);
-    let source = if opts.api_server { story::Source::ApiServer } else { story::Source::File };
-    let (verdicts, clean) = story::run(&agent, source, &say)?;
+    let kube = kube(opts)?;
+    let (verdicts, clean) = story::run(&agent, &kube, &say)?;
 
     println!();
-    println!("==> verdicts (expected: every case FAILED without node-manager and OK with it)");
+    match &kube {
+        story::Kube::StandIn => {
+            println!("==> verdicts (expected: every case FAILED without node-manager and OK with it)")
+        }
+        story::Kube::Real { mode, .. } => println!(
+            "==> verdicts (expected with kube-proxy {}: the LoadBalancer IP OK without node-manager and unchanged with \
+             it; the pod's connection FAILED without node-manager and OK with it)",
+            mode.name()
+        ),
+    }
     let mut as_expected = true;
     for v in &verdicts {
         let phase = if v.with_agent { "with-agent" } else { "without-agent" };
         println!("verdict {} {phase} {} {}", v.case, if v.ok { "OK" } else { "FAILED" }, v.detail);
-        as_expected &= v.ok == v.with_agent;
+        as_expected &= v.ok == v.expected;
     }
     let cleanup = if clean { "OK nothing left behind" } else { "FAILED something was left behind (see above)" };
     println!("verdict cleanup - {cleanup}");
     if as_expected && clean {
-        println!("==> demo done: both bugs shown without node-manager and fixed with it; nothing left behind");
+        match kube {
+            story::Kube::StandIn => {
+                println!("==> demo done: both bugs shown without node-manager and fixed with it; nothing left behind")
+            }
+            story::Kube::Real { .. } => println!(
+                "==> demo done: the LoadBalancer IP served by kube-proxy and untouched by node-manager; the reset \
+                 shown without node-manager and fixed with it; nothing left behind"
+            ),
+        }
         Ok(true)
     } else {
         println!("==> demo did NOT show what it should (see the verdicts above)");
         Ok(false)
     }
+}
+
+/// The stand-ins, or the real components of `--kube-proxy` (which must have been built).
+fn kube(opts: &Options) -> Result<story::Kube> {
+    let Some(mode) = &opts.kube_proxy else { return Ok(story::Kube::StandIn) };
+    let mode = match mode.as_str() {
+        "iptables" => lab::kube::ProxyMode::Iptables,
+        _ => lab::kube::ProxyMode::Nftables,
+    };
+    let bin = match &opts.kube_bin {
+        Some(dir) => dir.clone(),
+        None => lab::kube::bin_dir().context("--kube-proxy needs the components: run `cargo xtask kube` first")?,
+    };
+    for component in ["etcd", "kube-apiserver", "kube-proxy", "kubectl"] {
+        if !bin.join(component).is_file() {
+            bail!(
+                "{} does not exist: build the components with `cargo xtask kube` (`cargo xtask demo --kube-proxy {}` \
+                 does it), or give --kube-bin DIR",
+                bin.join(component).display(),
+                mode.name()
+            );
+        }
+    }
+    Ok(story::Kube::Real { mode, bin })
 }
 
 /// `--agent`, else `node-manager` next to this program.

@@ -12,6 +12,7 @@ use lab::{Lab, Ns};
 use serde_json::Value;
 
 use crate::interrupt;
+use crate::real::RealKube;
 
 /// Prefix of the demo's cgroup under the cgroup v2 root (`nml-demo-<pid>`).
 pub const CGROUP_PREFIX: &str = "nml-demo-";
@@ -28,8 +29,10 @@ pub struct Stage {
     pub cgroup: Option<PathBuf>,
     pub lab: Option<Lab>,
     namespaces: Vec<String>,
-    /// The test API server (`--api-server`), listening on the node namespace's loopback.
-    api: Option<fake_apiserver::FakeApiServer>,
+    /// The lab's own kube-proxy stand-in runs (no `--kube-proxy`).
+    stand_in_kube_proxy: bool,
+    /// The real Kubernetes components (`--kube-proxy MODE`).
+    pub kube: Option<RealKube>,
     agent: Option<Child>,
     /// Whether an agent was started (so there is a datapath to clean up).
     agent_started: bool,
@@ -41,7 +44,7 @@ pub struct Stage {
 impl Stage {
     /// Builds everything except the agent. On error, what was created is removed again (by
     /// `Drop`).
-    pub fn build(agent_bin: &Path) -> Result<Stage> {
+    pub fn build(agent_bin: &Path, real_kube_proxy: bool) -> Result<Stage> {
         let pid = std::process::id();
         let mut stage = Stage {
             agent_bin: agent_bin.to_path_buf(),
@@ -51,7 +54,8 @@ impl Stage {
             cgroup: None,
             lab: None,
             namespaces: Vec::new(),
-            api: None,
+            stand_in_kube_proxy: !real_kube_proxy,
+            kube: None,
             agent: None,
             agent_started: false,
             torn_down: false,
@@ -72,7 +76,8 @@ impl Stage {
         stage.cgroup = Some(cgroup);
         interrupt::check()?;
 
-        let lab = Lab::new().context("building the lab (network namespaces)")?;
+        let lab = if real_kube_proxy { Lab::for_real_kube_proxy() } else { Lab::new() }
+            .context("building the lab (network namespaces)")?;
         stage.namespaces = [Ns::Pod, Ns::Node, Ns::Ep].map(|ns| lab.ns_name(ns).to_owned()).to_vec();
         stage.lab = Some(lab);
         interrupt::check()?;
@@ -91,19 +96,8 @@ impl Stage {
         self.dir.join("bpffs")
     }
 
-    /// Starts the test API server in the node namespace (where the agent runs) and writes a
-    /// kubeconfig for it; returns the kubeconfig's path.
-    pub fn start_api_server(&mut self) -> Result<PathBuf> {
-        let server = lab::in_netns(self.lab().netns_path(Ns::Node), || Ok(fake_apiserver::FakeApiServer::start()?))
-            .context("starting the test API server")?;
-        let kubeconfig = self.dir.join("kubeconfig");
-        fs::write(&kubeconfig, server.kubeconfig()).context("writing the kubeconfig")?;
-        self.api = Some(server);
-        Ok(kubeconfig)
-    }
-
-    pub fn api(&self) -> &fake_apiserver::FakeApiServer {
-        self.api.as_ref().expect("the API server runs until teardown")
+    pub fn kube(&self) -> Option<&RealKube> {
+        self.kube.as_ref()
     }
 
     pub fn agent_log(&self) -> PathBuf {
@@ -134,14 +128,15 @@ impl Stage {
         )
     }
 
-    /// Starts `node-manager run <args>` in the node namespace (in its own process group, see
+    /// Starts `node-manager run <args>` with `env` in the node namespace (in its own process group, see
     /// [`Stage::nm`]: on Ctrl-C the demo stops it).
-    pub fn start_agent(&mut self, args: &[&str]) -> Result<()> {
+    pub fn start_agent(&mut self, args: &[&str], env: &[(String, String)]) -> Result<()> {
         use std::os::unix::process::CommandExt as _;
         let log = fs::File::create(self.agent_log()).context("creating the agent log")?;
         let mut full = vec!["run"];
         full.extend_from_slice(args);
         let mut cmd = self.nm(&full);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         // If the demo itself is killed (SIGKILL: no cleanup), the agent gets SIGTERM instead of
         // running on; the next demo removes the rest (see `stale::remove`). nsenter execs the
         // agent, and the parent-death signal survives exec.
@@ -230,16 +225,17 @@ impl Stage {
         if let Some(cgroup) = self.cgroup.take() {
             report(remove_cgroup(&cgroup));
         }
-        if let Some(api) = self.api.take() {
-            let url = api.url();
-            drop(api);
-            report(Ok(format!("the test API server at {url} (in the node namespace)")));
+        if let Some(mut kube) = self.kube.take() {
+            for line in kube.stop() {
+                report(Ok(line));
+            }
         }
         if let Some(lab) = self.lab.take() {
             drop(lab);
             report(Ok(format!(
-                "network namespaces {} (with the veths, kube-ipvs0, the nftables tables and the echo servers in them)",
-                self.namespaces.join(", ")
+                "network namespaces {} (with the veths, {}the nftables tables and the echo servers in them)",
+                self.namespaces.join(", "),
+                if self.stand_in_kube_proxy { "kube-ipvs0, " } else { "" }
             )));
         }
         if self.dir_created {
@@ -284,6 +280,13 @@ impl Stage {
         if self.dir.exists() {
             left.push(format!("directory {}", self.dir.display()));
         }
+        let ours = format!("{}{}-", lab::kube::DIR_PREFIX, std::process::id());
+        left.extend(
+            lab::kube::leftover_dirs()
+                .iter()
+                .filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&ours)))
+                .map(|d| format!("control-plane directory {}", d.display())),
+        );
         if is_mount_point(&self.bpffs()) {
             left.push(format!("bpffs mount {}", self.bpffs().display()));
         }

@@ -2,16 +2,18 @@
 //! both fixed with it, what `inspect` and bpftool show, and the cleanup.
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use lab::kube::ProxyMode;
 use lab::reset::{self, ResetScenario};
 use lab::{Ns, SERVICE_PORT};
 use serde_json::Value;
 
 use crate::host;
 use crate::interrupt;
+use crate::real::RealKube;
 use crate::say::Say;
 use crate::stage::Stage;
 
@@ -31,22 +33,36 @@ pub struct Verdict {
     pub case: &'static str,
     pub with_agent: bool,
     pub ok: bool,
+    /// What the case should come out as: a bug fails without the agent and works with it;
+    /// what kube-proxy already serves works both times.
+    pub expected: bool,
     pub detail: String,
 }
 
-/// Where the agent gets the Service from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// A services file (`--services-file`).
-    File,
-    /// The test API server (`--kubeconfig`), with this node's Node carrying the pod CIDR.
-    ApiServer,
+/// Which Kubernetes the node runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kube {
+    /// The lab's stand-ins: a kube-proxy-like nftables DNAT and the LB IP bound on kube-ipvs0
+    /// with nothing behind it, as kube-proxy IPVS did before kubernetes PR #97081; the Service
+    /// from a services file.
+    StandIn,
+    /// The real etcd, kube-apiserver and kube-proxy in this mode, built in `bin`.
+    Real { mode: ProxyMode, bin: PathBuf },
+}
+
+impl Kube {
+    fn is_real(&self) -> bool {
+        matches!(self, Kube::Real { .. })
+    }
 }
 
 /// Runs the whole demo. The stage is torn down before returning (or while unwinding on an
 /// error or Ctrl-C); the bool says whether the teardown left nothing behind.
-pub fn run(agent_bin: &Path, source: Source, say: &Say) -> Result<(Vec<Verdict>, bool)> {
-    intro(say);
+pub fn run(agent_bin: &Path, kube: &Kube, say: &Say) -> Result<(Vec<Verdict>, bool)> {
+    match kube {
+        Kube::StandIn => intro(say),
+        Kube::Real { mode, .. } => intro_real(say, *mode),
+    }
     let stale = crate::stale::remove(agent_bin);
     if !stale.is_empty() {
         say.step("removing what an earlier demo left behind when it was killed");
@@ -56,11 +72,11 @@ pub fn run(agent_bin: &Path, source: Source, say: &Say) -> Result<(Vec<Verdict>,
     }
     say.step("building the node: network namespaces, a demo cgroup and a private bpffs");
     let started = Instant::now();
-    let mut stage = Stage::build(agent_bin)?;
+    let mut stage = Stage::build(agent_bin, kube.is_real())?;
     describe_stage(say, &stage, started);
-    let source_args = match source {
-        Source::File => write_service(say, &stage)?,
-        Source::ApiServer => serve_service(say, &mut stage)?,
+    let source_args = match kube {
+        Kube::StandIn => write_service(say, &stage)?,
+        Kube::Real { mode, bin } => start_kubernetes(say, &mut stage, bin, *mode)?,
     };
     say.pause()?;
 
@@ -108,13 +124,15 @@ pub fn run(agent_bin: &Path, source: Source, say: &Say) -> Result<(Vec<Verdict>,
 fn intro(say: &Say) {
     say.step("node-manager demo");
     say.text(&format!(
-        "A Kubernetes node built from network namespaces on this machine. Nothing outside them is
+        "A Kubernetes node built from network namespaces on this machine, with the lab's stand-ins for
+kube-proxy (`--kube-proxy nftables` runs the real one instead). Nothing outside the namespaces is
 touched, except a demo cgroup and a private bpffs, both removed at the end (also on Ctrl-C).
 
   pod {pod} ──veth── node ──eth0── endpoint {ep} (the Service's backend, on \"another node\")
-                      │ kube-proxy (nftables): cluster IP {c}:{p} → {ep}:{p}
-                      │ kube-ipvs0: LoadBalancer IP {e} bound locally, as kube-proxy IPVS does;
-                      │   externalTrafficPolicy: Local and no endpoint on this node: nothing behind it
+                      │ kube-proxy stand-in (nftables DNAT): cluster IP {c}:{p} → {ep}:{p}
+                      │ kube-ipvs0: LoadBalancer IP {e} bound locally, as kube-proxy IPVS did before
+                      │   kubernetes PR #97081 for externalTrafficPolicy: Local on a node without a
+                      │   local endpoint: nothing behind it
                       │ masquerade of pods' traffic to the outside
                       └ host process: socat, in the demo cgroup, in the node's network namespace
 
@@ -123,6 +141,35 @@ It shows two Kubernetes bugs without node-manager, then the same traffic with it
      Service with externalTrafficPolicy: Local under IPVS on a node without a local endpoint.
   2. kubernetes#74839 / #117924: a reply conntrack marks INVALID (far beyond the TCP window) is
      not de-NATed, reaches the node itself, and the node's RST kills the pod's connection.",
+        pod = lab::POD_V4,
+        ep = lab::ENDPOINT_V4,
+        c = lab::CLUSTER_V4,
+        e = lab::EXTERNAL_V4,
+        p = SERVICE_PORT,
+    ));
+}
+
+fn intro_real(say: &Say, mode: ProxyMode) {
+    say.step("node-manager demo, on the real Kubernetes components");
+    say.text(&format!(
+        "A Kubernetes node built from network namespaces on this machine, with the real kube-apiserver,
+etcd and kube-proxy ({mode} mode). Nothing outside the namespaces is touched, except a demo cgroup,
+a private bpffs and the control plane's scratch directory, all removed at the end (also on Ctrl-C).
+
+  pod {pod} ──veth── node ──eth0── endpoint {ep} (the Service's backend, on \"another node\")
+                      │ kube-proxy ({mode}): cluster IP {c}:{p} and LoadBalancer IP {e}:{p}
+                      │   → {ep}:{p}; externalTrafficPolicy: Local, no endpoint on this node
+                      └ host process: socat, in the demo cgroup, in the node's network namespace
+
+What it shows, without node-manager and then with it as deploy/node-manager.yaml runs it:
+  1. kubernetes#75262: pods and host processes reach the LoadBalancer IP. kube-proxy serves this
+     itself since kubernetes PR #97081 (IPVS) and always did in iptables and nftables mode, so
+     node-manager's manifest keeps its rewrite off and nothing changes. Older kube-proxy IPVS
+     releases black-holed it: `cargo xtask demo` without --kube-proxy shows that case.
+  2. kubernetes#74839 / #117924: a reply conntrack marks INVALID (far beyond the TCP window) is
+     not de-NATed by kube-proxy's DNAT, reaches the node itself, and the node's RST kills the
+     pod's connection. This still happens with kube-proxy {mode}; node-manager drops it.",
+        mode = mode.name(),
         pod = lab::POD_V4,
         ep = lab::ENDPOINT_V4,
         c = lab::CLUSTER_V4,
@@ -151,53 +198,65 @@ fn describe_stage(say: &Say, stage: &Stage, started: Instant) {
     ));
 }
 
+/// Where the agent gets its Services (and pod CIDR) from.
+struct AgentSource {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
 /// Writes the services file; returns the agent's arguments for it.
-fn write_service(say: &Say, stage: &Stage) -> Result<Vec<String>> {
+fn write_service(say: &Say, stage: &Stage) -> Result<AgentSource> {
     let yaml = service_yaml();
     std::fs::write(stage.services_file(), &yaml).context("writing the services file")?;
     say.step("the Service (node-manager reads it from a file here; in a cluster, from the API server)");
     say.command(&format!("cat {}", stage.services_file().display()), &yaml);
-    Ok(vec![
-        "--services-file".into(),
-        stage.services_file().display().to_string(),
-        "--pod-cidr-ipv4".into(),
-        lab::POD_CIDR_V4.into(),
-    ])
-}
-
-/// Starts the test API server with this node's Node and the Service; returns the agent's
-/// arguments for it (the pod CIDR then comes from the Node).
-fn serve_service(say: &Say, stage: &mut Stage) -> Result<Vec<String>> {
-    let kubeconfig = stage.start_api_server()?;
-    let node = serde_json::json!({
-        "apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME},
-        "spec": {"podCIDR": lab::POD_CIDR_V4, "podCIDRs": [lab::POD_CIDR_V4]}
-    });
-    let service = service_json();
-    stage.api().apply(node.clone());
-    stage.api().apply(service.clone());
-    say.step(&format!(
-        "the Service and this node's Node, served by the test API server at {} (list and watch, as \
-         kube-apiserver; node-manager watches it with kube-rs)",
-        stage.api().url()
-    ));
-    for object in [&node, &service] {
-        say.output(&serde_json::to_string_pretty(object).unwrap_or_default());
-    }
-    Ok(vec!["--kubeconfig".into(), kubeconfig.display().to_string()])
-}
-
-/// [`service_yaml`] as the API serves it.
-fn service_json() -> Value {
-    serde_json::json!({
-        "apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "demo", "name": "web"},
-        "spec": {
-            "type": "LoadBalancer", "externalTrafficPolicy": "Local",
-            "clusterIP": lab::CLUSTER_V4.to_string(), "clusterIPs": [lab::CLUSTER_V4.to_string()],
-            "ports": [{"name": "tcp", "port": SERVICE_PORT, "protocol": "TCP"}]
-        },
-        "status": {"loadBalancer": {"ingress": [{"ip": lab::EXTERNAL_V4.to_string()}]}}
+    Ok(AgentSource {
+        args: vec![
+            "--services-file".into(),
+            stage.services_file().display().to_string(),
+            "--pod-cidr-ipv4".into(),
+            lab::POD_CIDR_V4.into(),
+        ],
+        env: Vec::new(),
     })
+}
+
+/// Starts etcd, kube-apiserver and kube-proxy, creates the Nodes, the Services and their
+/// EndpointSlices with kubectl, applies node-manager's manifest; returns the agent's kubeconfig
+/// and the manifest's env.
+fn start_kubernetes(say: &Say, stage: &mut Stage, bin: &Path, mode: ProxyMode) -> Result<AgentSource> {
+    say.step(&format!("starting the real Kubernetes components from {}", bin.display()));
+    let started = Instant::now();
+    let kube = RealKube::start(stage.lab(), bin, mode, NODE_NAME)?;
+    say.text(&format!(
+        "in {:.1} s: kube-apiserver {} with etcd on this machine's loopback (RBAC, a lab CA; reachable from the\n\
+         node namespace at the same address), kube-proxy {} in {} mode in the node namespace (kube-proxy\n\
+         reports {:?} at /proxyMode); the Nodes, Services and EndpointSlices created with kubectl, the\n\
+         LoadBalancer IPs set through the status subresource as a load-balancer controller does",
+        started.elapsed().as_secs_f64(),
+        kube.apiserver_version,
+        kube.kube_proxy_version,
+        mode.name(),
+        mode.name(),
+    ));
+    for args in [
+        "get services -n demo -o wide",
+        "get endpointslices -n demo",
+        "get daemonset,serviceaccount -n kube-system -l app.kubernetes.io/name=node-manager",
+    ] {
+        let argv: Vec<&str> = args.split(' ').collect();
+        say.command(&kube.kubectl_shown(args), &kube.kubectl(&argv)?);
+    }
+    say.text(
+        "(deploy/node-manager.yaml applied with kubectl: no kubelet runs its DaemonSet here, the demo\n\
+         starts the agent the way the pod would: its env, its ServiceAccount's token)",
+    );
+    let source = AgentSource {
+        args: vec!["--kubeconfig".into(), kube.kubeconfig.display().to_string()],
+        env: kube.manifest_env.clone(),
+    };
+    stage.kube = Some(kube);
+    Ok(source)
 }
 
 fn service_yaml() -> String {
@@ -225,10 +284,18 @@ fn lb_addr() -> SocketAddr {
     SocketAddr::from((lab::EXTERNAL_V4, SERVICE_PORT))
 }
 
-fn verdict(say: &Say, case: &'static str, what: &str, with_agent: bool, ok: bool, detail: String) -> Verdict {
+/// A case's outcome; `expected` is what it should be (see [`Verdict::expected`]).
+fn verdict(
+    say: &Say,
+    case: &'static str,
+    what: &str,
+    (with_agent, expected): (bool, bool),
+    ok: bool,
+    detail: String,
+) -> Verdict {
     let phase = if with_agent { "with node-manager" } else { "without node-manager" };
     say.result(&format!("{what} {phase}"), ok, &detail);
-    Verdict { case, with_agent, ok, detail }
+    Verdict { case, with_agent, ok, expected, detail }
 }
 
 fn counter(state: &Value, name: &str) -> u64 {
@@ -251,6 +318,11 @@ fn pod_to_lb(say: &Say, stage: &Stage, before: Option<&Value>) -> Result<Verdict
     let to = lb_addr();
     let what = format!("pod {} → LoadBalancer IP {to}", lab::POD_V4);
     let result = lab.tcp_request(Ns::Pod, to, b"hello from the pod", T);
+    let seen_by_endpoint = lab.endpoint_peers().last().map(|p| p.ip());
+    if let Some(kube) = stage.kube() {
+        return Ok(pod_to_lb_real(say, kube, &what, stage, before, result, seen_by_endpoint));
+    }
+    let with_agent = before.is_some();
     let Some(before) = before else {
         let detail = match &result {
             Err(e) if io_kind(e) == Some(std::io::ErrorKind::ConnectionRefused) => format!(
@@ -260,15 +332,14 @@ fn pod_to_lb(say: &Say, stage: &Stage, before: Option<&Value>) -> Result<Verdict
             Err(e) => format!("{:#}", e.root_cause()),
             Ok(r) => format!("unexpected: it answered {:?}", String::from_utf8_lossy(&r.data)),
         };
-        return Ok(verdict(say, POD_CASE, &what, false, result.is_ok(), detail));
+        return Ok(verdict(say, POD_CASE, &what, (false, false), result.is_ok(), detail));
     };
     let after = stage.inspect()?;
     let (there, back) = (
         counter(&after, "rewrite_ingress_v4") - counter(before, "rewrite_ingress_v4"),
         counter(&after, "rewrite_egress_v4") - counter(before, "rewrite_egress_v4"),
     );
-    let seen_by_endpoint = lab.endpoint_peers().last().map(|p| p.ip());
-    Ok(match result {
+    let (ok, detail) = match result {
         Ok(r) if r.data == b"echo:hello from the pod" && r.peer == to && there > 0 => {
             let masq = match seen_by_endpoint {
                 Some(ip) => format!("the endpoint saw it from {ip}, masqueraded by kube-proxy"),
@@ -281,18 +352,59 @@ fn pod_to_lb(say: &Say, stage: &Stage, before: Option<&Value>) -> Result<Verdict
                 r.peer,
                 lab::CLUSTER_V4,
             );
-            verdict(say, POD_CASE, &what, true, true, detail)
+            (true, detail)
         }
-        Ok(r) => verdict(
-            say,
-            POD_CASE,
-            &what,
-            true,
+        Ok(r) => (
             false,
             format!("reply {:?} from {}, {there} packet(s) rewritten", String::from_utf8_lossy(&r.data), r.peer),
         ),
-        Err(e) => verdict(say, POD_CASE, &what, true, false, format!("{:#}", e.root_cause())),
-    })
+        Err(e) => (false, format!("{:#}", e.root_cause())),
+    };
+    Ok(verdict(say, POD_CASE, &what, (with_agent, true), ok, detail))
+}
+
+/// With the real kube-proxy the pod is served without node-manager, and with it (the manifest
+/// keeps the rewrite off) nothing changes: same reply, same source address at the endpoint,
+/// no packet rewritten.
+fn pod_to_lb_real(
+    say: &Say,
+    kube: &RealKube,
+    what: &str,
+    stage: &Stage,
+    before: Option<&Value>,
+    result: Result<lab::TcpReply>,
+    seen_by_endpoint: Option<std::net::IpAddr>,
+) -> Verdict {
+    let rewritten = before.map(|b| {
+        let after = stage.inspect().unwrap_or_default();
+        counter(&after, "rewrite_ingress_v4") - counter(b, "rewrite_ingress_v4")
+    });
+    let seen = seen_by_endpoint.map_or("nobody".to_owned(), |ip| ip.to_string());
+    let pod_seen = seen_by_endpoint == Some(lab::POD_V4.into());
+    let (ok, detail) = match (&result, rewritten) {
+        (Ok(r), None) if r.data == b"echo:hello from the pod" => (
+            pod_seen,
+            format!(
+                "served by kube-proxy {} ({} mode) alone: reply {:?} from {}; the endpoint saw the pod's own address {seen}",
+                kube.kube_proxy_version,
+                kube.mode.name(),
+                String::from_utf8_lossy(&r.data),
+                r.peer
+            ),
+        ),
+        (Ok(r), Some(n)) if r.data == b"echo:hello from the pod" => (
+            pod_seen && n == 0,
+            format!(
+                "unchanged: reply {:?} from {}, the endpoint still saw {seen}; {n} packet(s) rewritten by node-manager \
+                 (node-manager.yaml keeps the rewrite off where kube-proxy serves the LB IP)",
+                String::from_utf8_lossy(&r.data),
+                r.peer
+            ),
+        ),
+        (Ok(r), _) => (false, format!("unexpected reply {:?} from {}", String::from_utf8_lossy(&r.data), r.peer)),
+        (Err(e), _) => (false, format!("{:#}", e.root_cause())),
+    };
+    verdict(say, POD_CASE, what, (before.is_some(), true), ok, detail)
 }
 
 fn host_to_lb(say: &Say, stage: &Stage, before: Option<&Value>) -> Result<Verdict> {
@@ -307,28 +419,50 @@ fn host_to_lb(say: &Say, stage: &Stage, before: Option<&Value>) -> Result<Verdic
     let reply = host::request(stage.cgroup(), &netns, to, payload)?;
     say.output(&reply.stdout);
     let answered = reply.error.is_none() && reply.stdout == format!("echo:{payload}");
-    let Some(before) = before else {
-        let detail = match reply.error {
-            Some(e) if e == "connection refused" => {
-                format!("{e}: the LoadBalancer IP is local to the node and nothing listens on it")
-            }
-            Some(e) => e,
-            None => format!("unexpected: it answered {:?}", reply.stdout),
-        };
-        return Ok(verdict(say, HOST_CASE, &what, false, answered, detail));
-    };
-    let after = stage.inspect()?;
-    let connects = counter(&after, "sock_connect_v4") - counter(before, "sock_connect_v4");
-    let detail = match reply.error {
-        None if answered && connects > 0 => format!(
-            "reply {:?}; {connects} connect() rewritten to the cluster IP {} in the kernel (counter sock_connect_v4)",
-            reply.stdout,
-            lab::CLUSTER_V4
+    let real = stage.kube();
+    let with_agent = before.is_some();
+    let connects = before.map(|b| {
+        let after = stage.inspect().unwrap_or_default();
+        counter(&after, "sock_connect_v4") - counter(b, "sock_connect_v4")
+    });
+    let seen = lab.endpoint_peers().last().map_or("nobody".to_owned(), |p| p.ip().to_string());
+    let (ok, detail) = match (real, reply.error, connects) {
+        (Some(kube), None, None) if answered => (
+            true,
+            format!(
+                "served by kube-proxy {} ({} mode) alone: reply {:?}; the endpoint saw {seen} (kube-proxy masquerades node processes)",
+                kube.kube_proxy_version,
+                kube.mode.name(),
+                reply.stdout
+            ),
         ),
-        None => format!("reply {:?}, {connects} connect() rewritten", reply.stdout),
-        Some(e) => e,
+        (Some(_), None, Some(n)) if answered => (
+            n == 0,
+            format!(
+                "unchanged: reply {:?}, the endpoint saw {seen}; {n} connect() rewritten by node-manager",
+                reply.stdout
+            ),
+        ),
+        (None, Some(e), None) if e == "connection refused" => {
+            (false, format!("{e}: the LoadBalancer IP is local to the node and nothing listens on it"))
+        }
+        (None, None, Some(n)) if answered && n > 0 => (
+            true,
+            format!(
+                "reply {:?}; {n} connect() rewritten to the cluster IP {} in the kernel (counter sock_connect_v4)",
+                reply.stdout,
+                lab::CLUSTER_V4
+            ),
+        ),
+        (_, Some(e), _) => (false, e),
+        // Answered where the bug should have shown (ok, against the expectation), or answered
+        // otherwise than expected.
+        (_, None, n) => {
+            (answered && n.is_none(), format!("unexpected: it answered {:?}, {n:?} connect() rewritten", reply.stdout))
+        }
     };
-    Ok(verdict(say, HOST_CASE, &what, true, answered && connects > 0, detail))
+    let expected = with_agent || real.is_some();
+    Ok(verdict(say, HOST_CASE, &what, (with_agent, expected), ok, detail))
 }
 
 fn reset_case(say: &Say, stage: &Stage, with_agent: bool) -> Result<Verdict> {
@@ -337,12 +471,20 @@ fn reset_case(say: &Say, stage: &Stage, with_agent: bool) -> Result<Verdict> {
     if with_agent {
         println!();
     }
-    let mut scenario = ResetScenario::start(lab, false).context("connecting the pod to the outside server")?;
     let server = SocketAddr::from((lab::ENDPOINT_V4, reset::OUTSIDE_PORT));
-    say.text(&format!(
-        "pod {} → server outside {server}, masqueraded by the node: connected, \"hello\" echoed",
-        lab::POD_V4
-    ));
+    let via = stage.kube().map(|_| RealKube::reset_via());
+    let mut scenario = ResetScenario::start_via(lab, false, via).context("connecting the pod to the outside server")?;
+    match via {
+        Some(via) => say.text(&format!(
+            "pod {} → Service {via}, DNATed by kube-proxy to {server} on the other node and masqueraded: \
+             connected, \"hello\" echoed",
+            lab::POD_V4
+        )),
+        None => say.text(&format!(
+            "pod {} → server outside {server}, masqueraded by the node: connected, \"hello\" echoed",
+            lab::POD_V4
+        )),
+    }
     let before = reset::invalid_counter(lab)?;
     scenario.inject_out_of_window(INJECTED)?;
     interrupt::sleep(Duration::from_millis(300))?;
@@ -363,23 +505,36 @@ fn reset_case(say: &Say, stage: &Stage, with_agent: bool) -> Result<Verdict> {
         ),
         (alive, r) => format!("connection alive: {alive}, {r} RST(s) from the node, {invalid} INVALID"),
     };
-    Ok(verdict(say, RESET_CASE, what, with_agent, alive && resets == 0, detail))
+    Ok(verdict(say, RESET_CASE, what, (with_agent, with_agent), alive && resets == 0, detail))
 }
 
-fn start_agent(say: &Say, stage: &mut Stage, source_args: &[String]) -> Result<()> {
+fn start_agent(say: &Say, stage: &mut Stage, source: &AgentSource) -> Result<()> {
     let cgroup = stage.cgroup().display().to_string();
-    let mut args: Vec<&str> = source_args.iter().map(String::as_str).collect();
-    args.extend(["--external-cluster", "true", "--cgroup-path", cgroup.as_str(), "--node-name", NODE_NAME]);
-    say.command(&stage.nm_shown(&format!("run {}", args.join(" "))), "");
-    say.text(&format!("(the INVALID drop is on by default; its log goes to {})", stage.agent_log().display()));
+    let mut args: Vec<&str> = source.args.iter().map(String::as_str).collect();
+    if stage.kube().is_none() {
+        args.extend(["--external-cluster", "true"]);
+    }
+    args.extend(["--cgroup-path", cgroup.as_str(), "--node-name", NODE_NAME]);
+    let env: String = source.env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    say.command(&format!("{env}{}", stage.nm_shown(&format!("run {}", args.join(" ")))), "");
+    if stage.kube().is_some() {
+        say.text(&format!(
+            "(the env of the DaemonSet object the apiserver holds, from deploy/node-manager.yaml; the demo's own\n\
+             bpffs and cgroup; node-manager's ServiceAccount token; its log goes to {})",
+            stage.agent_log().display()
+        ));
+    } else {
+        say.text(&format!("(the INVALID drop is on by default; its log goes to {})", stage.agent_log().display()));
+    }
     let started = Instant::now();
-    stage.start_agent(&args)?;
+    let rewrite = stage.kube().is_none();
+    stage.start_agent(&args, &source.env)?;
     let host_if = stage.lab().pod_host_if().to_owned();
     let state = loop {
         interrupt::sleep(Duration::from_millis(200))?;
         stage.check_agent_alive()?;
         if let Ok(state) = stage.inspect()
-            && ready(&state, &host_if)
+            && ready(&state, &host_if, rewrite)
         {
             break state;
         }
@@ -406,9 +561,9 @@ fn start_agent(say: &Say, stage: &mut Stage, source_args: &[String]) -> Result<(
     Ok(())
 }
 
-/// The agent has attached the pod programs, the socket hooks and the INVALID drop, and filled
-/// the frontends (TCP 8080 and the ICMP echo entry).
-fn ready(state: &Value, host_if: &str) -> bool {
+/// The agent has attached the INVALID drop and, with the `rewrite`, the pod programs and the
+/// socket hooks, and filled the frontends (TCP 8080 and the ICMP echo entry).
+fn ready(state: &Value, host_if: &str, rewrite: bool) -> bool {
     let attached = state["interfaces"]
         .as_array()
         .is_some_and(|is| is.iter().any(|i| i["name"] == host_if && i["present"] == true));
@@ -425,7 +580,7 @@ fn ready(state: &Value, host_if: &str) -> bool {
         Some(_) => true,
         None => false,
     };
-    attached && frontends && hooks && drop
+    (!rewrite || (attached && frontends && hooks)) && drop
 }
 
 fn show_inspect(say: &Say, stage: &Stage) -> Result<()> {

@@ -88,5 +88,6 @@ pub const NETNS_PREFIX: &str = "nml-";
 
 pub(crate) const NODE_POD_GW_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub(crate) const NODE_POD_GW_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-pub(crate) const NODE_UPLINK_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 129);
+/// The node's address on its uplink (what the endpoint sees of masqueraded traffic).
+pub const NODE_UPLINK_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 129);
 pub(crate) const NODE_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);

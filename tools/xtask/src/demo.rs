@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: installs what is missing (`cargo xtask setup`), builds the agent and the
 //! demo with cargo's own progress, and runs the demo (the `demo` crate's `node-manager-demo`).
-//! `--yes`, or CI=true, runs it without pauses; `--api-server` serves the Service from the test
-//! API server instead of a file. Ctrl-C reaches the demo, which removes what it
+//! `--yes`, or CI=true, runs it without pauses; `--kube-proxy MODE` builds (or reuses) the real
+//! Kubernetes components first and runs the story on them. Ctrl-C reaches the demo, which removes what it
 //! made and exits 130; this process waits for it meanwhile.
 
 use std::{path::PathBuf, time::Instant};
@@ -13,7 +13,7 @@ use crate::cmd::{Cmd, elapsed, is_root, step, workspace_root};
 /// The demo's exit code after Ctrl-C (`demo::EXIT_INTERRUPTED`).
 const EXIT_INTERRUPTED: i32 = 130;
 
-pub fn run(yes: bool, api_server: bool) -> Result<()> {
+pub fn run(yes: bool, kube_proxy: Option<&str>) -> Result<()> {
     if !is_root() {
         bail!(
             "the demo needs root: it creates network namespaces and a cgroup and loads BPF programs; \
@@ -30,6 +30,14 @@ pub fn run(yes: bool, api_server: bool) -> Result<()> {
     crate::build::run(false)?;
     println!("    built in {}", elapsed(started));
 
+    let kube_bin = match kube_proxy {
+        Some(_) => {
+            step("demo: the real Kubernetes components (`cargo xtask kube`: built once, then reused)");
+            Some(crate::kube::ensure()?.bin)
+        }
+        None => None,
+    };
+
     step("demo 3/3: running the demo");
     let bin = target_dir().join("debug");
     let mut demo = Cmd::new(bin.join("node-manager-demo").display().to_string())
@@ -38,8 +46,8 @@ pub fn run(yes: bool, api_server: bool) -> Result<()> {
     if yes {
         demo = demo.arg("--yes");
     }
-    if api_server {
-        demo = demo.arg("--api-server");
+    if let (Some(mode), Some(bin)) = (kube_proxy, kube_bin) {
+        demo = demo.arg("--kube-proxy").arg(mode).arg("--kube-bin").arg(bin.display().to_string());
     }
     let status = {
         let _waiting = SigintDeferred::install();

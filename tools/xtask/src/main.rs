@@ -70,9 +70,10 @@ enum Task {
         /// Do not pause between steps (also implied by CI=true or a stdin that is not a terminal).
         #[arg(long, short = 'y')]
         yes: bool,
-        /// Serve the Service from the test API server (fake-apiserver) instead of a file.
-        #[arg(long)]
-        api_server: bool,
+        /// Run it on the real Kubernetes components (kube-apiserver, etcd, kube-proxy in this mode),
+        /// built first by `cargo xtask kube` (several minutes once, then cached).
+        #[arg(long, value_name = "MODE", value_parser = ["nftables", "iptables"])]
+        kube_proxy: Option<String>,
     },
     /// Build the lab's real Kubernetes (kube-apiserver, kube-proxy, kubectl, kube-controller-manager
     /// at one pinned version, etcd at one pinned version) from their Go modules into target/kube/;
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
         Task::Lint => ("lint", lint::run()),
         Task::Test(args) => ("test", test::run(&args)),
         Task::Bench { quick } => ("bench", bench::run(quick)),
-        Task::Demo { yes, api_server } => ("demo", demo::run(yes, api_server)),
+        Task::Demo { yes, kube_proxy } => ("demo", demo::run(yes, kube_proxy.as_deref())),
         Task::Kube { check } => ("kube", kube::run(check)),
         Task::Vm(args) => ("vm", vm::run(&args)),
         Task::VmGuest { plan, init } => ("vm-guest", vm::run_guest(&plan, init)),

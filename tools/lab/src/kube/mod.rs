@@ -37,6 +37,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::in_netns;
 
+pub mod objects;
+
 /// Prefix of the scratch directories (under the temp dir) of the lab's control planes.
 pub const DIR_PREFIX: &str = "nm-kube-";
 /// The Service cluster IP ranges given to kube-apiserver (documentation ranges; IPv6 /112
@@ -52,6 +54,7 @@ pub fn bin_dir() -> Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kube");
+    let target = target.canonicalize().unwrap_or(target);
     let found: Vec<PathBuf> = fs::read_dir(&target)
         .map(|d| {
             d.filter_map(|e| Some(e.ok()?.path().join("bin"))).filter(|b| b.join("kube-apiserver").is_file()).collect()
@@ -92,6 +95,16 @@ fn run_ok(cmd: &mut Command, what: &str) -> Result<Output> {
         bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
+}
+
+/// `<component> --version` of a binary in `bin` (kube-proxy: "Kubernetes v1.34.4" → "v1.34.4").
+pub fn component_version(bin: &Path, component: &str) -> Result<String> {
+    let out = run_ok(Command::new(bin.join(component)).arg("--version"), &format!("{component} --version"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find(|w| w.starts_with('v') && w[1..].starts_with(|c: char| c.is_ascii_digit()))
+        .map(str::to_owned)
+        .with_context(|| format!("no version in `{component} --version`: {text:?}"))
 }
 
 /// Removes `/tmp/nm-kube-<pid>-*` of processes that no longer exist; returns what it removed.
