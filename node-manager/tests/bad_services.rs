@@ -4,6 +4,12 @@
 //! string). Every valid Service must be applied — the pinned map holds exactly their entries —
 //! and each malformed one reported exactly once by name, also after events and resyncs; a
 //! malformed update of a valid Service keeps its last good version. Needs root (bpffs).
+//!
+//! `fake-apiserver` is a stand-in here, for the one case the real apiserver cannot produce: it
+//! validates every Service it stores, so it never serves objects that do not decode (a
+//! conversion webhook, an aggregated API or an etcd written behind its back could). Objects the
+//! real apiserver accepts but node-manager must refuse are tested against it in
+//! `real_kubernetes.rs`.
 mod common;
 
 use std::{

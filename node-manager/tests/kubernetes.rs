@@ -1,69 +1,69 @@
-//! The Kubernetes source's settings against `fake-apiserver`, the lab's stand-in (list/watch over
-//! HTTP on loopback). The controller's behaviour against the API — changes, outages, restarts,
-//! 410 Gone, bookmarks, refused objects — is tested against the real kube-apiserver in
-//! `real_kubernetes.rs`; what stays here are agent settings whose API side is trivial (pod CIDR
-//! overrides, the legacy POD_NODE_NAME, the periodic resync repairing a map edited behind the
-//! agent's back, bad settings, a Service making pod traffic work), not yet moved to the real
-//! apiserver. Assertions are on the pinned maps (`inspect --json`). Needs root.
+//! The Kubernetes source's settings against the real kube-apiserver (`lab::kube::Cluster`,
+//! objects created with the real kubectl): pod CIDR overrides, the legacy POD_NODE_NAME, the
+//! periodic resync repairing a map edited behind the agent's back, bad settings, and a Service
+//! created in the apiserver making the pod's traffic to its LB IP work (on the lab's stand-in
+//! IPVS black hole, the case the rewrite exists for). The controller's behaviour against the
+//! API (changes, outages, 410 Gone, bookmarks, refused objects) is in `real_kubernetes.rs`.
+//! The agents here use the lab's admin kubeconfig; the DaemonSet's own RBAC is tested there.
+//! Assertions are on the pinned maps (`inspect --json`). Needs root and the components
+//! (`cargo xtask kube`; `cargo xtask test` passes NM_KUBE_BIN).
 mod common;
 
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use common::agent::{Agent, BIN, Scratch, wait_for};
-use fake_apiserver::FakeApiServer;
-use lab::{Lab, Ns};
-use serde_json::{Value, json};
+use lab::{
+    Lab, Ns,
+    kube::{ApiBridge, Cluster, Options, objects},
+};
 
 const NODE: &str = "node-a";
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(30);
 
-fn service(ns: &str, name: &str, cluster: &str, ingress: &[&str], ports: &[u16]) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": ns, "name": name,
-                     "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}]},
-        "spec": {"type": "LoadBalancer", "clusterIP": cluster, "clusterIPs": [cluster], "ipFamilies": ["IPv4"],
-                 "externalTrafficPolicy": "Local",
-                 "ports": ports.iter().map(|p| json!({"port": p, "protocol": "TCP", "targetPort": p})).collect::<Vec<_>>()},
-        "status": {"loadBalancer": {"ingress": ingress.iter().map(|ip| json!({"ip": ip, "ipMode": "VIP"})).collect::<Vec<_>>()}},
-    })
+/// A LoadBalancer Service `a/<name>` (TCP ports), its LB IP set through the status subresource.
+fn create_service(c: &Cluster, name: &str, cluster: &str, lb: &str, ports: &[u16]) {
+    let mut yaml = objects::service_yaml("a", name, &[cluster], ports);
+    // TCP only: drop the UDP port lines.
+    yaml = yaml.lines().filter(|l| !l.contains("protocol: UDP")).map(|l| format!("{l}\n")).collect();
+    c.apply(&yaml).unwrap();
+    c.set_lb_ips("a", name, &[lb]).unwrap();
 }
 
-fn node(pod_cidrs: &[&str]) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
-           "spec": {"podCIDR": pod_cidrs.first(), "podCIDRs": pod_cidrs}})
-}
-
-/// The fake API server, a kubeconfig for it, and a scratch bpffs.
+/// The apiserver, this node's Node (and another, which the field selector must keep out), and a
+/// scratch bpffs.
 struct Env {
-    server: FakeApiServer,
+    cluster: Cluster,
     scratch: Scratch,
-    kubeconfig: PathBuf,
+    /// Reaches the apiserver from the lab's node namespace, if the agent runs there.
+    _bridge: Option<ApiBridge>,
 }
 
 impl Env {
     fn new() -> Env {
-        Self::with(FakeApiServer::start().unwrap(), Scratch::host())
+        Self::with(Scratch::host(), None)
     }
 
-    fn with(server: FakeApiServer, scratch: Scratch) -> Env {
-        let kubeconfig = scratch.file("kubeconfig");
-        std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
-        server.apply(node(&["192.0.2.0/25", "2001:db8:1::/64"]));
-        // Another node: the field selector must keep its CIDRs out.
-        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"},
-                            "spec": {"podCIDRs": ["192.0.2.128/25"]}}));
-        Env { server, scratch, kubeconfig }
+    fn with(scratch: Scratch, node_netns: Option<&std::path::Path>) -> Env {
+        let cluster = Cluster::start(&Options::default()).unwrap();
+        let bridge = node_netns.map(|ns| ApiBridge::into_netns(ns, cluster.apiserver_port).unwrap());
+        cluster.create_node(NODE, &["192.0.2.0/25", "2001:db8:1::/64"], &["192.0.2.129"]).unwrap();
+        cluster.create_node("node-b", &["192.0.2.128/25"], &["192.0.2.130"]).unwrap();
+        cluster.create_namespace("a").unwrap();
+        Env { cluster, scratch, _bridge: bridge }
+    }
+
+    fn kubeconfig(&self) -> String {
+        self.cluster.admin_kubeconfig().display().to_string()
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
-        let mut args = vec!["--kubeconfig", self.kubeconfig.to_str().unwrap(), "--node-name", NODE];
+        let kubeconfig = self.kubeconfig();
+        let mut args = vec!["--kubeconfig", kubeconfig.as_str(), "--node-name", NODE];
         args.extend_from_slice(extra);
         Agent::start(&self.scratch, &args)
     }
@@ -109,7 +109,9 @@ fn pod_cidr_override_wins_per_family_over_the_node() {
     let agent = env.agent(&["--pod-cidr-ipv4", "192.0.2.64/27"]);
     // IPv4 from the override (the Node says 192.0.2.0/25), IPv6 still from the Node.
     wait_for("pod CIDRs", WAIT, || env.pod_cidrs() == ["192.0.2.64/27", "2001:db8:1::/64"]);
-    env.server.apply(node(&["192.0.2.0/25", "2001:db8:1:2::/64"]));
+    // spec.podCIDRs is immutable once set: the Node is replaced, as when a node re-registers.
+    env.cluster.kubectl_ok(&["delete", "node", NODE]).unwrap();
+    env.cluster.create_node(NODE, &["192.0.2.0/25", "2001:db8:1:2::/64"], &["192.0.2.129"]).unwrap();
     wait_for("the Node's IPv6 change", WAIT, || env.pod_cidrs() == ["192.0.2.64/27", "2001:db8:1:2::/64"]);
     drop(agent);
 }
@@ -120,7 +122,7 @@ fn legacy_pod_node_name_selects_the_node_with_a_deprecation_warning() {
     let log = env.scratch.file("legacy.log");
     let child = env
         .scratch
-        .nm(&["run", "--kubeconfig", env.kubeconfig.to_str().unwrap()])
+        .nm(&["run", "--kubeconfig", &env.kubeconfig()])
         .env("POD_NODE_NAME", NODE)
         .env_remove("NODE_NAME")
         .stderr(std::fs::File::create(&log).unwrap())
@@ -135,9 +137,9 @@ fn legacy_pod_node_name_selects_the_node_with_a_deprecation_warning() {
 fn the_periodic_resync_repairs_entries_changed_behind_the_agents_back() {
     use node_manager::{kernel::maps, model::FrontendAddr};
     let env = Env::new();
-    env.server.apply(service("a", "one", "198.51.100.1", &["203.0.113.1"], &[80]));
+    create_service(&env.cluster, "one", "198.51.100.21", "203.0.113.1", &[80]);
     let agent = env.agent(&["--resync-period", "1s"]);
-    let want = [("203.0.113.1:0/ICMP", "198.51.100.1"), ("203.0.113.1:80/TCP", "198.51.100.1")];
+    let want = [("203.0.113.1:0/ICMP", "198.51.100.21"), ("203.0.113.1:80/TCP", "198.51.100.21")];
     env.wait_frontends(&agent, "initial", &want);
 
     // Another process (as bpftool would) deletes one entry, redirects none to a wrong
@@ -171,15 +173,15 @@ fn bad_settings_exit_2_naming_them() {
     }
 }
 
-/// The whole path once: a Service created in the API server → a pod reaches EXT:port.
+/// The whole path once: a Service created in the apiserver → a pod reaches EXT:port (on the
+/// lab's stand-in IPVS black hole: the LB IP bound on kube-ipvs0 with nothing behind it).
 #[test]
 fn a_service_created_in_the_api_server_makes_the_pods_traffic_to_its_lb_ip_work() {
     let lab = Lab::new().unwrap();
-    // The agent runs in the lab's node namespace, so the API server listens on that
-    // namespace's loopback.
-    let server = lab::in_netns(lab.netns_path(Ns::Node), || Ok(FakeApiServer::start()?)).unwrap();
-    let env = Env::with(server, Scratch::new(&lab));
-    env.server.apply(node(&[lab::POD_CIDR_V4, lab::POD_CIDR_V6]));
+    // The agent runs in the lab's node namespace: the apiserver is bridged into it.
+    let env = Env::with(Scratch::new(&lab), Some(&lab.netns_path(Ns::Node)));
+    env.cluster.kubectl_ok(&["delete", "node", NODE]).unwrap();
+    env.cluster.create_node(NODE, &[lab::POD_CIDR_V4, lab::POD_CIDR_V6], &["192.0.2.129"]).unwrap();
     let agent = env.agent(&["--external-cluster", "true", "--pod-interfaces", "veth*"]);
     wait_for("the agent to attach", WAIT, || {
         env.scratch.inspect()["interfaces"].as_array().is_some_and(|i| !i.is_empty())
@@ -187,8 +189,10 @@ fn a_service_created_in_the_api_server_makes_the_pods_traffic_to_its_lb_ip_work(
     let to = std::net::SocketAddr::new(lab::EXTERNAL_V4.into(), lab::SERVICE_PORT);
     assert!(lab.tcp_request(Ns::Pod, to, b"x", Duration::from_secs(1)).is_err(), "no Service yet: no rewrite");
 
-    let svc: Value = serde_yaml_from_lab();
-    env.server.apply(svc);
+    let (c4, c6) = (lab::CLUSTER_V4.to_string(), lab::CLUSTER_V6.to_string());
+    env.cluster.create_namespace("lab").unwrap();
+    env.cluster.apply(&objects::service_yaml("lab", "web", &[&c4, &c6], &[lab::SERVICE_PORT])).unwrap();
+    env.cluster.set_lb_ips("lab", "web", &[&lab::EXTERNAL_V4.to_string(), &lab::EXTERNAL_V6.to_string()]).unwrap();
     wait_for("the Service's frontends", WAIT, || env.frontends().len() == 6);
     for ip in [IpAddr::from(lab::EXTERNAL_V4), IpAddr::from(lab::EXTERNAL_V6)] {
         let to = std::net::SocketAddr::new(ip, lab::SERVICE_PORT);
@@ -198,15 +202,8 @@ fn a_service_created_in_the_api_server_makes_the_pods_traffic_to_its_lb_ip_work(
         assert_eq!(reply.data, b"echo:tcp");
         assert_eq!(reply.peer, to, "the pod sees the external address as its peer");
     }
-    env.server.delete("services", "lab/web");
+    env.cluster.kubectl_ok(&["delete", "svc", "web", "-n", "lab"]).unwrap();
     wait_for("the frontends to go", WAIT, || env.frontends().is_empty());
     assert!(lab.tcp_request(Ns::Pod, to, b"x", Duration::from_secs(1)).is_err());
     drop(agent);
-}
-
-/// The lab's Service (as `tests/netns.rs` uses from a file) as the API would serve it.
-fn serde_yaml_from_lab() -> Value {
-    let yaml = common::agent::lab_service_yaml("web");
-    let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
-    serde_json::to_value(v).unwrap()
 }

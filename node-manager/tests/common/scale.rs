@@ -1,4 +1,6 @@
-//! Many Services for `fake-apiserver`, and reading the pinned frontends map directly (faster
+//! Many Services: as JSON objects for `fake-apiserver` (`valid_service`, the stand-in that
+//! serves objects the real apiserver would refuse, in `bad_services.rs`) and as YAML for the
+//! real apiserver (`real_service_yaml`); and reading the pinned frontends map directly (faster
 //! than `inspect --json` with 10,000 entries).
 use std::{collections::BTreeMap, path::Path};
 
@@ -53,4 +55,36 @@ pub fn pinned_frontends(bpffs: &Path) -> BTreeMap<FrontendKey, Frontend> {
     let Ok(data) = MapData::from_pin(&pin) else { return BTreeMap::new() };
     let Ok(map) = HashMap::<_, FrontendKey, Frontend>::try_from(Map::HashMap(data)) else { return BTreeMap::new() };
     map.iter().filter_map(Result::ok).collect()
+}
+
+/// The n-th Service for the real apiserver, `ok/sNNNNN`: IPv6 (the /112 Service range has room
+/// for 10,000 cluster IPs, the IPv4 /24 has not), cluster IP 2001:db8:5::(0x100 + n), external IP
+/// 2001:db8:e::1:n, TCP port 10000 + n. As one YAML document.
+pub fn real_service_yaml(n: u32) -> String {
+    let (ext, cluster) = real_addrs(n);
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{n:05}, namespace: ok}}\nspec:\n  ipFamilies: [IPv6]\n  \
+         clusterIP: '{cluster}'\n  externalIPs: ['{ext}']\n  ports:\n  - {{name: t, port: {}, protocol: TCP, targetPort: 8080}}\n",
+        10000 + n
+    )
+}
+
+fn real_addrs(n: u32) -> (std::net::Ipv6Addr, std::net::Ipv6Addr) {
+    let ext = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 1, u16::try_from(n).unwrap());
+    let cluster = std::net::Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, u16::try_from(0x100 + n).unwrap());
+    (ext, cluster)
+}
+
+/// The frontends map `real_service_yaml(range)` must produce: a TCP entry and an ICMPv6 echo
+/// entry each.
+pub fn real_frontends(range: std::ops::Range<u32>) -> BTreeMap<FrontendKey, Frontend> {
+    let mut out = BTreeMap::new();
+    for n in range {
+        let (ext, cluster) = real_addrs(n);
+        let value = Frontend { cluster_addr: cluster.octets() };
+        let port = u16::try_from(10000 + n).unwrap();
+        out.insert(FrontendKey { addr: ext.octets(), port: port.to_be(), proto: 6, pad: 0 }, value);
+        out.insert(FrontendKey { addr: ext.octets(), port: 0, proto: 58, pad: 0 }, value);
+    }
+    out
 }

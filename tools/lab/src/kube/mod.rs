@@ -143,6 +143,9 @@ pub struct Options {
     /// `--watch-cache-sizes`: for example `services#0` sends watches of Services straight to
     /// etcd, so a watch from a compacted revision gets 410 Gone.
     pub watch_cache_sizes: Option<String>,
+    /// A second kube-apiserver on the same etcd, as in a highly available control plane:
+    /// while the first is stopped, [`Cluster::kubectl`] writes through this one.
+    pub standby_apiserver: bool,
 }
 
 struct Proc {
@@ -160,6 +163,8 @@ pub struct Cluster {
     pub apiserver_port: u16,
     etcd: Proc,
     apiserver: Proc,
+    /// The second apiserver ([`Options::standby_apiserver`]) and its port.
+    standby: Option<(Proc, u16)>,
     /// Print the logs' last lines on drop (cleared by a test that succeeded, see [`Cluster::quiet`]).
     loud_drop: bool,
 }
@@ -222,6 +227,7 @@ impl Cluster {
                 args: Vec::new(),
                 child: None,
             },
+            standby: None,
             loud_drop: true,
         };
         write_pki(&dir)?;
@@ -261,10 +267,43 @@ impl Cluster {
         if let Some(sizes) = &opts.watch_cache_sizes {
             args.push(format!("--watch-cache-sizes={sizes}"));
         }
+        if opts.standby_apiserver {
+            let port = free_port()?;
+            let standby_args = args
+                .iter()
+                .map(|a| match a {
+                    a if a.starts_with("--secure-port=") => format!("--secure-port={port}"),
+                    a if a.starts_with("--audit-log-path=") => format!("--audit-log-path={}", d("audit-standby.log")),
+                    a => a.clone(),
+                })
+                .collect();
+            let program = bin.join("kube-apiserver");
+            cluster.standby =
+                Some((Proc { name: "kube-apiserver-standby", program, args: standby_args, child: None }, port));
+        }
         cluster.apiserver.args = args;
         cluster.write_kubeconfig("admin.kubeconfig", &admin_token)?;
         cluster.spawn_etcd()?;
         cluster.start_apiserver()?;
+        if let Some((standby, port)) = cluster.standby.as_mut() {
+            let port = *port;
+            Self::spawn(&dir, standby)?;
+            let started = Instant::now();
+            let ready = |c: &Cluster| {
+                c.kubectl(&[&format!("--server=https://127.0.0.1:{port}"), "get", "--raw=/readyz"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            while !ready(&cluster) {
+                if started.elapsed() > Duration::from_secs(90) {
+                    bail!(
+                        "the standby kube-apiserver is not ready after 90 s:\n{}",
+                        cluster.log_tail("kube-apiserver-standby", 20)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
         Ok(cluster)
     }
 
@@ -347,10 +386,15 @@ impl Cluster {
         self.dir.join("admin.kubeconfig")
     }
 
-    /// The real kubectl as the lab's administrator (system:masters).
+    /// The real kubectl as the lab's administrator (system:masters), through the standby
+    /// apiserver while the first one is stopped.
     pub fn kubectl(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.bin.join("kubectl"));
-        cmd.arg(format!("--kubeconfig={}", self.admin_kubeconfig().display())).args(args).stdin(Stdio::null());
+        cmd.arg(format!("--kubeconfig={}", self.admin_kubeconfig().display()));
+        if let (None, Some((_, port))) = (&self.apiserver.child, &self.standby) {
+            cmd.arg(format!("--server=https://127.0.0.1:{port}"));
+        }
+        cmd.args(args).stdin(Stdio::null());
         cmd
     }
 
@@ -443,7 +487,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let loud = self.loud_drop || std::thread::panicking();
-        for p in [&mut self.apiserver, &mut self.etcd] {
+        let standby = self.standby.as_mut().map(|(p, _)| p);
+        for p in standby.into_iter().chain([&mut self.apiserver, &mut self.etcd]) {
             if let Some(mut c) = p.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
