@@ -33,6 +33,10 @@ pub const COALESCE: Duration = Duration::from_millis(50);
 /// While the API server is not known to be reachable, probe `/version` this often (a resumed
 /// watch that sees no change produces no event that would tell us it is back).
 const PROBE_PERIOD: Duration = Duration::from_secs(2);
+/// The watches start again when the probe finds the API server back after a failure, at most
+/// this often: as seldom as the watch backoff's longest wait, so a watch that keeps failing while
+/// `/version` answers (RBAC, say) costs no more requests than the backoff alone.
+const RESTART_MIN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A client from `kubeconfig`, or else the environment (`KUBECONFIG`, `~/.kube/config`, the
 /// in-cluster service account), as `kube::Config::infer` finds it.
@@ -273,6 +277,25 @@ enum Kind {
     Node(watcher::Result<watcher::Event<DynamicObject>>),
 }
 
+/// The Service and Node watchers, merged. Lists are consistent reads (resourceVersion unset),
+/// not `any_semantic` (resourceVersion=0, whatever the apiserver's watch cache holds): after a
+/// 410 Gone or an apiserver restart a cache-served list can be older than what the agent had
+/// already seen, and a relist then loses Services created meanwhile (client-go's reflector
+/// relists consistently for the same reason). Seen in the real-apiserver test as a Service that
+/// never reached the map.
+fn watch_streams(client: &Client, node_name: &str) -> futures::stream::BoxStream<'static, Kind> {
+    let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
+    let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Node>(&()));
+    let strip = |o: &mut DynamicObject| o.metadata.managed_fields = None;
+    let service_events = watcher(services, watcher::Config::default())
+        .default_backoff()
+        .map(move |e| Kind::Service(e.map(|e| e.modify(strip))));
+    let node_events = watcher(nodes, watcher::Config::default().fields(&format!("metadata.name={node_name}")))
+        .default_backoff()
+        .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
+    futures::stream::select(service_events.boxed(), node_events.boxed()).boxed()
+}
+
 /// Watches until the process ends, publishing snapshots on `tx`.
 pub async fn watch(
     client: Client,
@@ -281,22 +304,12 @@ pub async fn watch(
     readiness: Readiness,
     telemetry: std::sync::Arc<crate::metrics::Telemetry>,
 ) {
-    let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
-    let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Node>(&()));
-    let strip = |o: &mut DynamicObject| o.metadata.managed_fields = None;
-    // Lists are consistent reads (resourceVersion unset), not `any_semantic` (resourceVersion=0,
-    // whatever the apiserver's watch cache holds): after a 410 Gone or an apiserver restart a
-    // cache-served list can be older than what the agent had already seen, and a relist then
-    // loses Services created meanwhile (client-go's reflector relists consistently for the
-    // same reason). Seen in the real-apiserver test as a Service that never reached the map.
-    let service_events = watcher(services, watcher::Config::default())
-        .default_backoff()
-        .map(move |e| Kind::Service(e.map(|e| e.modify(strip))));
-    let node_events = watcher(nodes, watcher::Config::default().fields(&format!("metadata.name={node_name}")))
-        .default_backoff()
-        .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
-    let mut events = futures::stream::select(service_events.boxed(), node_events.boxed());
-
+    let mut events = watch_streams(&client, &node_name);
+    // A watch that failed since the streams were (re)started; when the probe finds the API
+    // server back, the streams start again (a relist now) instead of waiting out a backoff
+    // grown during the outage (up to 30 s), at most once per RESTART_MIN_INTERVAL.
+    let mut watch_failed = false;
+    let mut last_restart: Option<Instant> = None;
     let mut state = State::new(&node_name);
     let mut dirty = false;
     let mut last_publish: Option<Instant> = None;
@@ -319,6 +332,7 @@ pub async fn watch(
                     Err(e) => {
                         tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, entries stay in force");
                         telemetry.watch_restarted(kind);
+                        watch_failed = true;
                         readiness.set(ReadyState::Unreachable(format!("{kind} watch: {e}")));
                     }
                 }
@@ -337,6 +351,12 @@ pub async fn watch(
                 // Bounded: a black-holed API server must not stall the event loop.
                 if let Ok(Ok(_)) = tokio::time::timeout(PROBE_PERIOD, client.apiserver_version()).await {
                     readiness.set(ReadyState::Ready);
+                    if watch_failed && last_restart.is_none_or(|t| t.elapsed() >= RESTART_MIN_INTERVAL) {
+                        tracing::info!("Kubernetes API: back; listing again now instead of after the watch backoff");
+                        events = watch_streams(&client, &node_name);
+                        watch_failed = false;
+                        last_restart = Some(Instant::now());
+                    }
                 }
             }
         }
