@@ -240,16 +240,23 @@ impl Agent {
             self.datapath.sync_frontends_incremental(&desired.frontends)
         };
         self.telemetry.reconciled("maps", started.elapsed(), synced.is_ok());
+        if let Ok(synced) = &synced {
+            self.telemetry.set_frontends_not_applied(synced.stats.not_fitting);
+            if let Some(warning) = not_fitting_warning(synced) {
+                self.report_once(&[warning]);
+            }
+        }
         if synced.is_ok() && !self.synced {
             self.synced = true;
             self.telemetry.set_synced();
         }
         match synced {
-            Ok(stats) => tracing::info!(
+            Ok(synced) => tracing::info!(
                 frontends = desired.frontends.len(),
-                added = stats.added,
-                changed = stats.changed,
-                removed = stats.removed,
+                added = synced.stats.added,
+                changed = synced.stats.changed,
+                removed = synced.stats.removed,
+                not_fitting = synced.stats.not_fitting,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "frontends synced"
             ),
@@ -309,4 +316,22 @@ impl Agent {
         self.telemetry.reconciled("interfaces", started.elapsed(), ok);
         self.update_attached();
     }
+}
+
+/// The warning for frontends the map had no room for, naming their Services (the first 20).
+fn not_fitting_warning(synced: &crate::kernel::FrontendsSynced) -> Option<String> {
+    let names = &synced.not_fitting_services;
+    if synced.stats.not_fitting == 0 {
+        return None;
+    }
+    let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
+    let more = names.len().saturating_sub(shown.len());
+    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+    Some(format!(
+        "{} frontends of Services {}{more} do not fit into NM_FRONTENDS ({} entries): not applied, \
+         retried at every sync; every other Service is served. Remove Services or external IPs to make room",
+        synced.stats.not_fitting,
+        shown.join(", "),
+        node_manager_common::FRONTENDS_MAX
+    ))
 }

@@ -52,6 +52,8 @@ pub struct Telemetry {
     reconcile_seconds: Family<StepLabels, Histogram>,
     reconcile_errors: Family<StepLabels, Counter>,
     watch_restarts: Family<StepLabels, Counter>,
+    /// Frontends the last sync had no room for in NM_FRONTENDS.
+    frontends_not_applied: std::sync::atomic::AtomicU64,
 }
 
 impl Telemetry {
@@ -67,6 +69,7 @@ impl Telemetry {
             }),
             reconcile_errors: Family::default(),
             watch_restarts: Family::default(),
+            frontends_not_applied: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -83,6 +86,10 @@ impl Telemetry {
     /// A watch of `resource` failed and is restarted (with backoff) by the watcher.
     pub fn watch_restarted(&self, resource: &'static str) {
         self.watch_restarts.get_or_create(&vec![("resource", resource)]).inc();
+    }
+
+    pub fn set_frontends_not_applied(&self, n: usize) {
+        self.frontends_not_applied.store(n as u64, Ordering::Relaxed);
     }
 
     pub fn set_synced(&self) {
@@ -272,6 +279,12 @@ impl Collector for DatapathCollector {
             "frontends",
             "Frontends (external address, port, protocol) served",
             &[(Vec::new(), state.frontends.len() as f64)],
+        )?;
+        gauges(
+            &mut encoder,
+            "frontends_not_applied",
+            "Frontends wanted that NM_FRONTENDS had no room for at the last sync (named in the log)",
+            &[(Vec::new(), self.telemetry.frontends_not_applied.load(Ordering::Relaxed) as f64)],
         )?;
         let present = state.interfaces.iter().filter(|i| i.present).count();
         gauges(

@@ -271,7 +271,7 @@ fn frontend_removal_by_diff_stops_the_rewrite() {
     let input = frame(&Spec::tcp(POD4, 40000, EXT4, 8080));
     assert_ne!(ingress(&mut dp, &input).out, input);
     let stats = dp.sync_frontends(&BTreeMap::new()).unwrap();
-    assert_eq!(stats.removed, 6);
+    assert_eq!(stats.stats.removed, 6);
     assert_untouched(&ingress(&mut dp, &input), &input, "after the frontend was removed");
 }
 

@@ -26,6 +26,15 @@ pub struct SyncStats {
     pub changed: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Entries wanted that the map had no room for (not written; retried at the next sync).
+    pub not_fitting: usize,
+}
+
+/// What a sync did: its counts, the keys that did not fit, and what the map holds after it.
+pub struct Synced<K, V> {
+    pub stats: SyncStats,
+    pub not_fitting: Vec<K>,
+    pub now: BTreeMap<K, V>,
 }
 
 pub fn addr16(addr: IpAddr) -> [u8; 16] {
@@ -120,48 +129,77 @@ pub fn owner_entries(desired: &BTreeMap<FrontendAddr, Target>) -> BTreeMap<Front
     desired.iter().map(|(f, t)| (frontend_key(f), Owner::new(&t.owner))).collect()
 }
 
-/// Makes the map hold exactly `want`, reading what it holds first (repairs any drift).
+/// Makes the map hold exactly `want` (or all of it that fits), reading what it holds first
+/// (repairs any drift).
 pub fn sync_frontends(
     map: &mut FrontendMap<&mut MapData>,
     want: &BTreeMap<FrontendKey, Frontend>,
-) -> Result<SyncStats> {
+) -> Result<Synced<FrontendKey, Frontend>> {
     let have = read_frontends(map)?;
-    sync_frontends_from(map, &have, want)
+    sync_frontends_from(map, have, want)
 }
 
 /// Writes the differences between `have` (what the map is believed to hold) and `want`.
 pub fn sync_frontends_from(
     map: &mut FrontendMap<&mut MapData>,
-    have: &BTreeMap<FrontendKey, Frontend>,
+    have: BTreeMap<FrontendKey, Frontend>,
     want: &BTreeMap<FrontendKey, Frontend>,
-) -> Result<SyncStats> {
+) -> Result<Synced<FrontendKey, Frontend>> {
     sync_hash_from(map, have, want, |k| format!("frontend {:?}", frontend_addr(k)))
 }
 
 /// Writes the differences between `have` and `want` into a hash map keyed by frontend.
+/// Removals come first: on a full map the entries that go make room for those that come (a
+/// sync that added first would fail at the first new key and never remove the stale ones).
+/// Entries the map has no room for are skipped and returned, the rest is still written.
 pub fn sync_hash_from<K: Pod + Ord, V: Pod + PartialEq>(
     map: &mut HashMap<&mut MapData, K, V>,
-    have: &BTreeMap<K, V>,
+    have: BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
     describe: impl Fn(&K) -> String,
-) -> Result<SyncStats> {
+) -> Result<Synced<K, V>> {
     let mut stats = SyncStats::default();
-    for (key, value) in want {
-        match have.get(key) {
-            Some(v) if v == value => stats.unchanged += 1,
-            found => {
-                map.insert(key, value, 0).with_context(|| format!("writing {}", describe(key)))?;
-                if found.is_some() { stats.changed += 1 } else { stats.added += 1 }
-            }
-        }
-    }
-    for key in have.keys().filter(|k| !want.contains_key(k)) {
+    let stale: Vec<K> = have.keys().filter(|k| !want.contains_key(k)).copied().collect();
+    let mut now = have;
+    for key in &stale {
         match map.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => stats.removed += 1,
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                stats.removed += 1;
+                now.remove(key);
+            }
             Err(e) => return Err(e).with_context(|| format!("removing {}", describe(key))),
         }
     }
-    Ok(stats)
+    let mut not_fitting = Vec::new();
+    for (key, value) in want {
+        let found = now.get(key);
+        if found == Some(value) {
+            stats.unchanged += 1;
+            continue;
+        }
+        let existed = found.is_some();
+        match map.insert(key, value, 0) {
+            Ok(()) => {
+                if existed {
+                    stats.changed += 1
+                } else {
+                    stats.added += 1
+                }
+                now.insert(*key, *value);
+            }
+            Err(e) if is_map_full(&e) => not_fitting.push(*key),
+            Err(e) => return Err(e).with_context(|| format!("writing {}", describe(key))),
+        }
+    }
+    stats.not_fitting = not_fitting.len();
+    Ok(Synced { stats, not_fitting, now })
+}
+
+/// The kernel's answer to a new key in a full hash map (E2BIG; ENOMEM when a non-preallocated
+/// map cannot allocate).
+pub fn is_map_full(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+        if matches!(io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)))
 }
 
 pub fn read_pod_cidrs<T: std::borrow::Borrow<MapData>>(map: &LpmTrie<T, [u8; 16], u8>) -> Result<BTreeSet<IpNet>> {

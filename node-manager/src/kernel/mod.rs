@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use ipnet::IpNet;
-use node_manager_common::{DatapathConfig, map_names};
+use node_manager_common::{DatapathConfig, Frontend, FrontendKey, Owner, map_names};
 
 use self::{
     attach::{DIRECTIONS, Mechanism},
@@ -34,6 +34,14 @@ use self::{
     report::{Loads, Report},
 };
 use crate::model::{FrontendAddr, Target};
+
+/// A frontends sync: its counts, and the Services with frontends the map had no room for.
+#[derive(Debug, Default)]
+pub struct FrontendsSynced {
+    pub stats: SyncStats,
+    /// `namespace/name` of the Services whose frontends did not (all) fit, sorted.
+    pub not_fitting_services: Vec<String>,
+}
 
 /// The eBPF object built by build.rs from node-manager-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node-manager"));
@@ -306,31 +314,46 @@ impl Datapath {
     /// Makes the frontends map (and the owners map beside it) equal to `desired`, reading the
     /// maps first: repairs entries changed behind our back. The periodic resync and the first
     /// sync use this.
-    pub fn sync_frontends(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
-        let want = (maps::frontend_entries(desired), maps::owner_entries(desired));
+    pub fn sync_frontends(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<FrontendsSynced> {
         self.written = None;
-        let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
+        let map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
         let have = maps::read_frontends(&map)?;
-        let stats = maps::sync_frontends_from(&mut map, &have, &want.0)?;
-        let mut owners = self.owners_mut()?;
-        let have_owners = maps::read_hash(&owners, map_names::OWNERS)?;
-        maps::sync_hash_from(&mut owners, &have_owners, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
-        self.written = Some(want);
-        Ok(stats)
+        let have_owners = maps::read_hash(&self.owners_mut()?, map_names::OWNERS)?;
+        self.write_frontends(desired, (have, have_owners))
     }
 
     /// Like `sync_frontends`, but diffs against what this process last wrote instead of
     /// reading the whole map (10,000 entries are 20,000 syscalls): for event-driven updates.
     /// Falls back to the full sync when the last write is unknown or failed.
-    pub fn sync_frontends_incremental(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<SyncStats> {
+    pub fn sync_frontends_incremental(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<FrontendsSynced> {
         let Some(have) = self.written.take() else { return self.sync_frontends(desired) };
-        let want = (maps::frontend_entries(desired), maps::owner_entries(desired));
+        self.write_frontends(desired, have)
+    }
+
+    /// Writes `desired` over what the maps hold (`have`); remembers what they hold after.
+    fn write_frontends(
+        &mut self,
+        desired: &BTreeMap<FrontendAddr, Target>,
+        have: (BTreeMap<FrontendKey, Frontend>, BTreeMap<FrontendKey, Owner>),
+    ) -> Result<FrontendsSynced> {
+        let mut want = (maps::frontend_entries(desired), maps::owner_entries(desired));
         let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-        let stats = maps::sync_frontends_from(&mut map, &have.0, &want.0)?;
+        let frontends = maps::sync_frontends_from(&mut map, have.0, &want.0)?;
+        // An owner only for a frontend that is in the map (both maps have the same capacity).
+        for key in &frontends.not_fitting {
+            want.1.remove(key);
+        }
         let mut owners = self.owners_mut()?;
-        maps::sync_hash_from(&mut owners, &have.1, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
-        self.written = Some(want);
-        Ok(stats)
+        let owners =
+            maps::sync_hash_from(&mut owners, have.1, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
+        let not_fitting = frontends
+            .not_fitting
+            .iter()
+            .filter_map(|k| desired.get(&maps::frontend_addr(k)?))
+            .map(|t| t.owner.clone())
+            .collect::<BTreeSet<String>>();
+        self.written = Some((frontends.now, owners.now));
+        Ok(FrontendsSynced { stats: frontends.stats, not_fitting_services: not_fitting.into_iter().collect() })
     }
 
     fn owners_mut(

@@ -1,6 +1,8 @@
 //! B: the node-manager agent binary in a lab's node namespace, attached to that lab's pod
-//! interface, fed by `fake-apiserver` (the Kubernetes source, as deployed), with a private
-//! bpffs and an empty test cgroup for its socket hooks.
+//! interface, fed by the real kube-apiserver (`lab::kube`, bridged into the node namespace;
+//! the agent with a ServiceAccount token, as deployed), with a private bpffs and an empty test
+//! cgroup for its socket hooks. The apiserver's audit log dates the agent's first list of
+//! Services and every write, so apply and change are timed from the API's side.
 
 use std::{
     fs,
@@ -11,14 +13,16 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use fake_apiserver::FakeApiServer;
-use lab::{Lab, Ns};
+use lab::{
+    Lab, Ns,
+    kube::{ApiBridge, Cluster, Options},
+};
 use node_manager::{
     kernel::maps,
     model::{FrontendAddr, Protocol},
 };
 use node_manager_common::{Counter, Frontend, FrontendKey, map_names};
-use serde_json::json;
+use serde_json::Value;
 
 use crate::{interrupt, services};
 
@@ -129,6 +133,8 @@ impl Drop for AgentProcess {
 struct SyncLine {
     frontends: usize,
     elapsed: Duration,
+    /// The line's own timestamp (the agent logs right after the map write).
+    at: Option<jiff::Timestamp>,
 }
 
 impl SyncLine {
@@ -139,7 +145,12 @@ impl SyncLine {
         let field = |name: &str| -> Option<u64> {
             line.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
         };
-        Some(SyncLine { frontends: field("frontends")? as usize, elapsed: Duration::from_micros(field("elapsed_us")?) })
+        let at = line.split_whitespace().next().and_then(|w| w.parse().ok());
+        Some(SyncLine {
+            frontends: field("frontends")? as usize,
+            elapsed: Duration::from_micros(field("elapsed_us")?),
+            at,
+        })
     }
 }
 
@@ -165,6 +176,9 @@ pub struct Start {
     pub end_to_end: Duration,
     /// Of which the model and the map writes (the agent's own `elapsed_us`).
     pub sync: Duration,
+    /// The apiserver's answer to the agent's first list of Services (its audit log) → the log
+    /// line of the sync that wrote the last entry.
+    pub from_first_event: Duration,
     /// VmRSS right after that sync, KiB.
     pub rss_kib: u64,
 }
@@ -172,17 +186,21 @@ pub struct Start {
 /// One more Service created in the API server while the agent holds N.
 #[derive(Clone, Copy, Debug)]
 pub struct Change {
-    /// API write → the new entry is in the pinned map.
+    /// The apiserver received the create (its audit log) → the new entry is in the pinned map
+    /// (polled every 0.2 ms while kubectl runs).
     pub end_to_end: Duration,
     /// Of which the model and the map diff-write (the agent's `elapsed_us`).
     pub sync: Duration,
+    /// Of which the apiserver's own handling of the create (request received → response
+    /// complete, its audit log): admission, the cluster IP's allocation, the etcd write.
+    pub apiserver: Duration,
 }
 
 /// The agent side of the benchmark, in one lab.
 pub struct AgentSide<'a> {
     // Dropped in this order: the agent, then the API server, then the pins and cgroup.
     agent: Option<AgentProcess>,
-    server: Option<FakeApiServer>,
+    api: Option<Api>,
     scratch: Scratch,
     lab: &'a Lab,
     bin: PathBuf,
@@ -194,7 +212,7 @@ impl<'a> AgentSide<'a> {
     pub fn new(lab: &'a Lab, bin: &Path) -> Result<AgentSide<'a>> {
         Ok(AgentSide {
             agent: None,
-            server: None,
+            api: None,
             scratch: Scratch::new(bin)?,
             lab,
             bin: bin.to_owned(),
@@ -212,20 +230,14 @@ impl<'a> AgentSide<'a> {
         self.scratch.cleanup()
     }
 
-    /// A new API server in the node namespace holding this lab's Node and `svcs`.
+    /// The apiserver (started at the first call) holding this lab's Node and exactly `svcs`
+    /// (created and deleted by diff with what it held).
     pub fn serve(&mut self, svcs: &[services::Svc]) -> Result<()> {
         self.stop_and_clean()?;
-        self.server = None;
-        let server = lab::in_netns(self.lab.netns_path(Ns::Node), || Ok(FakeApiServer::start()?))
-            .context("starting fake-apiserver in the node namespace")?;
-        server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": services::NODE},
-                            "spec": {"podCIDRs": [lab::POD_CIDR_V4]}}));
-        for svc in svcs {
-            server.apply(svc.to_json());
+        if self.api.is_none() {
+            self.api = Some(Api::start(self.lab, &self.scratch.dir)?);
         }
-        fs::write(self.scratch.dir.join("kubeconfig"), server.kubeconfig())?;
-        self.server = Some(server);
-        Ok(())
+        self.api.as_mut().context("the API server")?.hold(svcs)
     }
 
     /// Removes any datapath, starts the agent and waits for its first sync, which must hold
@@ -235,11 +247,12 @@ impl<'a> AgentSide<'a> {
         self.starts += 1;
         let log = self.scratch.dir.join(format!("agent-{}.log", self.starts));
         let started = Instant::now();
+        let started_at = jiff::Timestamp::now();
         let child = self
             .lab
             .command(Ns::Node, &self.bin)
             .args(["run", "--node-name", services::NODE, "--kubeconfig"])
-            .arg(self.scratch.dir.join("kubeconfig"))
+            .arg(&self.api.as_ref().context("serve() first")?.kubeconfig)
             .arg("--bpffs")
             .arg(self.scratch.bpffs())
             .arg("--cgroup-path")
@@ -278,26 +291,48 @@ impl<'a> AgentSide<'a> {
             bail!("the pinned map holds {in_map} frontends, expected {expected}");
         }
         self.frontends = Some(map);
-        Ok(Start { end_to_end, sync: sync.elapsed, rss_kib })
+        let api = self.api.as_ref().context("the API server")?;
+        let first_list =
+            api.first_services_list_since(started_at)?.context("the audit log has no list of Services by the agent")?;
+        let synced_at = sync.at.context("the sync line has no timestamp")?;
+        let from_first_event = synced_at
+            .duration_since(first_list)
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the sync ({synced_at}) precedes the first list ({first_list})"))?;
+        Ok(Start { end_to_end, sync: sync.elapsed, from_first_event, rss_kib })
     }
 
     /// Creates `svc` in the API server and waits for its entry in the pinned map.
     pub fn change(&mut self, svc: &services::Svc) -> Result<Change> {
-        let (Some(agent), Some(server), Some(map)) = (&self.agent, &self.server, &self.frontends) else {
+        let (Some(agent), Some(api), Some(map)) = (&self.agent, &mut self.api, &self.frontends) else {
             bail!("no agent running");
         };
-        let key =
-            maps::frontend_key(&FrontendAddr { addr: svc.lb.into(), port: svc.ports[0], protocol: Protocol::Tcp });
+        let (_, ext) = svc.api_addrs();
+        let key = maps::frontend_key(&FrontendAddr { addr: ext, port: svc.ports[0], protocol: Protocol::Tcp });
         let before = agent.syncs().len();
         let started = Instant::now();
-        server.apply(svc.to_json());
-        while map.get(&key, 0).is_err() {
+        let mut kubectl = api.create_in_background(svc)?;
+        let seen_at = loop {
+            if map.get(&key, 0).is_ok() {
+                break jiff::Timestamp::now();
+            }
             if started.elapsed() > CHANGE_WITHIN {
+                let _ = kubectl.kill();
                 bail!("Service {} never reached the map", svc.key());
             }
             std::thread::sleep(Duration::from_micros(200));
+        };
+        let out = kubectl.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl create {}: {}", svc.key(), String::from_utf8_lossy(&out.stderr).trim());
         }
-        let end_to_end = started.elapsed();
+        let (written, answered) =
+            api.create_times(svc)?.with_context(|| format!("no create of {} in the audit log", svc.key()))?;
+        let apiserver = answered.duration_since(written).try_into().unwrap_or_default();
+        let end_to_end = seen_at
+            .duration_since(written)
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{}: in the map ({seen_at}) before the write ({written})", svc.key()))?;
         // The log line follows the map write.
         let sync = loop {
             let syncs = agent.syncs();
@@ -312,7 +347,7 @@ impl<'a> AgentSide<'a> {
         // Further apart than the source's coalescing window, so the next change is published
         // at once: this measures the path, not the throttle.
         std::thread::sleep(node_manager::source::kubernetes::COALESCE + Duration::from_millis(10));
-        Ok(Change { end_to_end, sync: sync.elapsed })
+        Ok(Change { end_to_end, sync: sync.elapsed, apiserver })
     }
 
     /// Packets the pod ingress program rewrote (IPv4), which shows the pod's connections went
@@ -322,6 +357,148 @@ impl<'a> AgentSide<'a> {
         let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
         let all = maps::read_counters(&counters)?;
         all.iter().find(|(name, _)| *name == "rewrite_ingress_v4").map(|(_, c)| c.packets).context("no such counter")
+    }
+}
+
+/// The real control plane for B: etcd and kube-apiserver, bridged into the node namespace,
+/// the Node, the Services it holds, and the agent's kubeconfig (a ServiceAccount token bound
+/// to cluster-admin: the benchmark measures speed, `real_kubernetes.rs` the least privilege).
+struct Api {
+    /// Dropped before the cluster: its connections go to the apiserver.
+    _bridge: ApiBridge,
+    cluster: Cluster,
+    kubeconfig: PathBuf,
+    /// "namespace/name" of every Service created.
+    held: std::collections::BTreeSet<String>,
+}
+
+/// The agent's ServiceAccount, as the audit log names it.
+const AGENT_USER: &str = "system:serviceaccount:bench:agent";
+/// kubectl processes creating Services at once (kubectl sends one request at a time).
+const CREATORS: usize = 4;
+
+impl Api {
+    fn start(lab: &Lab, dir: &Path) -> Result<Api> {
+        let mut cluster = Cluster::start(&Options::default()).context("starting etcd and kube-apiserver")?;
+        cluster.quiet();
+        let bridge = ApiBridge::into_netns(&lab.netns_path(Ns::Node), cluster.apiserver_port)?;
+        cluster.create_node(services::NODE, &[lab::POD_CIDR_V4], &["192.0.2.129"])?;
+        let namespaces: String = (0..50)
+            .map(|k| format!("ns{k}"))
+            .chain(["bench".to_owned()])
+            .map(|ns| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"))
+            .collect();
+        cluster.apply(&namespaces)?;
+        cluster.apply(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: agent, namespace: bench}\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: bench-agent}\n\
+             roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}\n\
+             subjects: [{kind: ServiceAccount, name: agent, namespace: bench}]\n",
+        )?;
+        let token = cluster.token("bench", "agent", "24h", None)?;
+        let kubeconfig = dir.join("kubeconfig");
+        fs::copy(cluster.write_kubeconfig("agent.kubeconfig", &token)?, &kubeconfig)?;
+        Ok(Api { _bridge: bridge, cluster, kubeconfig, held: Default::default() })
+    }
+
+    /// Creates what `svcs` has and the apiserver not, deletes what it holds beyond `svcs`.
+    fn hold(&mut self, svcs: &[services::Svc]) -> Result<()> {
+        let wanted: std::collections::BTreeSet<String> = svcs.iter().map(services::Svc::key).collect();
+        let extra: Vec<String> = self.held.difference(&wanted).cloned().collect();
+        let mut by_namespace: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for key in &extra {
+            let (ns, name) = key.split_once('/').context("namespace/name")?;
+            by_namespace.entry(ns).or_default().push(name);
+        }
+        for (ns, names) in by_namespace {
+            for chunk in names.chunks(500) {
+                let mut args = vec!["delete", "service", "-n", ns];
+                args.extend_from_slice(chunk);
+                self.cluster.kubectl_ok(&args)?;
+            }
+        }
+        for key in &extra {
+            self.held.remove(key);
+        }
+        let missing: Vec<&services::Svc> = svcs.iter().filter(|s| !self.held.contains(&s.key())).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut inputs = vec![String::new(); CREATORS];
+        for (k, svc) in missing.iter().enumerate() {
+            inputs[k % CREATORS].push_str(&svc.to_api_yaml());
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).filter(|i| !i.is_empty()).collect();
+        self.cluster.kubectl_stdin_parallel(&["create", "-f", "-", "-o", "name"], &inputs)?;
+        for svc in &missing {
+            if svc.index.is_none() {
+                self.cluster.set_lb_ips(&svc.namespace, &svc.name, &[&svc.lb.to_string()])?;
+            }
+            self.held.insert(svc.key());
+        }
+        println!(
+            "  the apiserver holds {} Services ({} created in {:.1} s)",
+            self.held.len(),
+            missing.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// `kubectl create` of `svc`, running.
+    fn create_in_background(&mut self, svc: &services::Svc) -> Result<Child> {
+        use std::io::Write as _;
+        let mut child = self
+            .cluster
+            .kubectl(&["create", "-f", "-", "-o", "name"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        child.stdin.take().context("kubectl's stdin")?.write_all(svc.to_api_yaml().as_bytes())?;
+        self.held.insert(svc.key());
+        Ok(child)
+    }
+
+    /// The audit events of `verb` on Services by `user` (ResponseComplete), as JSON.
+    fn service_events(&self, verb: &str, user: Option<&str>) -> Vec<Value> {
+        self.cluster
+            .audit_lines()
+            .iter()
+            .filter(|l| l.contains("\"ResponseComplete\"") && l.contains(&format!("\"verb\":\"{verb}\"")))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["objectRef"]["resource"] == "services")
+            .filter(|e| user.is_none_or(|u| e["user"]["username"] == u))
+            .collect()
+    }
+
+    /// When the apiserver completed the agent's first list of Services after `since`.
+    fn first_services_list_since(&self, since: jiff::Timestamp) -> Result<Option<jiff::Timestamp>> {
+        let mut times: Vec<jiff::Timestamp> = self
+            .service_events("list", Some(AGENT_USER))
+            .iter()
+            .filter_map(|e| e["stageTimestamp"].as_str()?.parse().ok())
+            .filter(|t| *t >= since)
+            .collect();
+        times.sort();
+        Ok(times.first().copied())
+    }
+
+    /// When the apiserver received the (latest) create of `svc`, and when it answered it.
+    fn create_times(&self, svc: &services::Svc) -> Result<Option<(jiff::Timestamp, jiff::Timestamp)>> {
+        Ok(self
+            .service_events("create", None)
+            .iter()
+            .filter(|e| {
+                e["objectRef"]["namespace"] == svc.namespace.as_str() && e["objectRef"]["name"] == svc.name.as_str()
+            })
+            .filter_map(|e| {
+                let received: jiff::Timestamp = e["requestReceivedTimestamp"].as_str()?.parse().ok()?;
+                Some((received, e["stageTimestamp"].as_str()?.parse().ok()?))
+            })
+            .max())
     }
 }
 
@@ -339,7 +516,8 @@ mod tests {
     fn parses_sync_lines() {
         let line = "2026-11-22T03:49:30.1Z  \x1b[32m INFO\x1b[0m \x1b[2mnode_manager::agent\x1b[0m\x1b[2m:\x1b[0m frontends synced \x1b[3mfrontends\x1b[0m\x1b[2m=\x1b[0m10250 \x1b[3madded\x1b[0m\x1b[2m=\x1b[0m10250 \x1b[3melapsed_us\x1b[0m\x1b[2m=\x1b[0m23000";
         let parsed = SyncLine::parse(&strip_ansi(line)).unwrap();
-        assert_eq!(parsed, SyncLine { frontends: 10250, elapsed: Duration::from_millis(23) });
+        let at = "2026-11-22T03:49:30.1Z".parse().ok();
+        assert_eq!(parsed, SyncLine { frontends: 10250, elapsed: Duration::from_millis(23), at });
         assert_eq!(SyncLine::parse("datapath loaded"), None);
     }
 }

@@ -151,9 +151,11 @@ impl<'a> Bed<'a> {
         let starts = (0..plan.apply_rounds).map(|_| self.agent.start_from_nothing(want)).collect::<Result<Vec<_>>>()?;
         let e2e: Vec<Duration> = starts.iter().map(|s| s.end_to_end).collect();
         let sync: Vec<Duration> = starts.iter().map(|s| s.sync).collect();
+        let first: Vec<Duration> = starts.iter().map(|s| s.from_first_event).collect();
         println!(
-            "  apply {n}, node-manager: start → synced {}, of which model + map writes {}; RSS {} MiB",
+            "  apply {n}, node-manager: start → synced {}, first Service list answered → synced {}, of which model + map writes {}; RSS {} MiB",
             show_ms(&e2e),
+            show_ms(&first),
             show_ms(&sync),
             starts.last().map_or(0, |s| s.rss_kib / 1024)
         );
@@ -304,9 +306,11 @@ impl<'a> Bed<'a> {
         }
         let e2e: Vec<Duration> = changes.iter().map(|c| c.end_to_end).collect();
         let sync: Vec<Duration> = changes.iter().map(|c| c.sync).collect();
+        let apiserver: Vec<Duration> = changes.iter().map(|c| c.apiserver).collect();
         println!(
-            "  one change at {n} (node-manager): API write → map {}, of which model + map diff {}",
+            "  one change at {n} (node-manager): API write received → map {}, of which the apiserver's handling {}, model + map diff {}",
             show_ms(&e2e),
+            show_ms(&apiserver),
             show_ms(&sync)
         );
         r.agent_change.insert(n, changes);

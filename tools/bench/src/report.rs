@@ -226,14 +226,27 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
         yes(tc.is_some_and(|s| s.median >= 0.97))
     );
     let e2e = r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis);
+    let first = r.agent_start_summary(n, |s| s.from_first_event, Unit::Millis);
     let sync = r.agent_start_summary(n, |s| s.sync, Unit::Millis);
     let _ = writeln!(
         w,
-        "| B applies {} Services from nothing in < 1 s | agent start → all entries in the map: {} ms (model + map writes: {} ms) | {} |",
+        "| B applies {} Services from nothing in < 100 ms, from the first Service event to the last entry in the map | first Service list answered (apiserver audit log) → all entries in the map: {} ms (agent start → all in the map: {} ms; model + map writes: {} ms) | {} |",
         int(n),
+        range(first),
         range(e2e),
         range(sync),
-        yes(e2e.is_some_and(|s| s.median < 1000.0))
+        yes(first.is_some_and(|s| s.median < 100.0))
+    );
+    let change = r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis);
+    let apiserver = r.agent_change_summary(n, |c| c.apiserver, Unit::Millis);
+    let after = r.agent_change_summary(n, |c| c.end_to_end.saturating_sub(c.apiserver), Unit::Millis);
+    let _ = writeln!(
+        w,
+        "| B: one Service change, API write → map entry, < 5 ms | the apiserver answered the create → the entry in the pinned map: {} ms (from the request received, audit log: {} ms, of which the apiserver's own handling {} ms) | {} |",
+        range(after),
+        range(change),
+        range(apiserver),
+        yes(after.is_some_and(|s| s.median < 5.0))
     );
     let _ = writeln!(
         w,

@@ -56,6 +56,10 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
         );
         p.need(format!("N = {n}, node-manager: sync"), r.agent_start_summary(n, |s| s.sync, Unit::Millis));
         p.need(
+            format!("N = {n}, node-manager: first Service list → synced"),
+            r.agent_start_summary(n, |s| s.from_first_event, Unit::Millis),
+        );
+        p.need(
             format!("N = {n}, node-manager: change → map"),
             r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis),
         );
@@ -138,8 +142,9 @@ mod tests {
             }
         }
         for n in plan.all_ns() {
-            r.agent_start.insert(n, vec![Start { end_to_end: ms * 10, sync: ms, rss_kib: 20_000 }]);
-            r.agent_change.insert(n, vec![Change { end_to_end: ms, sync: ms / 2 }]);
+            r.agent_start
+                .insert(n, vec![Start { end_to_end: ms * 10, sync: ms, from_first_event: ms * 2, rss_kib: 20_000 }]);
+            r.agent_change.insert(n, vec![Change { end_to_end: ms, sync: ms / 2, apiserver: ms / 4 }]);
             r.prog.insert(n, ProgCost { hit: s(300.0), miss: s(140.0), empty: s(40.0) });
         }
         r

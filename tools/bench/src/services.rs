@@ -1,11 +1,15 @@
-//! The workload: N LoadBalancer Services, as the Kubernetes API serves them (for node-manager)
-//! and as network-node-manager's iptables rules (4 per external IP, §1.5.3 of the prior-art
-//! inventory). The last-listed Service is the one the pod talks to: its rules come last in
-//! network-node-manager's chains.
+//! The workload: N LoadBalancer Services, as objects for the real kube-apiserver (for
+//! node-manager) and as network-node-manager's iptables rules (4 per external IP, §1.5.3 of the
+//! prior-art inventory). The last-listed Service is the one the pod talks to: its rules come
+//! last in network-node-manager's chains.
+//!
+//! The apiserver gives every Service its own cluster IP, and the documentation ranges hold only
+//! 256 IPv4 ones: in the API the fillers are IPv6 (cluster IPs from 2001:db8:5::/108, one
+//! external IP each from 2001:db8:e:1::/64), the target IPv4. node-manager keeps both families
+//! in one hash map with 16-byte keys, so the map it looks the target up in has N Services'
+//! entries either way; network-node-manager's chains get the IPv4 rules below.
 
-use std::net::Ipv4Addr;
-
-use serde_json::{Value, json};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The port of the target Service that the connection-rate client uses.
 pub const CONN_PORT: u16 = 9000;
@@ -35,6 +39,8 @@ pub struct Svc {
     pub lb: Ipv4Addr,
     pub cluster: Ipv4Addr,
     pub ports: Vec<u16>,
+    /// The filler's number (`None` for the target).
+    pub index: Option<usize>,
 }
 
 /// The target: the lab's Service, on the two benchmark ports.
@@ -45,6 +51,7 @@ pub fn target() -> Svc {
         lb: lab::EXTERNAL_V4,
         cluster: lab::CLUSTER_V4,
         ports: vec![CONN_PORT, IPERF_PORT],
+        index: None,
     }
 }
 
@@ -58,6 +65,7 @@ pub fn filler(i: usize) -> Svc {
         lb: Ipv4Addr::new(203, 0, 113, last),
         cluster: Ipv4Addr::new(198, 51, 100, last),
         ports: vec![u16::try_from(port).expect("at most ~15 million fillers")],
+        index: Some(i),
     }
 }
 
@@ -67,11 +75,10 @@ pub fn services(n: usize) -> Vec<Svc> {
     (0..n - 1).map(filler).chain([target()]).collect()
 }
 
-/// Entries node-manager writes for `n` Services: one per (LB IP, port, TCP) plus one ICMP
-/// echo entry per LB address.
+/// Entries node-manager writes for `n` Services as the API holds them: a filler's (IP, port,
+/// TCP) and its IP's ICMP echo entry; the target's two ports and its echo entry.
 pub fn expected_frontends(n: usize) -> usize {
-    let fillers = n - 1;
-    fillers + target().ports.len() + fillers.min(FILLER_IPS) + 1
+    2 * (n - 1) + target().ports.len() + 1
 }
 
 impl Svc {
@@ -79,24 +86,39 @@ impl Svc {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// The v1 Service as the API server serves it (with the metadata a real one carries).
-    pub fn to_json(&self) -> Value {
-        let ports: Vec<Value> = self
+    /// (cluster IP, external IP) in the API: the target's IPv4 ones, a filler's IPv6 ones.
+    pub fn api_addrs(&self) -> (IpAddr, IpAddr) {
+        match self.index {
+            None => (self.cluster.into(), self.lb.into()),
+            Some(i) => {
+                let i = u128::try_from(i).expect("usize fits u128");
+                let cluster = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 0x100)) + i;
+                let ext = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0)) + i;
+                (Ipv6Addr::from(cluster).into(), Ipv6Addr::from(ext).into())
+            }
+        }
+    }
+
+    /// The Service as YAML for `kubectl create`: the target a LoadBalancer Service (its
+    /// ingress IP set through the status subresource afterwards), a filler a ClusterIP Service
+    /// with an external IP (no status write per Service).
+    pub fn to_api_yaml(&self) -> String {
+        let (cluster, ext) = self.api_addrs();
+        let ports: String = self
             .ports
             .iter()
             .enumerate()
-            .map(|(k, p)| json!({"name": format!("p{k}"), "port": p, "protocol": "TCP", "targetPort": p, "nodePort": 30000 + (p % 2000)}))
+            .map(|(k, p)| format!("  - {{name: p{k}, port: {p}, protocol: TCP, targetPort: {p}}}\n"))
             .collect();
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"namespace": self.namespace, "name": self.name,
-                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\":\"v1\",\"kind\":\"Service\"}"},
-                         "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1"}]},
-            "spec": {"type": "LoadBalancer", "clusterIP": self.cluster.to_string(), "clusterIPs": [self.cluster.to_string()],
-                     "ipFamilies": ["IPv4"], "externalTrafficPolicy": "Local", "selector": {"app": self.name},
-                     "ports": ports},
-            "status": {"loadBalancer": {"ingress": [{"ip": self.lb.to_string(), "ipMode": "VIP"}]}},
-        })
+        let (kind, family, external) = match self.index {
+            None => ("LoadBalancer\n  externalTrafficPolicy: Local", "IPv4", String::new()),
+            Some(_) => ("ClusterIP", "IPv6", format!("  externalIPs: ['{ext}']\n")),
+        };
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  type: {kind}\n  \
+             ipFamilies: [{family}]\n  clusterIP: '{cluster}'\n{external}  selector: {{app: {}}}\n  ports:\n{ports}",
+            self.name, self.namespace, self.name
+        )
     }
 
     /// network-node-manager's 4 rules for this Service's IP, as the arguments it passes after
@@ -195,7 +217,21 @@ mod tests {
     fn expected_frontends_counts_icmp_per_address() {
         assert_eq!(expected_frontends(1), 3);
         assert_eq!(expected_frontends(2), 5);
-        assert_eq!(expected_frontends(10_000), 9_999 + 2 + 240 + 1);
+        assert_eq!(expected_frontends(10_000), 2 * 9_999 + 2 + 1);
+    }
+
+    #[test]
+    fn fillers_in_the_api_are_ipv6_with_their_own_addresses_and_the_target_ipv4() {
+        let (c0, e0) = filler(0).api_addrs();
+        assert_eq!((c0.to_string(), e0.to_string()), ("2001:db8:5::100".into(), "2001:db8:e:1::".into()));
+        let (c, e) = filler(99_999).api_addrs();
+        assert_eq!((c.to_string(), e.to_string()), ("2001:db8:5::1:879f".into(), "2001:db8:e:1::1:869f".into()));
+        let yaml = filler(7).to_api_yaml();
+        assert!(yaml.contains("type: ClusterIP") && yaml.contains("externalIPs: ['2001:db8:e:1::7']"), "{yaml}");
+        assert!(yaml.contains("{name: p0, port: 1000, protocol: TCP, targetPort: 1000}"), "{yaml}");
+        let yaml = target().to_api_yaml();
+        assert!(yaml.contains("type: LoadBalancer") && yaml.contains("clusterIP: '198.51.100.10'"), "{yaml}");
+        assert!(!yaml.contains("externalIPs"), "{yaml}");
     }
 
     #[test]

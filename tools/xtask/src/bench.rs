@@ -1,13 +1,16 @@
 //! `cargo xtask bench [--quick]`: builds the agent and the `bench` crate in release and runs
 //! the side-by-side benchmark (needs root). The full run writes `BENCHMARKS.md` and
 //! `docs/bench/*.png` in the repository; `--quick` (the CI smoke run) writes them under
-//! `target/bench-quick/` and checks only that every figure was measured and is sane.
+//! `target/bench-quick/` and checks only that every figure was measured and is sane. B's
+//! Services come from the real kube-apiserver (`cargo xtask kube` builds it first if needed).
 
 use anyhow::Result;
 
 use crate::cmd::{Cmd, step, workspace_root};
 
 pub fn run(quick: bool) -> Result<()> {
+    // B is fed by the real kube-apiserver.
+    let kube = crate::kube::ensure()?;
     step("bench: building the agent and the benchmark (release)");
     Cmd::cargo().args(["build", "--release", "-p", "node-manager", "-p", "bench", "--bins"]).run()?;
     let root = workspace_root();
@@ -19,7 +22,8 @@ pub fn run(quick: bool) -> Result<()> {
         .arg(out.display().to_string())
         .arg("--node-manager")
         .arg(root.join("target/release/node-manager").display().to_string())
-        .args(["--command", command]);
+        .args(["--command", command])
+        .env("NM_KUBE_BIN", &kube.bin);
     if quick {
         cmd = cmd.arg("--quick");
     }
