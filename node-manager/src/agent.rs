@@ -292,7 +292,7 @@ impl Agent {
             && (!only_cheap || drop_invalid.mode == drop_invalid::Mode::Bpf)
         {
             let started = Instant::now();
-            let ensured = drop_invalid.ensure(&mut self.datapath);
+            let ensured = drop_invalid.ensure(&mut self.datapath, !only_cheap);
             self.telemetry.reconciled("drop_invalid", started.elapsed(), ensured.is_ok());
             if let Err(e) = ensured {
                 tracing::error!(mode = %drop_invalid.mode, error = format!("{e:#}"), "drop-invalid: repair failed; retrying");

@@ -90,6 +90,13 @@ fn render_drop_invalid(out: &mut String, d: &DropInvalidState) {
     if d.nftables_table {
         let _ = writeln!(out, "  nftables table inet {} present", crate::features::drop_invalid::nft::TABLE);
     }
+    if d.conntrack_holder {
+        let _ = writeln!(
+            out,
+            "  nftables table inet {} present (keeps conntrack hooked)",
+            crate::features::drop_invalid::nft::HOLDER_TABLE
+        );
+    }
     let c = &d.counters;
     for (name, value) in [("dropped_v4", c.dropped_v4), ("dropped_v6", c.dropped_v6)] {
         if let Some((packets, bytes)) = value {

@@ -52,6 +52,8 @@ pub struct DropInvalidState {
     pub nftables_table: bool,
     /// bpf mode's guard: how long ago conntrack was last seen tracking a packet on each
     /// family's hook (drops happen only within the window). None: never.
+    /// The bpf mode's table that keeps conntrack hooked (`nft::HOLDER_TABLE`) is there.
+    pub conntrack_holder: bool,
     pub conntrack_seen_v4_ms_ago: Option<u64>,
     pub conntrack_seen_v6_ms_ago: Option<u64>,
     pub counters: crate::features::drop_invalid::Counters,
@@ -310,13 +312,15 @@ fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
             .args(["list", "table", "inet", crate::features::drop_invalid::nft::TABLE])
             .output()
             .is_ok_and(|o| o.status.success()),
-        conntrack_seen_v4_ms_ago: seen_ms_ago(pins, node_manager_common::CT_FAMILY_V4),
-        conntrack_seen_v6_ms_ago: seen_ms_ago(pins, node_manager_common::CT_FAMILY_V6),
+        conntrack_holder: crate::features::drop_invalid::nft::holding_conntrack(),
+        conntrack_seen_v4_ms_ago: conntrack_seen_ms_ago(pins, node_manager_common::CT_FAMILY_V4),
+        conntrack_seen_v6_ms_ago: conntrack_seen_ms_ago(pins, node_manager_common::CT_FAMILY_V6),
         counters: crate::features::drop_invalid::counters(pins),
     }
 }
 
-fn seen_ms_ago(pins: &Pins, family: u32) -> Option<u64> {
+/// How long ago the bpf INVALID drop saw conntrack track a packet of `family`.
+pub fn conntrack_seen_ms_ago(pins: &Pins, family: u32) -> Option<u64> {
     let seen: Array<MapData, u64> = Array::try_from(open(pins, map_names::CT_SEEN).ok()?).ok()?;
     let at = seen.get(&family, 0).ok().filter(|&t| t != 0)?;
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -337,3 +337,48 @@ fn an_impossible_or_unknown_mode_exits_2_naming_what_is_missing() {
     assert!(stderr.contains("--drop-invalid-mode nftables is not possible") && stderr.contains("nft"), "{stderr}");
     assert_eq!(drop_state(&scratch)["netfilter_links"].as_array().map(Vec::len), Some(0));
 }
+
+/// kube-proxy's tables (here the lab's stand-in NAT) are what hook conntrack into the node's
+/// network namespace; when they go (`kube-proxy --cleanup`, a proxy replaced, a flush) the
+/// kernel unhooks conntrack at once and every packet reaches LOCAL_IN untracked, looking
+/// exactly like an INVALID one. The bpf mode's guard must not drop the host's own traffic then.
+#[test]
+fn bpf_mode_passes_the_hosts_traffic_when_conntrack_unhooks() {
+    if !common::kernel::has_netfilter_links() {
+        return; // bpf mode needs Linux ≥ 6.4; the other modes are nftables/iptables rules, which hold conntrack
+    }
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let agent = Agent::start(&scratch, &["--services-file", &services_file(&scratch), "--drop-invalid-mode", "bpf"]);
+    wait_for("the netfilter links and conntrack seen", Duration::from_secs(15), || {
+        let d = drop_state(&scratch);
+        d["netfilter_links"].as_array().is_some_and(|l| l.len() == 2)
+            && d["conntrack_seen_v4_ms_ago"].as_u64().is_some_and(|ms| ms < 3000)
+    });
+    valid_traffic_passes(&lab);
+    wait_for("the conntrack holder", Duration::from_secs(15), || drop_state(&scratch)["conntrack_holder"] == true);
+    // Every conntrack user of the namespace but node-manager's goes: the lab's NAT tables (as
+    // `kube-proxy --cleanup` removes kube-proxy's).
+    let tables = lab.command(Ns::Node, "nft").args(["list", "tables"]).output().unwrap();
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    let theirs: Vec<&str> = tables.lines().filter(|t| !t.contains(" node_manager")).collect();
+    assert!(!theirs.is_empty(), "the lab's NAT tables: {tables}");
+    for table in &theirs {
+        let args: Vec<&str> = table.split_whitespace().skip(1).collect(); // "table inet x" → ["inet", "x"]
+        let out = lab.command(Ns::Node, "nft").arg("delete").arg("table").args(&args).output().unwrap();
+        assert!(out.status.success(), "nft delete {table}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // At once, within the guard's window: the host's own traffic still passes.
+    for gw in ["192.0.2.1", "2001:db8:1::1"] {
+        let out = lab.command(Ns::Pod, "ping").args(["-c", "3", "-i", "0.2", "-W", "1", gw]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ping {gw} right after conntrack's users went: {}\n{:#}",
+            String::from_utf8_lossy(&out.stdout),
+            drop_state(&scratch)
+        );
+    }
+    let d = drop_state(&scratch);
+    assert_eq!(dropped(&d, "v4") + dropped(&d, "v6"), 0, "nothing dropped: {d:#}");
+    drop(agent);
+}

@@ -212,6 +212,12 @@ fn check_leftovers() -> Result<()> {
     if Path::new(BPF_PIN_DIR).exists() {
         problems.push(format!("pinned BPF objects in {BPF_PIN_DIR} (remove with `rm -r {BPF_PIN_DIR}`)"));
     }
+    // The agent's nftables tables in this machine's own namespace (tests run agents there too).
+    if let Ok(out) = Cmd::new("nft").args(["list", "tables"]).output() {
+        for table in String::from_utf8_lossy(&out.stdout).lines().filter(|t| t.contains(" node_manager")) {
+            problems.push(format!("nftables {table} in the host namespace (`nft delete {table}`)"));
+        }
+    }
     if problems.is_empty() {
         println!("    no leftovers");
         Ok(())

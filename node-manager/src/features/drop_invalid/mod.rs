@@ -50,6 +50,7 @@ pub fn remove_except(keep: Option<Mode>, pins: &Pins, datapath: Option<&mut Data
     };
     if keep != Some(Mode::Bpf) {
         note("bpf", crate::kernel::netfilter::detach(&pins.links_dir()));
+        note("the conntrack holder", nft::release_conntrack());
     }
     if keep != Some(Mode::Nftables) {
         note("nftables", nft::remove());
@@ -82,6 +83,16 @@ pub struct DropInvalid {
     bpf: Option<bpf::Prepared>,
     /// The verifier's verdict on the bpf mode's programs, when they were loaded.
     pub bpf_load: Option<Result<(), String>>,
+    /// bpf mode: the conntrack holder is installed (checked with nft again at a thorough
+    /// ensure), or installing it failed (said once; retried at a thorough ensure).
+    holder: Holder,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    NotYet,
+    Held,
+    Failed,
 }
 
 impl DropInvalid {
@@ -102,11 +113,12 @@ impl DropInvalid {
             Mode::Liberal => liberal::probe(),
         })
         .map_err(NotPossible)?;
-        let mut this = DropInvalid { mode, reason, bpf: prepared.filter(|_| mode == Mode::Bpf), bpf_load };
+        let mut this =
+            DropInvalid { mode, reason, bpf: prepared.filter(|_| mode == Mode::Bpf), bpf_load, holder: Holder::NotYet };
         tracing::info!(mode = %mode, why = describe(mode, reason.code()), "drop-invalid: mode chosen");
         let config = datapath.ct_config()?;
         datapath.set_ct_config(node_manager_common::CtConfig { mode: mode.code(), reason: reason.code(), ..config })?;
-        this.ensure(datapath).with_context(|| format!("installing drop-invalid mode {mode}"))?;
+        this.ensure(datapath, true).with_context(|| format!("installing drop-invalid mode {mode}"))?;
         if let Some(pins) = datapath.pins_ref().cloned() {
             for error in remove_except(Some(mode), &pins, Some(datapath)) {
                 tracing::error!("drop-invalid: {error}");
@@ -121,11 +133,14 @@ impl DropInvalid {
     }
 
     /// Installs the mechanism, or repairs it if something removed or changed it behind our back.
-    pub fn ensure(&mut self, datapath: &mut Datapath) -> Result<()> {
+    /// `thorough`: also what takes a command to check (the conntrack holder).
+    pub fn ensure(&mut self, datapath: &mut Datapath, thorough: bool) -> Result<()> {
         let repaired = match self.mode {
             Mode::Bpf => {
                 let pins = datapath.pins_ref().cloned().context("no pins")?;
-                bpf::ensure(&pins, self.bpf.as_ref().context("bpf programs not loaded")?)?
+                let linked = bpf::ensure(&pins, self.bpf.as_ref().context("bpf programs not loaded")?)?;
+                self.hold_conntrack(&pins, thorough);
+                linked
             }
             Mode::Nftables => nft::ensure()?,
             Mode::Iptables => iptables::ensure()?,
@@ -135,6 +150,47 @@ impl DropInvalid {
             tracing::info!(mode = %self.mode, "drop-invalid: installed");
         }
         Ok(())
+    }
+}
+
+impl DropInvalid {
+    /// bpf mode: once conntrack is seen at work in this namespace, keep it hooked (see
+    /// `nft::HOLDER_TABLE`), so that an untracked-looking packet is an INVALID one for as long as
+    /// the programs drop. Not before: on a node where nothing uses conntrack the programs drop
+    /// nothing, and the agent must not start tracking its traffic.
+    fn hold_conntrack(&mut self, pins: &crate::kernel::pins::Pins, thorough: bool) {
+        if thorough && self.holder != Holder::NotYet {
+            self.holder = if nft::holding_conntrack() { Holder::Held } else { Holder::NotYet };
+        }
+        if self.holder != Holder::NotYet {
+            return;
+        }
+        let window = u64::from(bpf::TRACKED_WINDOW_MS);
+        let seen = [node_manager_common::CT_FAMILY_V4, node_manager_common::CT_FAMILY_V6]
+            .iter()
+            .any(|f| crate::state::conntrack_seen_ms_ago(pins, *f).is_some_and(|ms| ms < window));
+        if !seen {
+            return;
+        }
+        match nft::hold_conntrack() {
+            Ok(installed) => {
+                if installed {
+                    tracing::info!(
+                        table = nft::HOLDER_TABLE,
+                        "drop-invalid: conntrack seen at work; holding it hooked"
+                    );
+                }
+                self.holder = Holder::Held;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "drop-invalid: cannot hold conntrack hooked; if every other user of conntrack goes (kube-proxy's \
+                     rules removed), the host's traffic is dropped for up to 5 s"
+                );
+                self.holder = Holder::Failed;
+            }
+        }
     }
 }
 

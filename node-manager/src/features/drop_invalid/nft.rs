@@ -67,6 +67,44 @@ pub fn ensure() -> Result<bool> {
     Ok(true)
 }
 
+/// The bpf mode's conntrack holder: the kernel hooks conntrack into a network namespace only
+/// while something there needs it (kube-proxy's rules; ours), and unhooks it the moment the
+/// last user goes (`kube-proxy --cleanup`, a proxy replaced). Then every packet reaches
+/// LOCAL_IN untracked, exactly like an INVALID one, and the bpf programs would drop the host's
+/// traffic for as long as their guard remembers conntrack at work. A `ct` expression makes a
+/// table a user; in a chain without a hook it is never evaluated (no per-packet cost).
+pub const HOLDER_TABLE: &str = "node_manager_conntrack";
+const HOLDER: &str = r#"table inet node_manager_conntrack {
+	chain hold {
+		ct state invalid counter comment "node-manager: keeps conntrack hooked for the bpf INVALID drop"
+	}
+}
+"#;
+
+/// Installs the holder unless it is there.
+pub fn hold_conntrack() -> Result<bool> {
+    if nft(&["list", "table", "inet", HOLDER_TABLE], None).is_ok_and(|l| l.contains("ct state invalid")) {
+        return Ok(false);
+    }
+    let script = format!("table inet {HOLDER_TABLE}\ndelete table inet {HOLDER_TABLE}\n{HOLDER}");
+    nft(&["-f", "-"], Some(&script)).context("installing the conntrack holder table")?;
+    Ok(true)
+}
+
+pub fn holding_conntrack() -> bool {
+    nft(&["list", "table", "inet", HOLDER_TABLE], None).is_ok()
+}
+
+pub fn release_conntrack() -> Result<Vec<String>> {
+    match nft(&["list", "table", "inet", HOLDER_TABLE], None) {
+        Ok(_) => {
+            nft(&["delete", "table", "inet", HOLDER_TABLE], None)?;
+            Ok(vec![format!("nftables table inet {HOLDER_TABLE} (the conntrack holder)")])
+        }
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
 pub fn remove() -> Result<Vec<String>> {
     match nft(&["list", "table", "inet", TABLE], None) {
         Ok(_) => {
