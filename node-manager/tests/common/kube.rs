@@ -411,6 +411,27 @@ pub fn kube_proxy_story(mode: ProxyMode) {
     // mode masquerades for node processes (measured: in IPVS mode too, although there the LB
     // IP alone left the source as the LB IP).
     served("node process (rewrite on)", &node_ns, Some(&pods.0), NODE_UPLINK_V4);
+    if mode == ProxyMode::Ipvs {
+        // A stand-in, named: on a real cluster the endpoint's node runs kube-proxy IPVS too and
+        // holds the LB IP on its own kube-ipvs0; the lab's endpoint namespace gets it on a dummy.
+        // A node process the hooks do not see reaches the endpoint from the LB IP, a local
+        // address there, and gets no answer; with the rewrite its source is the node's address.
+        let ep = |args: &[&str]| {
+            let out = lab.command(Ns::Ep, "ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        };
+        ep(&["link", "add", "kube-ipvs0", "type", "dummy"]);
+        ep(&["addr", "add", &format!("{LB_V4}/32"), "dev", "kube-ipvs0"]);
+        let unhooked = client(&node_ns, None, "tcp", lb(8080, false));
+        assert!(unhooked.is_err(), "IPVS alone, the endpoint's node holding the LB IP: {unhooked:?}");
+        served(
+            "node process (rewrite on, the endpoint's node holding the LB IP)",
+            &node_ns,
+            Some(&pods.0),
+            NODE_UPLINK_V4,
+        );
+        ep(&["link", "del", "kube-ipvs0"]);
+    }
     pod.stop();
     drop(pods);
     drop(scratch);
