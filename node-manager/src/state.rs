@@ -313,21 +313,16 @@ fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
             .output()
             .is_ok_and(|o| o.status.success()),
         conntrack_holder: crate::features::drop_invalid::nft::holding_conntrack(),
-        conntrack_seen_v4_ms_ago: conntrack_seen_ms_ago(pins, node_manager_common::CT_FAMILY_V4),
-        conntrack_seen_v6_ms_ago: conntrack_seen_ms_ago(pins, node_manager_common::CT_FAMILY_V6),
+        conntrack_seen_v4_ms_ago: crate::features::drop_invalid::bpf::conntrack_seen_ms_ago(
+            pins,
+            node_manager_common::CT_FAMILY_V4,
+        ),
+        conntrack_seen_v6_ms_ago: crate::features::drop_invalid::bpf::conntrack_seen_ms_ago(
+            pins,
+            node_manager_common::CT_FAMILY_V6,
+        ),
         counters: crate::features::drop_invalid::counters(pins),
     }
-}
-
-/// How long ago the bpf INVALID drop saw conntrack track a packet of `family`.
-pub fn conntrack_seen_ms_ago(pins: &Pins, family: u32) -> Option<u64> {
-    let seen: Array<MapData, u64> = Array::try_from(open(pins, map_names::CT_SEEN).ok()?).ok()?;
-    let at = seen.get(&family, 0).ok().filter(|&t| t != 0)?;
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime into a local timespec. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    Some(now.saturating_sub(at) / 1_000_000)
 }
 
 /// The report `inspect` shows: the agent's, pinned at start; with nothing installed, one probed

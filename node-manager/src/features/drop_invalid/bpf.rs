@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya::maps::MapData;
 use node_manager_common::CtConfig;
 
 use crate::kernel::{
@@ -89,4 +90,16 @@ fn start_heartbeat() {
             tracing::warn!(error = %e, "drop-invalid: no heartbeat thread; drops rely on other local traffic");
         }
     });
+}
+
+/// How long ago the bpf INVALID drop saw conntrack track a packet of `family`.
+pub fn conntrack_seen_ms_ago(pins: &Pins, family: u32) -> Option<u64> {
+    let data = MapData::from_pin(pins.map(node_manager_common::map_names::CT_SEEN)).ok()?;
+    let seen: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    let at = seen.get(&family, 0).ok().filter(|&t| t != 0)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a local timespec. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    Some(now.saturating_sub(at) / 1_000_000)
 }

@@ -168,7 +168,7 @@ impl DropInvalid {
         let window = u64::from(bpf::TRACKED_WINDOW_MS);
         let seen = [node_manager_common::CT_FAMILY_V4, node_manager_common::CT_FAMILY_V6]
             .iter()
-            .any(|f| crate::state::conntrack_seen_ms_ago(pins, *f).is_some_and(|ms| ms < window));
+            .any(|f| bpf::conntrack_seen_ms_ago(pins, *f).is_some_and(|ms| ms < window));
         if !seen {
             return;
         }
