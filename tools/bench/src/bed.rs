@@ -26,6 +26,7 @@ use crate::{
     conn::{self, Sink},
     interrupt,
     iperf::{self, IperfServer},
+    nftmap::NftMap,
     report::int,
     results::{ConnSample, Plan, Results, Variant},
     services::{self, CONN_PORT, IPERF_PORT},
@@ -83,7 +84,7 @@ impl Labs {
 fn target(v: Variant, port: u16) -> SocketAddr {
     let ip: IpAddr = match v {
         Variant::C | Variant::CMasq => lab::CLUSTER_V4.into(),
-        Variant::A(_) | Variant::B => lab::EXTERNAL_V4.into(),
+        Variant::A(_) | Variant::NftMap | Variant::B => lab::EXTERNAL_V4.into(),
     };
     SocketAddr::new(ip, port)
 }
@@ -110,6 +111,10 @@ impl<'a> Bed<'a> {
         Baseline::new(self.labs.get(Variant::A(backend)), backend)
     }
 
+    fn nft_map(&self) -> NftMap<'a> {
+        NftMap::new(self.labs.get(Variant::NftMap))
+    }
+
     /// Every side-by-side figure at `n`.
     pub fn measure(&mut self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
         let svcs = services::services(n);
@@ -120,6 +125,10 @@ impl<'a> Bed<'a> {
             println!("  apply {n}, iptables-restore ({}): {}", backend.iptables(), show_ms(&times));
             r.restore_apply.insert((n, backend), times);
         }
+        let peer = self.nft_map();
+        let times = (0..plan.apply_rounds).map(|_| peer.load(&svcs)).collect::<Result<Vec<_>>>()?;
+        println!("  apply {n}, nftables set + map (nft -f): {}", show_ms(&times));
+        r.nft_apply.insert(n, times);
         self.agent_starts(n, &svcs, plan, r)?;
         self.traffic(n, plan, r)?;
         self.check_paths(n, r)?;
@@ -257,6 +266,15 @@ impl<'a> Bed<'a> {
                 conns + to_cluster
             );
         }
+        let peer = self.nft_map().dnat_packets()?;
+        let conns: u64 = r.conn[&(n, Variant::NftMap)].iter().map(|c| c.connections).sum();
+        r.path_checks.push(format!(
+            "N = {}, nftables set + map: its DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
+            int(n),
+            int(peer as usize),
+            int(conns as usize)
+        ));
+        anyhow::ensure!(peer >= conns, "A′ at N = {n}: DNAT counted {peer} < {conns}");
         let rewrites = self.agent.rewrites()?;
         let conns: u64 = r.conn[&(n, Variant::B)].iter().map(|c| c.connections).sum();
         r.path_checks.push(format!(
@@ -295,6 +313,15 @@ impl<'a> Bed<'a> {
             r.per_rule_change.insert((n, backend), per_rule);
             r.restore_change.insert((n, backend), restore);
         }
+        let peer = self.nft_map();
+        let mut added = Vec::new();
+        for _ in 0..plan.iptables_changes {
+            interrupt::check()?;
+            added.push(peer.add(&services::filler(next))?);
+            next += 1;
+        }
+        println!("  one change at {n} (nftables set + map): one add-element transaction {}", show_ms(&added));
+        r.nft_change.insert(n, added);
         self.agent_changes(n, plan, r)
     }
 

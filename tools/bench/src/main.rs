@@ -12,6 +12,7 @@ mod conn;
 mod interrupt;
 mod iperf;
 mod machine;
+mod nftmap;
 mod plot;
 mod prog_cost;
 mod report;

@@ -212,6 +212,13 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
         ratio(bc),
         yes(bc.is_some_and(|s| s.median >= 0.9))
     );
+    let ba = r.conn_ratio(n, Variant::B, Variant::NftMap);
+    let _ = writeln!(
+        w,
+        "| B ≥ 1.25× the nftables set + map (A′, the O(1) peer) on connections/s | B/A′: {} | {} |",
+        ratio(ba),
+        yes(ba.is_some_and(|s| s.median >= 1.25))
+    );
     let bcm = r.conn_ratio(n, Variant::B, Variant::CMasq);
     let _ = writeln!(
         w,

@@ -19,16 +19,25 @@ pub enum Variant {
     C,
     CMasq,
     A(Backend),
+    /// A′: one nftables set and map (`nftmap.rs`), the O(1) peer.
+    NftMap,
     B,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] =
-        [Variant::C, Variant::CMasq, Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::B];
+    pub const ALL: [Variant; 6] = [
+        Variant::C,
+        Variant::CMasq,
+        Variant::A(Backend::Legacy),
+        Variant::A(Backend::Nft),
+        Variant::NftMap,
+        Variant::B,
+    ];
 
     /// The sides whose pod → cluster IP connections are measured besides C's own: a cluster
     /// IP needs no rewrite, but every new connection still passes A's chain or B's programs.
-    pub const TO_CLUSTER: [Variant; 3] = [Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::B];
+    pub const TO_CLUSTER: [Variant; 4] =
+        [Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::NftMap, Variant::B];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -36,6 +45,7 @@ impl Variant {
             Variant::CMasq => "C′: no rewrite, masqueraded",
             Variant::A(Backend::Legacy) => "A: nnm, iptables-legacy",
             Variant::A(Backend::Nft) => "A: nnm, iptables-nft",
+            Variant::NftMap => "A′: nftables set + map",
             Variant::B => "B: node-manager",
         }
     }
@@ -150,6 +160,9 @@ pub struct Results {
     pub restore_change: BTreeMap<(usize, Backend), Vec<Duration>>,
     pub per_rule_change: BTreeMap<(usize, Backend), Vec<Duration>>,
     pub agent_change: BTreeMap<usize, Vec<Change>>,
+    /// A′: `nft -f` of the whole table, and one `add element` transaction, per N.
+    pub nft_apply: BTreeMap<usize, Vec<Duration>>,
+    pub nft_change: BTreeMap<usize, Vec<Duration>>,
     pub prog: BTreeMap<usize, ProgCost>,
     /// Evidence that each side's traffic took the path it claims, one line each.
     pub path_checks: Vec<String>,

@@ -34,6 +34,11 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
             }
             p.need(format!("N = {n}, {label}: connections/s to the cluster IP"), r.cluster_summary(n, v, |c| c.rate));
         }
+        for (what, m) in
+            [("nftables set + map: nft -f apply", &r.nft_apply), ("nftables set + map: add element", &r.nft_change)]
+        {
+            p.need(format!("N = {n}, {what}"), m.get(&n).and_then(|t| Summary::of_durations(t, Unit::Millis)));
+        }
         for backend in Backend::ALL {
             let b = backend.iptables();
             let restore = r.restore_apply.get(&(n, backend)).and_then(|t| Summary::of_durations(t, Unit::Millis));
@@ -134,6 +139,8 @@ mod tests {
                     r.conn_cluster.insert((n, v), vec![c; plan.rounds]);
                 }
             }
+            r.nft_apply.insert(n, vec![ms]);
+            r.nft_change.insert(n, vec![ms]);
             for b in Backend::ALL {
                 r.restore_apply.insert((n, b), vec![ms]);
                 r.per_rule_apply.insert((n, b), PerRule { done: n, of: n, elapsed: ms, per_service_at_end: ms });

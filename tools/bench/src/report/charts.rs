@@ -24,6 +24,7 @@ pub(super) fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'stat
         (Variant::CMasq, plot::GREY),
         (A_LEGACY, plot::RED),
         (A_NFT, plot::ORANGE),
+        (Variant::NftMap, plot::PURPLE),
         (Variant::B, plot::BLUE),
     ];
     let per_variant = |f: &dyn Fn(usize, Variant) -> Option<Summary>| -> Vec<Series> {

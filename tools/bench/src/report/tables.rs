@@ -99,17 +99,18 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w, "\n## Time to apply N Services from nothing (ms unless marked)\n");
     let _ = writeln!(
         w,
-        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | B: model + map writes | B: first Service list answered → all in map | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | A′: nft -f of the set + map | B: model + map writes | B: first Service list answered → all in map | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for n in plan.all_ns() {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             int(n),
             per_rule_cell(r, n, Backend::Legacy),
             per_rule_cell(r, n, Backend::Nft),
             range(ms(r.restore_apply.get(&(n, Backend::Legacy)))),
             range(ms(r.restore_apply.get(&(n, Backend::Nft)))),
+            range(ms(r.nft_apply.get(&n))),
             range(r.agent_start_summary(n, |s| s.sync, Unit::Millis)),
             range(r.agent_start_summary(n, |s| s.from_first_event, Unit::Millis)),
             range(r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis)),
@@ -118,17 +119,18 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w, "\n## One change at N: one more Service (ms)\n");
     let _ = writeln!(
         w,
-        "| N | A legacy, per rule | A nft, per rule | A legacy, restore --noflush | A nft, restore --noflush | B: model + map diff | B: the apiserver's handling of the create | B: API write received → entry in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| N | A legacy, per rule | A nft, per rule | A legacy, restore --noflush | A nft, restore --noflush | A′: one add-element transaction | B: model + map diff | B: the apiserver's handling of the create | B: API write received → entry in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for n in plan.all_ns() {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             int(n),
             range(ms(r.per_rule_change.get(&(n, Backend::Legacy)))),
             range(ms(r.per_rule_change.get(&(n, Backend::Nft)))),
             range(ms(r.restore_change.get(&(n, Backend::Legacy)))),
             range(ms(r.restore_change.get(&(n, Backend::Nft)))),
+            range(ms(r.nft_change.get(&n))),
             range(r.agent_change_summary(n, |c| c.sync, Unit::Millis)),
             range(r.agent_change_summary(n, |c| c.apiserver, Unit::Millis)),
             range(r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis)),
