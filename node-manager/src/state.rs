@@ -295,7 +295,10 @@ pub fn read(bpffs: &Path) -> Result<State> {
 }
 
 fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
+    use crate::features::drop_invalid::nft;
     let recorded = crate::features::drop_invalid::recorded(pins);
+    // One `nft` run for both of our tables (this is read at every metrics scrape).
+    let tables = nft::inet_tables();
     DropInvalidState {
         mode: recorded.as_ref().map(|(m, _)| *m),
         why: recorded.map(|(_, why)| why),
@@ -308,11 +311,8 @@ fn drop_invalid_state(pins: &Pins) -> DropInvalidState {
                 format!("{} link {} prog {} {hook} priority {priority}", family.name, info.id, info.prog_id)
             })
             .collect(),
-        nftables_table: std::process::Command::new("nft")
-            .args(["list", "table", "inet", crate::features::drop_invalid::nft::TABLE])
-            .output()
-            .is_ok_and(|o| o.status.success()),
-        conntrack_holder: crate::features::drop_invalid::nft::holding_conntrack(),
+        nftables_table: tables.iter().any(|t| t == nft::TABLE),
+        conntrack_holder: tables.iter().any(|t| t == nft::HOLDER_TABLE),
         conntrack_seen_v4_ms_ago: crate::features::drop_invalid::bpf::conntrack_seen_ms_ago(
             pins,
             node_manager_common::CT_FAMILY_V4,

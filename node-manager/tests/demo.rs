@@ -117,6 +117,11 @@ impl DemoRun {
             .collect()
     }
 
+    /// The detail of the `verdict` line of `case` in `phase` (empty if there is none).
+    fn detail(&self, case: &str, phase: &str) -> String {
+        self.verdicts().into_iter().find(|v| v.0 == case && v.1 == phase).map(|v| v.3).unwrap_or_default()
+    }
+
     /// The (program ids, link ids) of the running demo's agent (`socket_hooks` of them and the
     /// INVALID drop's two netfilter links), from `inspect --json` on its
     /// private bpffs in its node namespace.
@@ -207,9 +212,7 @@ fn assert_verdicts(run: &DemoRun) {
     let got: Vec<(&str, &str, &str)> =
         verdicts.iter().map(|(c, p, r, _)| (c.as_str(), p.as_str(), r.as_str())).collect();
     assert_eq!(got, expect, "{}", run.text());
-    let detail = |case: &str, phase: &str| {
-        verdicts.iter().find(|v| v.0 == case && v.1 == phase).map(|v| v.3.clone()).unwrap_or_default()
-    };
+    let detail = |case: &str, phase: &str| run.detail(case, phase);
     // The failures are the bugs, not something else.
     assert!(detail(demo::POD_CASE, "without-agent").starts_with("connection refused"), "{}", run.text());
     assert!(detail(demo::HOST_CASE, "without-agent").starts_with("connection refused"), "{}", run.text());
@@ -260,9 +263,7 @@ fn the_demo_on_the_real_components_names_them_and_changes_only_what_needs_fixing
         ("cleanup", "-", "OK"),
     ];
     assert_eq!(got, expect, "{}", run.text());
-    let detail = |case: &str, phase: &str| {
-        verdicts.iter().find(|v| v.0 == case && v.1 == phase).map(|v| v.3.clone()).unwrap_or_default()
-    };
+    let detail = |case: &str, phase: &str| run.detail(case, phase);
     let text = run.text();
     let version = |component: &str| {
         text.lines()

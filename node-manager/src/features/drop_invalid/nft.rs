@@ -91,6 +91,13 @@ pub fn hold_conntrack() -> Result<bool> {
     Ok(true)
 }
 
+/// The names of the `inet` tables in this namespace (one `nft` run; empty without nft).
+pub fn inet_tables() -> Vec<String> {
+    nft(&["list", "tables", "inet"], None)
+        .map(|l| l.lines().filter_map(|t| t.strip_prefix("table inet ")).map(|t| t.trim().to_owned()).collect())
+        .unwrap_or_default()
+}
+
 pub fn holding_conntrack() -> bool {
     nft(&["list", "table", "inet", HOLDER_TABLE], None).is_ok()
 }
