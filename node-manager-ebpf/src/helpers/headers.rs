@@ -25,6 +25,10 @@ pub const IPV6_PAYLOAD_LEN_OFF: usize = 4;
 pub const IPV6_NEXTHDR_OFF: usize = 6;
 pub const IPV6_SADDR_OFF: usize = 8;
 pub const IPV6_DADDR_OFF: usize = 24;
+/// Hop-by-hop options header (next header 0), and BIG TCP's: the Jumbo Payload option only.
+pub const IPV6_NEXTHDR_HOP: u8 = 0;
+pub const IPV6_JUMBO_HOP_LEN: usize = 8;
+pub const IPV6_TLV_JUMBO: u8 = 0xc2;
 
 pub const TCP_HLEN: usize = 20;
 pub const TCP_FLAGS_OFF: usize = 13;

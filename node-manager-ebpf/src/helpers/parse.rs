@@ -1,13 +1,27 @@
 //! Packet parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which
 //! bounds-checks against the skb and works on non-linear skbs, so there is no direct packet
 //! access to prove to the verifier. Anything we cannot rewrite safely is reported as
-//! `Unparsed` and passed untouched: IPv4 options and fragments, IPv6 extension headers,
-//! IPv6 packets with IPv4-mapped addresses, protocols other than TCP/UDP/ICMP echo,
-//! truncated headers.
+//! `Unparsed` and passed untouched: IPv4 options and fragments, IPv6 extension headers (but
+//! BIG TCP's Jumbo Payload hop-by-hop header), IPv6 packets with IPv4-mapped addresses,
+//! protocols other than TCP/UDP/ICMP echo, truncated headers.
+//!
+//! BIG TCP (IPv6 since Linux 5.19, IPv4 since 6.3, once an admin raises `gso_max_size` /
+//! `gro_max_size` above 64 KiB): a TCP GSO aggregate longer than an IP length field holds
+//! carries length 0 (IPv4 `tot_len`, IPv6 `payload_len`), and on IPv6 before the kernel dropped
+//! it a hop-by-hop header with only the Jumbo Payload option. Its length is then the skb's, as
+//! the kernel's own `iph_totlen()` / `ipv6_payload_len()` read it.
 use aya_ebpf::programs::TcContext;
 use node_manager_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped, v4_mapped};
 
 use crate::helpers::headers::*;
+
+/// Whether the skb is a GSO aggregate (the kernel segments it later): only those may carry a
+/// zero IP length.
+#[inline(always)]
+fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: reading a field of the skb this program runs on.
+    unsafe { (*ctx.skb.skb).gso_size != 0 }
+}
 
 /// Which side of the pod interface: from the pod (requests) or to the pod (replies).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -62,7 +76,10 @@ fn parse_ipv4(ctx: &TcContext, direction: Direction) -> Parsed {
     if be16(&hdr, IPV4_FRAG_OFF) & IPV4_FRAG_MASK != 0 {
         return Parsed::Unparsed;
     }
-    let total_len = be16(&hdr, IPV4_TOT_LEN_OFF) as usize;
+    let mut total_len = be16(&hdr, IPV4_TOT_LEN_OFF) as usize;
+    if total_len == 0 && hdr[IPV4_PROTO_OFF] == PROTO_TCP && is_gso(ctx) {
+        total_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    }
     if total_len < IPV4_HLEN || ETH_HLEN + total_len > ctx.len() as usize {
         return Parsed::Unparsed;
     }
@@ -95,12 +112,31 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     if hdr[0] >> 4 != 6 {
         return Parsed::Unparsed;
     }
-    let payload_len = be16(&hdr, IPV6_PAYLOAD_LEN_OFF) as usize;
-    if ETH_HLEN + IPV6_HLEN + payload_len > ctx.len() as usize {
+    let mut payload_len = be16(&hdr, IPV6_PAYLOAD_LEN_OFF) as usize;
+    // The next header must be the transport header itself: extension headers pass untouched,
+    // but for BIG TCP's jumbo header.
+    let mut proto = hdr[IPV6_NEXTHDR_OFF];
+    let mut l4_off = ETH_HLEN + IPV6_HLEN;
+    if payload_len == 0 && is_gso(ctx) {
+        let after_header = (ctx.len() as usize).saturating_sub(ETH_HLEN + IPV6_HLEN);
+        if proto == PROTO_TCP {
+            payload_len = after_header;
+        } else if proto == IPV6_NEXTHDR_HOP {
+            let Ok(hop) = ctx.load::<[u8; IPV6_JUMBO_HOP_LEN]>(l4_off) else {
+                return Parsed::Unparsed;
+            };
+            // Next header TCP, header length 0 (8 bytes), the Jumbo Payload option (type 0xC2,
+            // 4 bytes of length) and nothing else: the kernel's ipv6_has_hopopt_jumbo() shape.
+            if hop[0] == PROTO_TCP && hop[1] == 0 && hop[2] == IPV6_TLV_JUMBO && hop[3] == 4 {
+                proto = PROTO_TCP;
+                l4_off += IPV6_JUMBO_HOP_LEN;
+                payload_len = after_header.saturating_sub(IPV6_JUMBO_HOP_LEN);
+            }
+        }
+    }
+    if l4_off + payload_len > ctx.len() as usize {
         return Parsed::Unparsed;
     }
-    // The next header must be the transport header itself: extension headers pass untouched.
-    let proto = hdr[IPV6_NEXTHDR_OFF];
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr.copy_from_slice(&hdr[IPV6_SADDR_OFF..IPV6_SADDR_OFF + 16]);
@@ -121,7 +157,7 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
                 Direction::FromPod => ICMPV6_ECHO_REQUEST,
                 Direction::ToPod => ICMPV6_ECHO_REPLY,
             },
-            off: ETH_HLEN + IPV6_HLEN,
+            off: l4_off,
             len: payload_len,
             saddr,
             daddr,

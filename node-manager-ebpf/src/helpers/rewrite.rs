@@ -2,7 +2,7 @@
 //! which also handle CHECKSUM_PARTIAL skbs from veth offload and UDP's "no checksum" zero.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
+    helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
 use node_manager_common::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
@@ -14,6 +14,13 @@ use crate::helpers::{
     },
     parse::Packet,
 };
+
+/// `bpf_l4_csum_replace` flag (Linux 6.16, backported to stable): the L4 checksum of an IPv6
+/// packet, whose pseudo-header change is not balanced by an IP header checksum, so the helper
+/// must leave a CHECKSUM_COMPLETE skb->csum alone. Not in aya-ebpf's bindings yet.
+const BPF_F_IPV6: u64 = 1 << 7;
+/// What `bpf_l4_csum_replace` returns for a flag the kernel does not know.
+const EINVAL: i64 = 22;
 
 #[derive(Clone, Copy)]
 pub enum Which {
@@ -55,7 +62,7 @@ pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16],
         }
         ctx.store(off, new, 0)?;
         if let Some((csum_off, flags)) = l4 {
-            ctx.l4_csum_replace(csum_off, 0, diff as u64, flags)?;
+            l4_csum_replace_v6(ctx, csum_off, diff, flags)?;
         }
     } else {
         let off = match which {
@@ -71,4 +78,24 @@ pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16],
         }
     }
     Ok(())
+}
+
+/// The IPv6 L4 checksum update by the addresses' difference. Under CHECKSUM_COMPLETE the
+/// packet's sum does not change (the new addresses and the new L4 checksum cancel out), but
+/// without `BPF_F_IPV6` the helper adjusts skb->csum as for IPv4 and the stack later reports a
+/// checksum failure and verifies the packet in software. A kernel that does not know the flag
+/// refuses it (EINVAL, checked before anything is written): then the update runs without it and
+/// `bpf_csum_update` adds the difference back (it only acts on CHECKSUM_COMPLETE skbs).
+#[inline(always)]
+fn l4_csum_replace_v6(ctx: &TcContext, csum_off: usize, diff: i64, flags: u64) -> Result<(), i64> {
+    match ctx.l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_IPV6) {
+        Err(e) if e == -EINVAL => {
+            ctx.l4_csum_replace(csum_off, 0, diff as u64, flags)?;
+            // SAFETY: the skb this program runs on; the result (the new csum, or an error for
+            // skbs without CHECKSUM_COMPLETE) needs no handling.
+            unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+            Ok(())
+        }
+        other => other,
+    }
 }

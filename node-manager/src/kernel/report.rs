@@ -36,6 +36,7 @@ pub const POD_TC: &str = "pod datapath (TC)";
 pub const SOCKET_HOOKS: &str = "host clients (socket hooks)";
 pub const DROP_INVALID: &str = "INVALID drop";
 pub const MAP_BTF: &str = "map BTF";
+pub const IPV6_CSUM: &str = "IPv6 rewrite checksum";
 pub const UNAVAILABLE: &str = "unavailable";
 
 /// The programs of each feature (helpers are checked per program).
@@ -106,7 +107,18 @@ pub fn decide(probes: &Probes, loads: &Loads, drop_invalid: Option<(String, Stri
     } else {
         choice(MAP_BTF, "none", format!("maps without BTF: {}", probes.map_btf.detail))
     };
-    vec![pod_tc, socket_hooks, drop_invalid, map_btf]
+    // Both work (tests/test_run.rs checks skb->csum under CHECKSUM_COMPLETE); the row says which
+    // one runs, for an operator comparing nodes.
+    let ipv6_csum = if probes.ipv6_csum_flag.ok {
+        choice(IPV6_CSUM, "BPF_F_IPV6", probes.ipv6_csum_flag.detail.clone())
+    } else {
+        choice(
+            IPV6_CSUM,
+            "bpf_csum_update",
+            format!("no BPF_F_IPV6 ({}); same result, one more helper call", probes.ipv6_csum_flag.detail),
+        )
+    };
+    vec![pod_tc, socket_hooks, drop_invalid, map_btf, ipv6_csum]
 }
 
 /// Whether bpf mode of the INVALID drop can work here, and if not, why (for `invalid::choose`).
@@ -168,6 +180,7 @@ impl Probes {
             self.cgroup_links.clone(),
             self.kernel_btf.clone(),
             self.map_btf.clone(),
+            self.ipv6_csum_flag.clone(),
         ];
         all.extend(self.helpers.iter().map(|h| Check {
             name: format!("helpers of {}", h.program),
@@ -246,6 +259,7 @@ mod tests {
             cgroup_links: yes("cgroup"),
             kernel_btf: yes("btf"),
             map_btf: yes("map btf"),
+            ipv6_csum_flag: yes("ipv6 csum flag"),
             helpers: vec![
                 Helpers { program: "nm_pod_ingress".into(), used: vec!["bpf_l3_csum_replace".into()], missing: vec![] },
                 Helpers {
@@ -298,6 +312,24 @@ mod tests {
         p.cgroup_links = no("cgroup", "loading: Invalid argument");
         p.helpers[1].missing.clear();
         assert_eq!(mechanism(&decide(&p, &Loads::default(), None), SOCKET_HOOKS).why, "loading: Invalid argument");
+    }
+
+    #[test]
+    fn the_ipv6_checksum_row_names_the_mechanism_the_datapath_falls_back_to() {
+        let mut p = probes(true, true);
+        assert_eq!(mechanism(&decide(&p, &Loads::default(), None), IPV6_CSUM).mechanism, "BPF_F_IPV6");
+        p.ipv6_csum_flag = no("ipv6 csum flag", "bpf_l4_csum_replace refuses it (EINVAL)");
+        let row = decide(&p, &Loads::default(), None);
+        let row = mechanism(&row, IPV6_CSUM);
+        assert!(row.available && row.mechanism == "bpf_csum_update" && row.why.contains("EINVAL"), "{row:?}");
+    }
+
+    #[test]
+    fn a_report_pinned_before_the_ipv6_checksum_probe_still_reads() {
+        let mut json = serde_json::to_value(Report::new("agent", probes(true, true), Loads::default(), None)).unwrap();
+        json["probes"].as_object_mut().unwrap().remove("ipv6_csum_flag");
+        let report: Report = serde_json::from_value(json).unwrap();
+        assert!(!report.probes.ipv6_csum_flag.ok);
     }
 
     #[test]

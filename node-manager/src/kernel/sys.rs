@@ -243,17 +243,39 @@ pub fn link_by_id(id: u32) -> io::Result<OwnedFd> {
 
 /// Runs a program once on `data` with context `ctx` (BPF_PROG_TEST_RUN); returns its return value.
 pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], ctx: &[u8]) -> io::Result<u32> {
+    prog_test_run_with(prog, data, None, ctx, 0).map(|(retval, _)| retval)
+}
+
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (Linux ≥ 6.11): the skb gets CHECKSUM_COMPLETE with
+/// skb->csum computed from the input, and the run fails with EBADMSG if the program leaves
+/// skb->csum disagreeing with the packet it outputs.
+pub const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// [`prog_test_run`] with test-run `flags` and the output packet copied to `data_out`;
+/// returns the return value and the output's length.
+pub fn prog_test_run_with(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    data_out: Option<&mut [u8]>,
+    ctx: &[u8],
+    flags: u32,
+) -> io::Result<(u32, usize)> {
     let mut attr = [0u8; 128];
     put_u32(&mut attr, 0, prog.as_raw_fd() as u32); // prog_fd
     put_u32(&mut attr, 8, data.len() as u32); // data_size_in
     put_u64(&mut attr, 16, data.as_ptr() as u64); // data_in
+    if let Some(out) = data_out {
+        put_u32(&mut attr, 12, out.len() as u32); // data_size_out
+        put_u64(&mut attr, 24, out.as_mut_ptr() as u64); // data_out
+    }
     put_u32(&mut attr, 32, 1); // repeat
     if !ctx.is_empty() {
         put_u32(&mut attr, 40, ctx.len() as u32); // ctx_size_in
         put_u64(&mut attr, 48, ctx.as_ptr() as u64); // ctx_in
     }
+    put_u32(&mut attr, 64, flags);
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(get_u32(&attr, 4)) // retval
+    Ok((get_u32(&attr, 4), get_u32(&attr, 12) as usize)) // retval, data_size_out
 }
 
 /// Creates a map (no BTF): `BPF_MAP_CREATE` with `name` cut to 15 bytes.

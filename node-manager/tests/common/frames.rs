@@ -190,3 +190,34 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame.
+pub fn fix_ipv4_csum(f: &mut [u8]) {
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    if ihl < 20 || f.len() < 14 + ihl {
+        return;
+    }
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = csum_fold(csum_add(0, &f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Turns a frame into the shape of a BIG TCP aggregate (what a GSO skb over 64 KiB carries):
+/// IP length 0 (IPv4 `tot_len`, header checksum fixed; IPv6 `payload_len`), and for `jumbo`
+/// (IPv6 before the kernel dropped it) a hop-by-hop header with only the Jumbo Payload option
+/// holding the real length. The L4 checksum is left as it was: it covers the real length.
+pub fn big_tcp(f: &mut Vec<u8>, jumbo: bool) {
+    if f[12..14] == [0x86, 0xdd] {
+        f[18..20].copy_from_slice(&[0, 0]);
+        if jumbo {
+            let length = (f.len() - 14 - 40 + 8) as u32;
+            let mut hop = vec![f[20], 0, 0xc2, 4];
+            hop.extend_from_slice(&length.to_be_bytes());
+            f.splice(54..54, hop);
+            f[20] = 0;
+        }
+    } else {
+        f[16..18].copy_from_slice(&[0, 0]);
+        fix_ipv4_csum(f);
+    }
+}

@@ -106,11 +106,12 @@ impl Model {
         })
     }
 
-    /// Runs one frame through the program. `mark` is the skb mark before the run.
-    pub fn run(&mut self, program: Program, frame: &[u8], mark: u32) -> Outcome {
+    /// Runs one frame through the program. `mark` is the skb mark before the run; `gso`: the
+    /// skb is a GSO aggregate (`gso_size` set).
+    pub fn run(&mut self, program: Program, frame: &[u8], mark: u32, gso: bool) -> Outcome {
         let outcome = match program {
-            Program::Ingress => self.ingress(frame, mark),
-            Program::Egress => self.egress(frame, mark),
+            Program::Ingress => self.ingress(frame, mark, gso),
+            Program::Egress => self.egress(frame, mark, gso),
         };
         for index in std::iter::once(&outcome.counter).chain(&outcome.also) {
             let c = &mut self.counters[*index as usize];
@@ -120,9 +121,9 @@ impl Model {
         outcome
     }
 
-    fn ingress(&mut self, frame: &[u8], mark: u32) -> Outcome {
+    fn ingress(&mut self, frame: &[u8], mark: u32, gso: bool) -> Outcome {
         let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
-        let pkt = match parse(frame, Program::Ingress) {
+        let pkt = match parse(frame, Program::Ingress, gso) {
             Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
             Parsed::Ip(pkt) => pkt,
@@ -158,9 +159,9 @@ impl Model {
         Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also }
     }
 
-    fn egress(&mut self, frame: &[u8], mark: u32) -> Outcome {
+    fn egress(&mut self, frame: &[u8], mark: u32, gso: bool) -> Outcome {
         let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
-        let pkt = match parse(frame, Program::Egress) {
+        let pkt = match parse(frame, Program::Egress, gso) {
             Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
             Parsed::Ip(pkt) => pkt,
@@ -177,15 +178,15 @@ impl Model {
 
     /// The flow key a reply frame belongs to, if the frame is one the egress program parses.
     pub fn reply_key(frame: &[u8]) -> Option<FlowKey> {
-        match parse(frame, Program::Egress) {
+        match parse(frame, Program::Egress, false) {
             Parsed::Ip(pkt) => Some(reply_flow_key(&pkt)),
             _ => None,
         }
     }
 
     /// The flow an ingress run on `frame` would remember (whether or not it is a hit).
-    pub fn request_key(&self, frame: &[u8]) -> Option<(FlowKey, [u8; 16])> {
-        let Parsed::Ip(pkt) = parse(frame, Program::Ingress) else { return None };
+    pub fn request_key(&self, frame: &[u8], gso: bool) -> Option<(FlowKey, [u8; 16])> {
+        let Parsed::Ip(pkt) = parse(frame, Program::Ingress, gso) else { return None };
         let cluster = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto))?;
         Some((request_flow_key(&pkt, *cluster), pkt.daddr))
     }
@@ -220,7 +221,9 @@ fn reply_flow_key(pkt: &Packet) -> FlowKey {
 /// IP length within the frame; TCP (≥ 20 bytes), UDP (≥ 8) or an ICMP/ICMPv6 echo (request
 /// from the pod, reply to it, code 0, ≥ 8 bytes). IPv6 packets with IPv4-mapped addresses are
 /// not IPv6 traffic a pod sends (RFC 4291 §2.5.5.2) and must not match IPv4 entries.
-fn parse(f: &[u8], program: Program) -> Parsed {
+/// BIG TCP: a GSO skb's TCP packet with IP length 0 is as long as the frame (IPv4 and IPv6),
+/// and on IPv6 may carry a hop-by-hop header holding only the Jumbo Payload option.
+fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
     let Some(ethertype) = f.get(12..14) else { return Parsed::NotIp };
     let (v6, ip_hlen) = match [ethertype[0], ethertype[1]] {
         ETH_P_IP => (false, 20),
@@ -228,12 +231,27 @@ fn parse(f: &[u8], program: Program) -> Parsed {
         _ => return Parsed::NotIp,
     };
     let Some(ip) = f.get(ETH_HLEN..ETH_HLEN + ip_hlen) else { return Parsed::Unparsed };
+    let mut l4_off = ETH_HLEN + ip_hlen;
     let (proto, l4_len, saddr, daddr) = if v6 {
         if ip[0] >> 4 != 6 {
             return Parsed::Unparsed;
         }
-        let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-        if ETH_HLEN + 40 + payload_len > f.len() {
+        let mut payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        let mut proto = ip[6];
+        if payload_len == 0 && gso {
+            let after_header = f.len() - (ETH_HLEN + 40);
+            if proto == 6 {
+                payload_len = after_header;
+            } else if proto == 0 {
+                let Some(hop) = f.get(l4_off..l4_off + 8) else { return Parsed::Unparsed };
+                if hop[..4] == [6, 0, 0xc2, 4] {
+                    proto = 6;
+                    l4_off += 8;
+                    payload_len = after_header.saturating_sub(8);
+                }
+            }
+        }
+        if l4_off + payload_len > f.len() {
             return Parsed::Unparsed;
         }
         let saddr: [u8; 16] = ip[8..24].try_into().unwrap();
@@ -241,7 +259,7 @@ fn parse(f: &[u8], program: Program) -> Parsed {
         if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
             return Parsed::Unparsed;
         }
-        (ip[6], payload_len, saddr, daddr)
+        (proto, payload_len, saddr, daddr)
     } else {
         if ip[0] != 0x45 {
             return Parsed::Unparsed;
@@ -250,7 +268,10 @@ fn parse(f: &[u8], program: Program) -> Parsed {
         if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
             return Parsed::Unparsed;
         }
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let mut total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if total == 0 && ip[9] == 6 && gso {
+            total = f.len() - ETH_HLEN;
+        }
         if total < 20 || ETH_HLEN + total > f.len() {
             return Parsed::Unparsed;
         }
@@ -258,7 +279,6 @@ fn parse(f: &[u8], program: Program) -> Parsed {
         let d = addr16(IpAddr::from([ip[16], ip[17], ip[18], ip[19]]));
         (ip[9], total - 20, s, d)
     };
-    let l4_off = ETH_HLEN + ip_hlen;
     let (icmp_proto, echo_type) = match (v6, program) {
         (false, Program::Ingress) => (1, 8),
         (false, Program::Egress) => (1, 0),
