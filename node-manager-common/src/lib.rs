@@ -22,7 +22,10 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub mod map_names {
     pub const FRONTENDS: &str = "NM_FRONTENDS";
     pub const POD_CIDRS: &str = "NM_POD_CIDRS";
+    /// Rewritten TCP flows, and UDP/ICMP echo ones apart (so that a flood of short datagram
+    /// flows cannot evict an idle TCP connection's entry).
     pub const FLOWS: &str = "NM_FLOWS";
+    pub const FLOWS_DGRAM: &str = "NM_FLOWS_DGRAM";
     pub const CONFIG: &str = "NM_CONFIG";
     pub const COUNTERS: &str = "NM_COUNTERS";
     /// Conntrack-INVALID drop: settings, per-family liveness of conntrack, per-CPU counters.
@@ -33,8 +36,8 @@ pub mod map_names {
     /// Which Service each frontend belongs to: written by the agent for `inspect` and
     /// `bpftool`, never read by the programs.
     pub const OWNERS: &str = "NM_OWNERS";
-    pub const ALL: [&str; 10] =
-        [FRONTENDS, POD_CIDRS, FLOWS, CONFIG, COUNTERS, SOCK_REV, CT_CONFIG, CT_SEEN, CT_COUNTERS, OWNERS];
+    pub const ALL: [&str; 11] =
+        [FRONTENDS, POD_CIDRS, FLOWS, FLOWS_DGRAM, CONFIG, COUNTERS, SOCK_REV, CT_CONFIG, CT_SEEN, CT_COUNTERS, OWNERS];
 }
 
 /// Program names in the object file.
@@ -61,9 +64,12 @@ pub const FRONTENDS_MAX: u32 = 131_072;
 pub const POD_CIDRS_MAX: u32 = 64;
 /// One owner per frontend (allocated on write: BPF_F_NO_PREALLOC).
 pub const OWNERS_MAX: u32 = FRONTENDS_MAX;
-/// Live pod→external flows remembered for the reverse rewrite (LRU: the oldest idle flow is
-/// evicted first when full).
+/// Live pod→external TCP flows remembered for the reverse rewrite (LRU: the oldest idle flow is
+/// evicted first when full; a flow ends at a TCP RST).
 pub const FLOWS_MAX: u32 = 262_144;
+/// The same for UDP and ICMP echo flows, in their own LRU map: datagram flows are short and
+/// many (one per source port), and sharing a map with TCP let them evict idle connections.
+pub const FLOWS_DGRAM_MAX: u32 = 65_536;
 /// Sockets of host processes that dialled a frontend, remembered so that `getpeername` and
 /// `recvmsg` show the external address (LRU: closed sockets' entries age out).
 pub const SOCK_REV_MAX: u32 = 65_536;

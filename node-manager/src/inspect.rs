@@ -62,7 +62,7 @@ pub fn render(state: &State) -> String {
     for f in &state.frontends {
         let _ = writeln!(out, "  {:<40} -> {:<26} {}", f.frontend, f.cluster_ip, f.service.as_deref().unwrap_or("?"));
     }
-    let _ = writeln!(out, "flows: {} remembered", state.flows);
+    let _ = writeln!(out, "flows: {} TCP, {} UDP/ICMP remembered", state.flows, state.datagram_flows);
     let _ = writeln!(out, "host sockets: {} remembered", state.sockets);
     let _ = writeln!(
         out,

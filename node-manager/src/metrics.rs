@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header::CONTENT_TYPE, service::service_fn};
 use hyper_util::rt::TokioIo;
-use node_manager_common::{FLOWS_MAX, FRONTENDS_MAX, POD_CIDRS_MAX, SOCK_REV_MAX};
+use node_manager_common::{FLOWS_DGRAM_MAX, FLOWS_MAX, FRONTENDS_MAX, POD_CIDRS_MAX, SOCK_REV_MAX};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -266,6 +266,7 @@ impl Collector for DatapathCollector {
             ("NM_FRONTENDS", state.frontends.len(), FRONTENDS_MAX),
             ("NM_POD_CIDRS", state.pod_cidrs.len(), POD_CIDRS_MAX),
             ("NM_FLOWS", state.flows, FLOWS_MAX),
+            ("NM_FLOWS_DGRAM", state.datagram_flows, FLOWS_DGRAM_MAX),
             ("NM_SOCK_REV", state.sockets, SOCK_REV_MAX),
         ];
         let entries: Vec<(Labels, f64)> =

@@ -31,7 +31,10 @@ pub struct State {
     pub sockets: usize,
     pub pod_cidrs: Vec<String>,
     pub frontends: Vec<FrontendEntry>,
+    /// TCP flows (`NM_FLOWS`), and UDP/ICMP echo flows (`NM_FLOWS_DGRAM`).
     pub flows: usize,
+    #[serde(default)]
+    pub datagram_flows: usize,
     pub masquerade_mark: Option<String>,
     pub counters: Vec<CounterEntry>,
     /// Which path rewrote connections to external IPs (from the counters).
@@ -178,6 +181,7 @@ pub fn read(bpffs: &Path) -> Result<State> {
         pod_cidrs: Vec::new(),
         frontends: Vec::new(),
         flows: 0,
+        datagram_flows: 0,
         masquerade_mark: None,
         counters: Vec::new(),
         served_by: ServedBy::default(),
@@ -270,6 +274,11 @@ pub fn read(bpffs: &Path) -> Result<State> {
     state.pod_cidrs = maps::read_pod_cidrs(&trie)?.iter().map(ToString::to_string).collect();
     let flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(open(&pins, map_names::FLOWS)?)?;
     state.flows = flows.keys().filter(Result::is_ok).count();
+    // Absent when the pins predate the datagram map (an older agent's).
+    if pins.map(map_names::FLOWS_DGRAM).exists() {
+        let dgram: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(open(&pins, map_names::FLOWS_DGRAM)?)?;
+        state.datagram_flows = dgram.keys().filter(Result::is_ok).count();
+    }
     // Absent when the pins predate the socket hooks (an older agent's).
     if pins.map(map_names::SOCK_REV).exists() {
         let socks: HashMap<MapData, SockRevKey, SockRev> = HashMap::try_from(open(&pins, map_names::SOCK_REV)?)?;

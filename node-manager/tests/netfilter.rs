@@ -5,38 +5,18 @@
 //! Needs root. Nothing is linked to a hook here.
 mod common;
 
-use std::{
-    os::fd::AsFd as _,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{os::fd::AsFd as _, path::Path};
 
 use aya::maps::{Array, MapData};
-use common::frames::{Spec, frame};
+use common::{
+    bpffs::Bpffs,
+    frames::{Spec, frame},
+};
 use node_manager::kernel::{Datapath, btf, netfilter, pins::Pins, sys};
 use node_manager_common::{CtConfig, map_names};
 
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
-
-/// A private bpffs, unmounted (with everything pinned in it) on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn new() -> Bpffs {
-        let dir = std::env::temp_dir().join(format!("nm-nf-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(Command::new("mount").args(["-t", "bpf", "bpffs"]).arg(&dir).status().unwrap().success());
-        Bpffs(dir)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -538,7 +538,9 @@ fn metrics_count_the_packets_sent_and_readyz_waits_for_the_first_sync() {
     assert_eq!(sample(&after, "node_manager_attached_interfaces"), Some(1.0));
     assert_eq!(sample(&after, r#"node_manager_drop_invalid_mode{mode="bpf"}"#), Some(1.0));
     assert_eq!(sample(&after, "node_manager_ready"), Some(1.0));
-    assert!(sample(&after, r#"node_manager_map_entries{map="NM_FLOWS"}"#).unwrap() >= 1.0);
+    let flows = sample(&after, r#"node_manager_map_entries{map="NM_FLOWS"}"#).unwrap()
+        + sample(&after, r#"node_manager_map_entries{map="NM_FLOWS_DGRAM"}"#).unwrap();
+    assert!(flows >= 1.0, "{after}");
     assert!(after.contains("node_manager_build_info{"), "{after}");
     assert_eq!(http_get(&lab, addr, "/nope").unwrap().0, 404);
 

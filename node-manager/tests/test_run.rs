@@ -53,8 +53,22 @@ fn run(dp: &mut Datapath, program: &str, input: &[u8]) -> Run {
 }
 
 fn try_run(dp: &mut Datapath, program: &str, input: &[u8]) -> Result<Run, aya::programs::ProgramError> {
+    try_run_gso(dp, program, input, 0)
+}
+
+/// `struct __sk_buff.gso_size`, which the test runner copies into the skb.
+const SKB_GSO_SIZE_OFF: usize = 176;
+
+/// [`try_run`] on an skb with `gso_size` set (non-zero: a GSO aggregate).
+fn try_run_gso(
+    dp: &mut Datapath,
+    program: &str,
+    input: &[u8],
+    gso_size: u32,
+) -> Result<Run, aya::programs::ProgramError> {
     let mut out = vec![0u8; input.len() + 256];
-    let ctx_in = [0u8; SKB_CTX_LEN];
+    let mut ctx_in = [0u8; SKB_CTX_LEN];
+    ctx_in[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&gso_size.to_ne_bytes());
     let mut ctx_out = [0u8; SKB_CTX_LEN];
     let result = dp.program(program).unwrap().test_run(TestRunOptions {
         data_in: Some(input),
@@ -396,25 +410,7 @@ fn big_tcp_aggregates_are_rewritten_and_zero_lengths_without_gso_are_not() {
     }
 }
 
-/// `struct __sk_buff.gso_size`, which the test runner copies into the skb.
-const SKB_GSO_SIZE_OFF: usize = 176;
-
 fn run_gso(dp: &mut Datapath, program: &str, input: &[u8], gso_size: u32) -> Run {
-    let mut out = vec![0u8; input.len() + 256];
-    let mut ctx_in = [0u8; SKB_CTX_LEN];
-    ctx_in[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&gso_size.to_ne_bytes());
-    let mut ctx_out = [0u8; SKB_CTX_LEN];
-    let result = dp
-        .program(program)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN with gso_size {gso_size}: {e}"));
-    out.truncate(result.data_size_out as usize);
-    Run { ret: result.return_value, out, mark: u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()) }
+    try_run_gso(dp, program, input, gso_size)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN with gso_size {gso_size}: {e}"))
 }

@@ -1,12 +1,32 @@
 //! Rewritten flows, remembered so that replies can be given back the external source address.
-//! An LRU map: idle flows age out by themselves when the map is full.
+//! LRU maps: idle flows age out by themselves when a map is full. TCP flows and datagram (UDP,
+//! ICMP echo) flows have a map each: a burst of short datagram flows, one per source port,
+//! must not evict the entry of an idle TCP connection, whose next reply would then reach the
+//! pod untranslated and be reset. A TCP flow also ends at a RST (`forget`).
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
-use node_manager_common::{FLOWS_MAX, Flow, FlowKey};
+use node_manager_common::{FLOWS_DGRAM_MAX, FLOWS_MAX, Flow, FlowKey, PROTO_TCP};
 
 use crate::helpers::parse::Packet;
 
 #[btf_map]
 static NM_FLOWS: LruHashMap<FlowKey, Flow, { FLOWS_MAX as usize }> = LruHashMap::new();
+
+#[btf_map]
+static NM_FLOWS_DGRAM: LruHashMap<FlowKey, Flow, { FLOWS_DGRAM_MAX as usize }> = LruHashMap::new();
+
+/// Runs `$body` with `$map` bound to the flow map of `$key`'s protocol. Two call sites rather
+/// than one call on a selected map pointer, so each lookup keeps the verifier's inlining.
+macro_rules! with_flow_map {
+    ($key:expr, |$map:ident| $body:expr) => {
+        if $key.proto == PROTO_TCP {
+            let $map = &NM_FLOWS;
+            $body
+        } else {
+            let $map = &NM_FLOWS_DGRAM;
+            $body
+        }
+    };
+}
 
 /// Key of a flow from the pod's point of view, built from a packet sent by the pod
 /// (after its destination was rewritten to `remote`).
@@ -50,13 +70,15 @@ pub enum Remembered {
 /// long-lived flow costs one lookup per packet, not one map write.
 #[inline(always)]
 pub fn remember(key: &FlowKey, external_addr: [u8; 16]) -> Result<Remembered, i32> {
-    // SAFETY: read once and compared; a concurrent eviction only causes a redundant insert.
-    let found = match unsafe { NM_FLOWS.get(key) } {
-        Some(f) if f.external_addr == external_addr => return Ok(Remembered::Known),
-        Some(_) => Remembered::Replaced,
-        None => Remembered::Created,
-    };
-    NM_FLOWS.insert(key, Flow { external_addr }, 0).map(|_| found)
+    with_flow_map!(key, |flows| {
+        // SAFETY: read once and compared; a concurrent eviction only causes a redundant insert.
+        let found = match unsafe { flows.get(key) } {
+            Some(f) if f.external_addr == external_addr => return Ok(Remembered::Known),
+            Some(_) => Remembered::Replaced,
+            None => Remembered::Created,
+        };
+        flows.insert(key, Flow { external_addr }, 0).map(|_| found)
+    })
 }
 
 /// Removes the flow remembered under `key`, if any; whether there was one. A lookup first:
@@ -64,11 +86,11 @@ pub fn remember(key: &FlowKey, external_addr: [u8; 16]) -> Result<Remembered, i3
 #[inline(always)]
 pub fn forget(key: &FlowKey) -> bool {
     // SAFETY: only tested for presence.
-    unsafe { NM_FLOWS.get(key) }.is_some() && NM_FLOWS.remove(key).is_ok()
+    with_flow_map!(key, |flows| unsafe { flows.get(key) }.is_some() && flows.remove(key).is_ok())
 }
 
 #[inline(always)]
 pub fn external_addr(key: &FlowKey) -> Option<[u8; 16]> {
     // SAFETY: copied out immediately.
-    unsafe { NM_FLOWS.get(key) }.map(|f| f.external_addr)
+    with_flow_map!(key, |flows| unsafe { flows.get(key) }.map(|f| f.external_addr))
 }

@@ -35,6 +35,7 @@ pub const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_RST: u8 = 0x04;
 
 pub const UDP_HLEN: usize = 8;
 pub const UDP_CSUM_OFF: usize = 6;

@@ -41,6 +41,8 @@ pub struct Packet {
     /// (source of a request, destination of a reply) and the other port is 0.
     pub sport: u16,
     pub dport: u16,
+    /// TCP flags (0 for UDP and ICMP), read with the ports: one load instead of two.
+    pub tcp_flags: u8,
 }
 
 pub enum Parsed {
@@ -189,12 +191,18 @@ struct L4 {
 fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
     let L4 { v6, proto, icmp_proto, echo_type, off: l4_off, len: l4_len, saddr, daddr } = l4;
     // The whole header the rewrite touches must be inside the IP payload and the skb.
-    let (min_len, sport, dport) = if proto == PROTO_TCP || proto == PROTO_UDP {
-        let min_len = if proto == PROTO_TCP { TCP_HLEN } else { UDP_HLEN };
+    let (min_len, sport, dport, tcp_flags) = if proto == PROTO_TCP {
+        // Ports through the flags byte.
+        let Ok(head) = ctx.load::<[u8; TCP_FLAGS_OFF + 1]>(l4_off) else {
+            return Parsed::Unparsed;
+        };
+        let (sport, dport) = (u16::from_ne_bytes([head[0], head[1]]), u16::from_ne_bytes([head[2], head[3]]));
+        (TCP_HLEN, sport, dport, head[TCP_FLAGS_OFF])
+    } else if proto == PROTO_UDP {
         let Ok(ports) = ctx.load::<[u16; 2]>(l4_off) else {
             return Parsed::Unparsed;
         };
-        (min_len, ports[0], ports[1])
+        (UDP_HLEN, ports[0], ports[1], 0)
     } else if proto == icmp_proto {
         let Ok(icmp) = ctx.load::<[u8; ICMP_HLEN]>(l4_off) else {
             return Parsed::Unparsed;
@@ -204,8 +212,8 @@ fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
         }
         let id = u16::from_ne_bytes([icmp[ICMP_ECHO_ID_OFF], icmp[ICMP_ECHO_ID_OFF + 1]]);
         match direction {
-            Direction::FromPod => (ICMP_HLEN, id, 0),
-            Direction::ToPod => (ICMP_HLEN, 0, id),
+            Direction::FromPod => (ICMP_HLEN, id, 0, 0),
+            Direction::ToPod => (ICMP_HLEN, 0, id, 0),
         }
     } else {
         return Parsed::Unparsed;
@@ -213,5 +221,5 @@ fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
     if l4_len < min_len {
         return Parsed::Unparsed;
     }
-    Parsed::Ip(Packet { v6, proto, l4_off, saddr, daddr, sport, dport })
+    Parsed::Ip(Packet { v6, proto, l4_off, saddr, daddr, sport, dport, tcp_flags })
 }

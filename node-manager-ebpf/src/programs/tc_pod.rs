@@ -2,7 +2,7 @@
 //!
 //! ingress (packets from the pod): destination external/LB IP:port → the Service's cluster IP,
 //! mark for masquerade, remember the flow. egress (packets to the pod): the reply's source
-//! cluster IP → the external IP the pod dialled. Everything else continues untouched
+//! cluster IP → the external IP the pod dialled. A TCP RST either way ends the flow. Everything else continues untouched
 //! (TC_ACT_UNSPEC, which is also TCX_NEXT), so CNI programs on the same device still run.
 //!
 //! Host-network clients are served by the cgroup socket-address hooks in [`super::sock_addr`], from the
@@ -13,7 +13,7 @@ use node_manager_common::{CounterIndex, PROTO_TCP};
 use crate::helpers::{
     counters::count,
     flow, frontend as lb,
-    headers::{TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
+    headers::{TCP_ACK, TCP_RST, TCP_SYN},
     parse::{self, Direction, Parsed, parse},
     rewrite::{Which, set_addr},
 };
@@ -38,7 +38,7 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
         // its veth with mark 0 (crossing network namespaces clears it).
         let mark = lb::masquerade_mark();
         let rewritten_before = mark != 0 && skb_mark(&ctx) & mark == mark;
-        if !rewritten_before && opens_flow(&ctx, &pkt) && flow::forget(&flow::key_from_pod(&pkt, pkt.daddr)) {
+        if !rewritten_before && opens_flow(&pkt) && flow::forget(&flow::key_from_pod(&pkt, pkt.daddr)) {
             count(&ctx, CounterIndex::FlowDirectReuse);
         }
         return pass(&ctx, CounterIndex::PassNoFrontend);
@@ -54,11 +54,19 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
     if mark != 0 {
         ctx.set_mark(skb_mark(&ctx) | mark);
     }
-    match flow::remember(&flow::key_from_pod(&pkt, cluster_addr), external_addr) {
+    let key = flow::key_from_pod(&pkt, cluster_addr);
+    // A RST ends the connection: the flow is forgotten rather than remembered (its replies,
+    // if any are still in flight, are of no use to the pod).
+    if tcp_rst(&pkt) {
+        flow::forget(&key);
+        count(&ctx, if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 });
+        return CONTINUE;
+    }
+    match flow::remember(&key, external_addr) {
         Ok(flow::Remembered::Known | flow::Remembered::Replaced) => {}
         Ok(flow::Remembered::Created) => {
             count(&ctx, CounterIndex::FlowCreated);
-            if pkt.proto == PROTO_TCP && !tcp_syn(&ctx, &pkt) {
+            if pkt.proto == PROTO_TCP && !tcp_syn(&pkt) {
                 count(&ctx, CounterIndex::FlowLost);
             }
         }
@@ -75,12 +83,18 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
         Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
         Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
     };
-    let Some(external_addr) = flow::external_addr(&flow::key_to_pod(&pkt)) else {
+    let key = flow::key_to_pod(&pkt);
+    let Some(external_addr) = flow::external_addr(&key) else {
         return pass(&ctx, CounterIndex::PassNoFlow);
     };
     let cluster_addr = pkt.saddr;
     if set_addr(&mut ctx, &pkt, Which::Source, &cluster_addr, &external_addr).is_err() {
         return pass(&ctx, CounterIndex::RewriteFailed);
+    }
+    // The server's RST ends the connection (this one is still translated, so the pod's socket
+    // sees it).
+    if tcp_rst(&pkt) {
+        flow::forget(&key);
     }
     count(&ctx, if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 });
     CONTINUE
@@ -92,23 +106,23 @@ fn skb_mark(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).mark }
 }
 
-/// The flags of a TCP segment (read only off the common path: new or unremembered flows).
-#[inline(always)]
-fn tcp_flags(ctx: &TcContext, pkt: &parse::Packet) -> Option<u8> {
-    ctx.load::<u8>(pkt.l4_off + TCP_FLAGS_OFF).ok()
-}
-
 /// Whether a TCP segment has SYN set.
 #[inline(always)]
-fn tcp_syn(ctx: &TcContext, pkt: &parse::Packet) -> bool {
-    tcp_flags(ctx, pkt).is_none_or(|flags| flags & TCP_SYN != 0)
+fn tcp_syn(pkt: &parse::Packet) -> bool {
+    pkt.tcp_flags & TCP_SYN != 0
+}
+
+/// Whether a packet is a TCP segment with RST set (the flags are 0 for other protocols).
+#[inline(always)]
+fn tcp_rst(pkt: &parse::Packet) -> bool {
+    pkt.tcp_flags & TCP_RST != 0
 }
 
 /// Whether a pod packet may start a new use of its tuple: a TCP SYN without ACK, or any UDP
 /// or ICMP echo packet (they have no handshake to tell).
 #[inline(always)]
-fn opens_flow(ctx: &TcContext, pkt: &parse::Packet) -> bool {
-    pkt.proto != PROTO_TCP || tcp_flags(ctx, pkt).is_some_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+fn opens_flow(pkt: &parse::Packet) -> bool {
+    pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[inline(always)]

@@ -114,6 +114,13 @@ fn adopt_from_other_version(pins: &Pins, name: &str, expected: pins::Layout) -> 
     None
 }
 
+/// The flow maps: TCP, then UDP and ICMP echo.
+const FLOW_MAPS: [&str; 2] = [map_names::FLOWS, map_names::FLOWS_DGRAM];
+
+fn flow_map_of(key: &node_manager_common::FlowKey) -> &'static str {
+    if key.proto == node_manager_common::PROTO_TCP { map_names::FLOWS } else { map_names::FLOWS_DGRAM }
+}
+
 type Written = (
     BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>,
     BTreeMap<node_manager_common::FrontendKey, node_manager_common::Owner>,
@@ -156,6 +163,14 @@ impl Datapath {
         let ebpf = loader.load(OBJECT).context("loading the eBPF object (maps)")?;
         let mut datapath = Self::finish(ebpf, Some(pins))?;
         datapath.fresh_maps = fresh;
+        match datapath.move_datagram_flows() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(flows = n, "moved UDP/ICMP flows of an older agent into their own map"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not move an older agent's UDP/ICMP flows (their replies pass untranslated until the pod sends again)"
+            ),
+        }
         Ok(datapath)
     }
 
@@ -398,20 +413,30 @@ impl Datapath {
         maps::read_counters(&aya::maps::PerCpuArray::try_from(map)?)
     }
 
-    /// Number of remembered flows (iterates the LRU map; for inspection, not the hot path).
+    /// Number of remembered flows, TCP and datagram (iterates the LRU maps; for inspection,
+    /// not the hot path).
     pub fn flow_count(&self) -> Result<usize> {
-        Ok(self.flows_map()?.keys().filter(Result::is_ok).count())
+        let mut n = 0;
+        for name in FLOW_MAPS {
+            n += self.flows_map(name)?.keys().filter(Result::is_ok).count();
+        }
+        Ok(n)
     }
 
-    /// Every remembered flow (iterates the LRU map; for tests and inspection).
+    /// Every remembered flow, TCP and datagram (iterates the LRU maps; for tests and
+    /// inspection).
     pub fn flows(&self) -> Result<std::collections::HashMap<node_manager_common::FlowKey, node_manager_common::Flow>> {
-        Ok(self.flows_map()?.iter().filter_map(Result::ok).collect())
+        let mut all = std::collections::HashMap::new();
+        for name in FLOW_MAPS {
+            all.extend(self.flows_map(name)?.iter().filter_map(Result::ok));
+        }
+        Ok(all)
     }
 
-    /// The flow remembered under `key`, if any (a lookup does not refresh the LRU order: the
-    /// syscall path does not mark the entry as used).
+    /// The flow remembered under `key`, if any, from its protocol's map (a lookup does not
+    /// refresh the LRU order: the syscall path does not mark the entry as used).
     pub fn flow(&self, key: &node_manager_common::FlowKey) -> Result<Option<node_manager_common::Flow>> {
-        match self.flows_map()?.get(key, 0) {
+        match self.flows_map(flow_map_of(key))?.get(key, 0) {
             Ok(flow) => Ok(Some(flow)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("looking up a flow"),
@@ -420,8 +445,34 @@ impl Datapath {
 
     fn flows_map(
         &self,
+        name: &str,
     ) -> Result<aya::maps::HashMap<&aya::maps::MapData, node_manager_common::FlowKey, node_manager_common::Flow>> {
-        let map = self.ebpf.map(map_names::FLOWS).ok_or_else(|| anyhow!("no flows map"))?;
+        let map = self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))?;
         Ok(aya::maps::HashMap::try_from(map)?)
+    }
+
+    /// Datagram flows an agent from before the split left in the TCP flow map are copied into
+    /// the datagram map this process created, so their replies stay translated across the
+    /// upgrade. (The copies in the TCP map are never read again and age out first, being idle.)
+    fn move_datagram_flows(&mut self) -> Result<usize> {
+        if !self.fresh_maps.contains(&map_names::FLOWS_DGRAM) || self.fresh_maps.contains(&map_names::FLOWS) {
+            return Ok(0);
+        }
+        let datagram: Vec<_> = self
+            .flows_map(map_names::FLOWS)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.proto != node_manager_common::PROTO_TCP)
+            .collect();
+        let map = self.ebpf.map_mut(map_names::FLOWS_DGRAM).ok_or_else(|| anyhow!("no datagram flows map"))?;
+        let mut into: aya::maps::HashMap<
+            &mut aya::maps::MapData,
+            node_manager_common::FlowKey,
+            node_manager_common::Flow,
+        > = aya::maps::HashMap::try_from(map)?;
+        for (key, flow) in &datagram {
+            into.insert(key, flow, 0).context("copying a datagram flow")?;
+        }
+        Ok(datagram.len())
     }
 }

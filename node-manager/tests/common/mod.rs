@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod agent;
+pub mod bpffs;
 pub mod capacity;
 pub mod deploy;
 pub mod frames;

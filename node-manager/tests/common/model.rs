@@ -147,6 +147,12 @@ impl Model {
         let mut out = frame.to_vec();
         rewrite(&mut out, &pkt, Side::Destination, &cluster);
         let key = request_flow_key(&pkt, cluster);
+        let counter = if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 };
+        // A TCP RST ends the flow: forgotten, not remembered.
+        if is_rst(frame, &pkt) {
+            self.flows.remove(&key);
+            return Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also: vec![] };
+        }
         let mut also = Vec::new();
         if self.flows.insert(key, pkt.daddr).is_none() {
             also.push(CounterIndex::FlowCreated);
@@ -155,7 +161,6 @@ impl Model {
                 also.push(CounterIndex::FlowLost);
             }
         }
-        let counter = if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 };
         Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also }
     }
 
@@ -172,6 +177,9 @@ impl Model {
         };
         let mut out = frame.to_vec();
         rewrite(&mut out, &pkt, Side::Source, &external);
+        if is_rst(frame, &pkt) {
+            self.flows.remove(&key);
+        }
         let counter = if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 };
         Outcome { verdict: CONTINUE, out, mark, counter, also: vec![] }
     }
@@ -190,6 +198,11 @@ impl Model {
         let cluster = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto))?;
         Some((request_flow_key(&pkt, *cluster), pkt.daddr))
     }
+}
+
+/// A TCP segment with RST set (its flags byte inside the frame).
+fn is_rst(frame: &[u8], pkt: &Packet) -> bool {
+    pkt.proto == 6 && frame.get(pkt.l4_off + 13).is_some_and(|flags| flags & 0x04 != 0)
 }
 
 /// The flow key of a packet from the pod towards `remote` (the cluster address it is, or is
