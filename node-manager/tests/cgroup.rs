@@ -21,6 +21,8 @@ use lab::{Lab, Ns};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(2);
+/// The lab node's uplink address (IPv6), what a masqueraded IPv6 connection comes from.
+const NODE_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
 const CLIENT_ENV: &str = "NM_TEST_SOCK_CLIENT";
 const RESULT_PREFIX: &str = "NM_TEST_RESULT ";
 
@@ -36,11 +38,22 @@ enum Req {
 /// when `None`). Ok: (reply data, the peer the client saw: getpeername for TCP, the reply's
 /// source for UDP); Err: the client's error.
 fn client(lab: &Lab, cgroup: Option<&TestCgroup>, req: Req, to: SocketAddr) -> Result<(String, SocketAddr), String> {
+    client_in(lab, Ns::Node, cgroup.map(|c| c.path.as_path()), req, to)
+}
+
+/// [`client`] in namespace `ns` (the node's, or a pod's) and the cgroup at `cgroup`.
+fn client_in(
+    lab: &Lab,
+    ns: Ns,
+    cgroup: Option<&Path>,
+    req: Req,
+    to: SocketAddr,
+) -> Result<(String, SocketAddr), String> {
     let request = json!({
         "req": format!("{req:?}"),
         "to": to.to_string(),
-        "netns": lab.netns_path(Ns::Node),
-        "cgroup": cgroup.map(|c| c.path.clone()),
+        "netns": lab.netns_path(ns),
+        "cgroup": cgroup,
     });
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "sock_client", "--nocapture", "--test-threads=1"])
@@ -291,4 +304,67 @@ fn a_cgroup_path_that_is_missing_or_not_cgroup_v2_exits_2_naming_it() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A pod whose processes live below the hooked cgroup (on a node, every pod's do: the DaemonSet
+/// hooks the cgroup root) is served at the socket, as Cilium's socket-LB serves it: its TCP,
+/// connected-UDP and unconnected-UDP sockets reach the cluster IP directly, see the external
+/// address as their peer, and the backend sees the pod's own address: the connection is a pod
+/// → cluster IP connection, and kube-proxy's rules for those decide on masquerading (the lab's
+/// masquerades only sources outside the pod CIDR). No masquerade mark can be set there: the
+/// socket is in the pod's namespace and crossing the veth clears skb->mark. A pod process
+/// outside the hooked cgroup is served on its interface instead, with `MASQUERADE_MARK`, and
+/// the backend sees the node's address. docs/architecture.md ("Which path serves a client").
+#[test]
+fn a_pod_below_the_hooked_cgroup_is_served_at_the_socket_and_the_backend_sees_the_pod() {
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let cg = &scratch.cgroup;
+    let pod_cgroup = cg.path.join("pod");
+    fs::create_dir(&pod_cgroup).unwrap();
+    let services = scratch.file("services.yaml");
+    write(&services, &lab_service_yaml("web"));
+    let agent = Agent::start(&scratch, &agent_args(services.to_str().unwrap(), cg, "true"));
+    wait_for("the socket hooks, pod interface and frontends", Duration::from_secs(15), || {
+        hooks_ready(&scratch) && scratch.inspect()["interfaces"].as_array().is_some_and(|i| !i.is_empty())
+    });
+    let ext4 = sa(lab::EXTERNAL_V4, 8080);
+    let ext6 = sa(lab::EXTERNAL_V6, 8080);
+    // (where the pod process runs, the source the backend must see, which counter moves)
+    let cases = [
+        (Some(pod_cgroup.as_path()), ext4, IpAddr::from(lab::POD_V4), "sock_connect_v4"),
+        (Some(pod_cgroup.as_path()), ext6, IpAddr::from(lab::POD_V6), "sock_connect_v6"),
+        (None, ext4, IpAddr::from(lab::NODE_UPLINK_V4), "rewrite_ingress_v4"),
+        (None, ext6, IpAddr::from(NODE_UPLINK_V6), "rewrite_ingress_v6"),
+    ];
+    for (cgroup, to, backend_sees, path_counter) in cases {
+        for req in [Req::Tcp, Req::UdpConnected, Req::Udp] {
+            let what = format!(
+                "{req:?} to {to} from the pod ({})",
+                if cgroup.is_some() { "below the hooked cgroup" } else { "outside it" }
+            );
+            let before = (lab.endpoint_peers().len(), counter(&scratch.inspect(), path_counter));
+            let (data, peer) =
+                client_in(&lab, Ns::Pod, cgroup, req, to).unwrap_or_else(|e| panic!("{what}: {e}\n{}", agent.log()));
+            assert_eq!(
+                (data.as_str(), peer),
+                ("echo:x", to),
+                "{what}: served, and the peer reads as the address dialled"
+            );
+            let peers = lab.endpoint_peers();
+            let seen: Vec<IpAddr> = peers[before.0.min(peers.len())..].iter().map(SocketAddr::ip).collect();
+            assert!(
+                !seen.is_empty() && seen.iter().all(|ip| *ip == backend_sees),
+                "{what}: the backend saw {seen:?}, not {backend_sees}"
+            );
+            // UDP from an unconnected socket is rewritten at sendmsg, not connect.
+            let moved = counter(&scratch.inspect(), path_counter) > before.1
+                || (path_counter.starts_with("sock_") && matches!(req, Req::Udp));
+            assert!(moved, "{what}: {path_counter} did not count");
+        }
+    }
+    let state = scratch.inspect();
+    assert!(counter(&state, "sock_sendmsg_v4") >= 1 && counter(&state, "sock_sendmsg_v6") >= 1, "{state:#}");
+    drop(agent);
+    fs::remove_dir(&pod_cgroup).unwrap();
 }
