@@ -112,6 +112,15 @@ counters! {
         /// UDP or ICMP echo packet). The entry was removed, so that the replies keep the cluster
         /// address the pod dialled.
         FlowDirectReuse = 23, "flow_direct_reuse", Tc;
+        /// A fragment of a rewritten datagram translated: a first fragment (by its ports, as any
+        /// packet; also counted as a rewrite) or a later one (by the datagram's identification,
+        /// remembered from its first in `NM_FRAGS`).
+        FragTranslated = 24, "frag_translated", Tc;
+        /// A later fragment from a pod to an external address whose first fragment was not seen
+        /// (reordered, or evicted from `NM_FRAGS`): passed untouched, so the datagram is lost.
+        /// (Later fragments to a pod cannot be told from any other fragmented traffic to it:
+        /// those count as `pass_no_flow`.)
+        FragUnmatched = 25, "frag_unmatched", Tc;
     }
 }
 

@@ -26,6 +26,8 @@ pub mod map_names {
     /// flows cannot evict an idle TCP connection's entry).
     pub const FLOWS: &str = "NM_FLOWS";
     pub const FLOWS_DGRAM: &str = "NM_FLOWS_DGRAM";
+    /// Fragmented datagrams of rewritten flows: what their first fragment was rewritten to.
+    pub const FRAGS: &str = "NM_FRAGS";
     pub const CONFIG: &str = "NM_CONFIG";
     pub const COUNTERS: &str = "NM_COUNTERS";
     /// Conntrack-INVALID drop: settings, per-family liveness of conntrack, per-CPU counters.
@@ -36,8 +38,20 @@ pub mod map_names {
     /// Which Service each frontend belongs to: written by the agent for `inspect` and
     /// `bpftool`, never read by the programs.
     pub const OWNERS: &str = "NM_OWNERS";
-    pub const ALL: [&str; 11] =
-        [FRONTENDS, POD_CIDRS, FLOWS, FLOWS_DGRAM, CONFIG, COUNTERS, SOCK_REV, CT_CONFIG, CT_SEEN, CT_COUNTERS, OWNERS];
+    pub const ALL: [&str; 12] = [
+        FRONTENDS,
+        POD_CIDRS,
+        FLOWS,
+        FLOWS_DGRAM,
+        FRAGS,
+        CONFIG,
+        COUNTERS,
+        SOCK_REV,
+        CT_CONFIG,
+        CT_SEEN,
+        CT_COUNTERS,
+        OWNERS,
+    ];
 }
 
 /// Program names in the object file.
@@ -70,6 +84,9 @@ pub const FLOWS_MAX: u32 = 262_144;
 /// The same for UDP and ICMP echo flows, in their own LRU map: datagram flows are short and
 /// many (one per source port), and sharing a map with TCP let them evict idle connections.
 pub const FLOWS_DGRAM_MAX: u32 = 65_536;
+/// Fragmented datagrams in flight (LRU: a datagram's fragments arrive within moments of each
+/// other, so only recent ones matter).
+pub const FRAGS_MAX: u32 = 8_192;
 /// Sockets of host processes that dialled a frontend, remembered so that `getpeername` and
 /// `recvmsg` show the external address (LRU: closed sockets' entries age out).
 pub const SOCK_REV_MAX: u32 = 65_536;
@@ -140,6 +157,26 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flow {
     pub external_addr: [u8; 16],
+}
+
+/// A fragmented datagram as its fragments carry it: source, destination, identification and
+/// protocol (RFC 791 / RFC 8200 reassembly key), as seen before the rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// The address the datagram's first fragment was rewritten to (destination from the pod,
+/// source to it), given to its later fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragTarget {
+    pub addr: [u8; 16],
 }
 
 /// A host socket's view of a rewritten peer: the socket (`bpf_get_socket_cookie`) and the
@@ -231,6 +268,8 @@ mod user {
     unsafe impl aya::Pod for Frontend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragTarget {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRev {}
@@ -244,6 +283,8 @@ const _: () = assert!(core::mem::size_of::<FrontendKey>() == 16 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 16 + 16 + 4 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<FragTarget>() == 16);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 4);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 8 + 16 + 2 + 6);
 const _: () = assert!(core::mem::size_of::<SockRev>() == 16);

@@ -26,6 +26,33 @@ use serde_json::{Value, json};
 /// What the devices allow (what Cilium's BIG TCP option sets).
 const BIG: u32 = 185_000;
 const PAYLOAD: usize = 8 << 20;
+/// The Service port of this test's own echo server: the lab's gives up on a write blocked for a
+/// second, and the IPv6 path here stalls for longer at times (see the test).
+const PORT: u16 = 8096;
+
+/// An echo server on the endpoint (both families): reads until the client half-closes, then
+/// writes `echo:` and everything back, with no time limit on either.
+fn bulk_echo(lab: &Lab) -> Vec<std::thread::JoinHandle<()>> {
+    let listeners = in_netns(lab.netns_path(Ns::Ep), || {
+        Ok([
+            std::net::TcpListener::bind(SocketAddr::from((lab::ENDPOINT_V4, PORT)))?,
+            std::net::TcpListener::bind(SocketAddr::from((lab::ENDPOINT_V6, PORT)))?,
+        ])
+    })
+    .unwrap();
+    listeners
+        .into_iter()
+        .map(|listener| {
+            std::thread::spawn(move || {
+                use std::io::{Read as _, Write as _};
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut data = b"echo:".to_vec();
+                conn.read_to_end(&mut data).unwrap();
+                conn.write_all(&data).unwrap();
+            })
+        })
+        .collect()
+}
 
 /// Raises the GSO and GRO limits of `ifname` in the current namespace: IPv6 (`gso_max_size`,
 /// `gro_max_size`) and IPv4 (`gso_ipv4_max_size`, `gro_ipv4_max_size`, Linux ≥ 6.3) by one
@@ -206,6 +233,8 @@ fn big_tcp_aggregates_are_translated_both_ways() {
         in_netns(lab.netns_path(*ns), || Ok(allow_big_aggregates(ifname)?))
             .unwrap_or_else(|e| panic!("BIG TCP limits on {ifname} in {}: {e:#}", lab.ns_name(*ns)));
     }
+    lab.add_service_port(PORT).unwrap();
+    let servers = bulk_echo(&lab);
     let scratch = Scratch::new(&lab);
     let services = scratch.file("services.json");
     let service = json!({
@@ -213,7 +242,7 @@ fn big_tcp_aggregates_are_translated_both_ways() {
         "spec": {"type": "LoadBalancer", "clusterIP": lab::CLUSTER_V4.to_string(),
                  "clusterIPs": [lab::CLUSTER_V4.to_string(), lab::CLUSTER_V6.to_string()],
                  "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
-                 "ports": [{"name": "tcp", "port": lab::SERVICE_PORT, "protocol": "TCP"}]},
+                 "ports": [{"name": "tcp", "port": PORT, "protocol": "TCP"}]},
         "status": {"loadBalancer": {"ingress": [{"ip": lab::EXTERNAL_V4.to_string()}, {"ip": lab::EXTERNAL_V6.to_string()}]}},
     });
     write(&services, &service.to_string());
@@ -226,9 +255,9 @@ fn big_tcp_aggregates_are_translated_both_ways() {
     let payload: Vec<u8> = (0..PAYLOAD).map(|i| (i % 251) as u8).collect();
     for (external, family) in [(IpAddr::V4(lab::EXTERNAL_V4), "v4"), (IpAddr::V6(lab::EXTERNAL_V6), "v6")] {
         let before = scratch.inspect();
-        let to = SocketAddr::new(external, lab::SERVICE_PORT);
+        let to = SocketAddr::new(external, PORT);
         let big = BigFrames::watch(&lab);
-        let reply = lab::tcp_request_in(lab.netns_path(Ns::Pod), to, &payload, Duration::from_secs(30))
+        let reply = lab::tcp_request_in(lab.netns_path(Ns::Pod), to, &payload, Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("8 MiB to {to} and back: {e:#}\n{}", agent.log()));
         let big = big.finish();
         assert_eq!(reply.peer, to, "the pod's socket is connected to the external address");
@@ -267,4 +296,7 @@ fn big_tcp_aggregates_are_translated_both_ways() {
         assert!(counter(&after, &name).0 > counter(&before, &name).0, "{to}: {name} did not count");
     }
     drop(agent);
+    for server in servers {
+        server.join().unwrap();
+    }
 }

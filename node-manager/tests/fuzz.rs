@@ -26,7 +26,7 @@ use node_manager::{
 };
 use node_manager_common::{CounterIndex, CounterKind, DatapathConfig, FlowKey, program_names};
 
-const DEFAULT_CASES: u64 = 200_000;
+const DEFAULT_CASES: u64 = 300_000;
 /// The masquerade mark and the frontends change every this many cases.
 const EPOCH: u64 = 10_000;
 /// `struct __sk_buff` on Linux ≥ 5.16; `mark` is at offset 8.
@@ -134,6 +134,8 @@ struct Gen {
     known: Vec<(FlowKey, [u8; 16])>,
     /// The address change the frame just generated is meant to get (old, new), if any.
     meant: Option<([u8; 16], [u8; 16])>,
+    /// A later fragment of the datagram whose first fragment the last case was: the next case.
+    pending: Option<Case>,
 }
 
 fn parse_ip(s: &str) -> IpAddr {
@@ -167,6 +169,9 @@ impl Gen {
     }
 
     fn case(&mut self) -> Case {
+        if let Some(later) = self.pending.take() {
+            return later;
+        }
         // A few frames of pure noise.
         if self.rng.u8(..100) < 3 {
             let len = self.rng.usize(0..120);
@@ -219,6 +224,21 @@ impl Gen {
             what.push_str(", ");
             what.push_str(&m);
             checksums_valid &= keeps_valid;
+        }
+        // Now and then the frame becomes the first fragment of a datagram whose later fragment
+        // is the next case (a later fragment reuses the first's addresses, protocol and ID).
+        if mutations == 0 && self.rng.u8(..5) == 0 {
+            let later = self.fragment(&mut f, v6);
+            what.push_str(", first fragment");
+            checksums_valid = false;
+            self.pending = Some(Case {
+                program,
+                frame: later,
+                mark: 0,
+                gso_size: 0,
+                what: format!("the later fragment of: {what}"),
+                checksums_valid: false,
+            });
         }
         let mark = match self.rng.u8(..4) {
             0 => self.rng.u32(..),
@@ -363,6 +383,48 @@ impl Gen {
 
     /// Applies one mutation; returns its description and whether checksums stay valid and
     /// verifiable afterwards.
+    /// Makes `f` (a whole packet) the first fragment of a datagram and returns a later fragment
+    /// of it: IPv4 with MF set (the builder's ID), IPv6 with a Fragment header (offset 0, M,
+    /// a random ID); the later one carries the same header fields, an offset of 8 bytes or more
+    /// and random bytes.
+    fn fragment(&mut self, f: &mut Vec<u8>, v6: bool) -> Vec<u8> {
+        let data: Vec<u8> = (0..self.rng.usize(8..64)).map(|_| self.rng.u8(..)).collect();
+        let mut later = f[..14].to_vec();
+        if v6 {
+            let id = self.rng.u32(..).to_be_bytes();
+            let proto = f[20];
+            let first = [proto, 0, 0x00, 0x01, id[0], id[1], id[2], id[3]];
+            f.splice(54..54, first);
+            f[20] = 44;
+            let len = u16::from_be_bytes([f[18], f[19]]).wrapping_add(8);
+            f[18..20].copy_from_slice(&len.to_be_bytes());
+            let offset_m = (self.rng.u16(1..0x1fff) << 3) | u16::from(self.rng.bool());
+            later.extend_from_slice(&f[14..54]);
+            later[18..20].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+            let [hi, lo] = offset_m.to_be_bytes();
+            later.extend_from_slice(&[proto, 0, hi, lo, id[0], id[1], id[2], id[3]]);
+        } else {
+            f[20] |= 0x20; // MF
+            frames::fix_ipv4_csum(f);
+            later.extend_from_slice(&f[14..34]);
+            let field = self.rng.u16(1..0x2000) | if self.rng.bool() { 0x2000 } else { 0 };
+            later[20..22].copy_from_slice(&field.to_be_bytes());
+            later[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            frames::fix_ipv4_csum(&mut later);
+        }
+        // Half the time another datagram's later fragment: its first was never seen.
+        if self.rng.bool() {
+            let id = if v6 { 58..62 } else { 18..20 };
+            let other: Vec<u8> = later[id.clone()].iter().map(|b| b ^ 0x5a).collect();
+            later[id].copy_from_slice(&other);
+            if !v6 {
+                frames::fix_ipv4_csum(&mut later);
+            }
+        }
+        later.extend_from_slice(&data);
+        later
+    }
+
     /// Sometimes makes the frame a GSO skb (returns its gso_size), and some of those BIG TCP
     /// aggregates: IP length 0, and on IPv6 perhaps the Jumbo Payload hop-by-hop header. Also
     /// zero lengths without GSO, which are malformed and must pass untouched.
@@ -603,7 +665,7 @@ fn tc_programs_match_the_reference_model_on_random_and_mutated_frames() {
     let mut dp = Datapath::load_unpinned().expect("load the eBPF object (run as root)");
     let mut model = Model::new();
     setup(&mut dp, &mut model);
-    let mut generator = Gen { rng: fastrand::Rng::with_seed(seed), known: Vec::new(), meant: None };
+    let mut generator = Gen { rng: fastrand::Rng::with_seed(seed), known: Vec::new(), meant: None, pending: None };
     let started = Instant::now();
     let (mut refused, mut verified_rewrites) = (0u64, 0u64);
     for i in 0..total {

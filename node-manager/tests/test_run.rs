@@ -213,12 +213,13 @@ fn malformed_fragmented_and_unusual_frames_pass_untouched() {
     for len in 0..good6.len() {
         cases.push((format!("IPv6 truncated to {len}"), good6[..len].to_vec()));
     }
-    let mut more_fragments = good4.clone();
-    more_fragments[20] |= 0x20; // MF
-    cases.push(("IPv4 first fragment (MF)".into(), more_fragments));
+    // A later fragment of a datagram whose first fragment was never seen (fragments are
+    // otherwise translated: `fragments_are_translated_by_the_first_fragments_memory`).
     let mut later_fragment = good4.clone();
+    later_fragment[18..20].copy_from_slice(&0x7777u16.to_be_bytes()); // an ID no first had
     later_fragment[21] = 0x10; // offset
-    cases.push(("IPv4 later fragment".into(), later_fragment));
+    frames::fix_ipv4_csum(&mut later_fragment);
+    cases.push(("IPv4 later fragment without its first".into(), later_fragment));
     let mut options = good4.clone();
     options[14] = 0x46; // IHL 6: one word of options
     cases.push(("IPv4 with options".into(), options));
@@ -413,4 +414,77 @@ fn big_tcp_aggregates_are_rewritten_and_zero_lengths_without_gso_are_not() {
 fn run_gso(dp: &mut Datapath, program: &str, input: &[u8], gso_size: u32) -> Run {
     try_run_gso(dp, program, input, gso_size)
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN with gso_size {gso_size}: {e}"))
+}
+
+/// The first fragment of a datagram to a frontend is rewritten as any packet; later fragments
+/// of the same datagram (same source, destination, ID and protocol) get the same address,
+/// with only the IPv4 header checksum to update; the reply's fragments likewise. A later
+/// fragment of another datagram passes untouched and counts as `frag_unmatched`.
+#[test]
+fn fragments_are_translated_by_the_first_fragments_memory() {
+    let mut dp = datapath();
+    for (spec, ext, cluster) in
+        [(Spec::udp(POD4, 43000, EXT4, 8080), EXT4, CLUSTER4), (Spec::udp(POD6, 43000, EXT6, 8080), EXT6, CLUSTER6)]
+    {
+        let pod = spec.src.to_string();
+        let v6 = spec.src.is_ipv6();
+        let reply =
+            Spec { src: cluster.parse().unwrap(), dst: spec.src, sport: spec.dport, dport: spec.sport, ..spec.clone() };
+        for (program, request, from, to, which) in [
+            (program_names::POD_INGRESS, &spec, ext, cluster, "destination"),
+            (program_names::POD_EGRESS, &reply, cluster, ext, "source"),
+        ] {
+            let what = format!("{} fragments ({program})", if v6 { "IPv6" } else { "IPv4" });
+            let (first, later) = fragment_pair(&frame(request), v6, 0x5151);
+            let (want_first, want_later) = {
+                let rewritten = match which {
+                    "destination" => expect(request, &pod, to),
+                    _ => expect(request, to, &pod),
+                };
+                fragment_pair(&rewritten, v6, 0x5151)
+            };
+            let r = run(&mut dp, program, &first);
+            assert_eq!(r.out, want_first, "{what}: the first fragment's {which} rewritten");
+            let r = run(&mut dp, program, &later);
+            assert_eq!(r.out, want_later, "{what}: the later fragment's {which} rewritten, {from} → {to}");
+            if program == program_names::POD_INGRESS {
+                assert_eq!(r.mark & 0x4000, 0x4000, "{what}: the later fragment is marked as the first was");
+            }
+            // Another datagram's later fragment: untouched.
+            let (_, stray) = fragment_pair(&frame(request), v6, 0x5152);
+            assert_untouched(&run(&mut dp, program, &stray), &stray, &format!("{what}: a stray later fragment"));
+        }
+    }
+    let counters: BTreeMap<_, _> = dp.counters().unwrap().into_iter().collect();
+    assert_eq!(counters["frag_translated"].packets, 8, "first and later fragments, both ways, both families");
+    assert_eq!(counters["frag_unmatched"].packets, 2, "the stray later fragments to the external address");
+}
+
+/// A whole frame's first fragment (MF; IPv6: a Fragment header with offset 0 and M) and a later
+/// fragment of the same datagram (offset 16 bytes, last; 24 bytes of data), with ID `id`.
+fn fragment_pair(whole: &[u8], v6: bool, id: u32) -> (Vec<u8>, Vec<u8>) {
+    let mut first = whole.to_vec();
+    let mut later = whole[..14].to_vec();
+    let data = [0xabu8; 24];
+    if v6 {
+        let next = first[20];
+        let idb = id.to_be_bytes();
+        first.splice(54..54, [next, 0, 0, 1, idb[0], idb[1], idb[2], idb[3]]);
+        first[20] = 44;
+        let len = u16::from_be_bytes([first[18], first[19]]) + 8;
+        first[18..20].copy_from_slice(&len.to_be_bytes());
+        later.extend_from_slice(&first[14..54]);
+        later[18..20].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        later.extend_from_slice(&[next, 0, 0, 2 << 3, idb[0], idb[1], idb[2], idb[3]]);
+    } else {
+        first[18..20].copy_from_slice(&(id as u16).to_be_bytes());
+        first[20] |= 0x20; // MF
+        frames::fix_ipv4_csum(&mut first);
+        later.extend_from_slice(&first[14..34]);
+        later[20..22].copy_from_slice(&2u16.to_be_bytes()); // offset 2 × 8 bytes, last
+        later[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        frames::fix_ipv4_csum(&mut later);
+    }
+    later.extend_from_slice(&data);
+    (first, later)
 }

@@ -4,7 +4,9 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
-use node_manager_common::{DatapathConfig, FRONTENDS_MAX, Frontend, FrontendKey, OWNERS_MAX, Owner, POD_CIDRS_MAX};
+use node_manager_common::{
+    DatapathConfig, FRONTENDS_MAX, Frontend, FrontendKey, OWNERS_MAX, Owner, POD_CIDRS_MAX, PROTO_ICMP, PROTO_ICMPV6,
+};
 
 use crate::helpers::parse::Packet;
 
@@ -43,6 +45,14 @@ pub fn frontend_of(addr: [u8; 16], port: u16, proto: u8) -> Option<[u8; 16]> {
     // SAFETY: the value is copied out immediately; a concurrent update can at worst give the
     // previous or the next cluster address, both valid.
     unsafe { NM_FRONTENDS.get(key) }.map(|f| f.cluster_addr)
+}
+
+/// Whether the packet's destination is an external address we serve (every one has its ICMP
+/// echo frontend).
+#[inline(always)]
+pub fn is_external_addr(pkt: &Packet) -> bool {
+    let icmp = if pkt.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+    frontend_of(pkt.daddr, 0, icmp).is_some()
 }
 
 #[inline(always)]

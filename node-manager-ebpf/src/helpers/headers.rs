@@ -12,9 +12,11 @@ pub const IPV4_HLEN: usize = 20;
 pub const IPV4_VER_IHL_OFF: usize = 0;
 pub const IPV4_VER_IHL_NO_OPTIONS: u8 = 0x45;
 pub const IPV4_TOT_LEN_OFF: usize = 2;
-/// Flags and fragment offset; [`IPV4_FRAG_MASK`] is MF plus the offset.
+/// Flags and fragment offset: MF, and the offset in 8-byte units.
 pub const IPV4_FRAG_OFF: usize = 6;
-pub const IPV4_FRAG_MASK: u16 = 0x3fff;
+pub const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+pub const IPV4_ID_OFF: usize = 4;
 pub const IPV4_PROTO_OFF: usize = 9;
 pub const IPV4_CSUM_OFF: usize = 10;
 pub const IPV4_SADDR_OFF: usize = 12;
@@ -27,6 +29,9 @@ pub const IPV6_SADDR_OFF: usize = 8;
 pub const IPV6_DADDR_OFF: usize = 24;
 /// Hop-by-hop options header (next header 0), and BIG TCP's: the Jumbo Payload option only.
 pub const IPV6_NEXTHDR_HOP: u8 = 0;
+/// The Fragment header (next header 44): next header, reserved, offset and M, identification.
+pub const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
+pub const IPV6_FRAG_HLEN: usize = 8;
 pub const IPV6_JUMBO_HOP_LEN: usize = 8;
 pub const IPV6_TLV_JUMBO: u8 = 0xc2;
 

@@ -2,6 +2,7 @@
 //! concern and the counters.
 pub mod counters;
 pub mod flow;
+pub mod frag;
 pub mod frontend;
 pub mod headers;
 pub mod parse;

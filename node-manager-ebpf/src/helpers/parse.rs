@@ -1,9 +1,14 @@
 //! Packet parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which
 //! bounds-checks against the skb and works on non-linear skbs, so there is no direct packet
 //! access to prove to the verifier. Anything we cannot rewrite safely is reported as
-//! `Unparsed` and passed untouched: IPv4 options and fragments, IPv6 extension headers (but
-//! BIG TCP's Jumbo Payload hop-by-hop header), IPv6 packets with IPv4-mapped addresses,
-//! protocols other than TCP/UDP/ICMP echo, truncated headers.
+//! `Unparsed` and passed untouched: IPv4 options, IPv6 extension headers (but the Fragment
+//! header and BIG TCP's Jumbo Payload hop-by-hop header), IPv6 packets with IPv4-mapped
+//! addresses, protocols other than TCP/UDP/ICMP echo, truncated headers.
+//!
+//! Fragments (IPv4 MF or offset, the IPv6 Fragment header): the first carries the transport
+//! header and is parsed as any packet; a later one has none, so it is reported with its
+//! datagram's identification and no ports, and translated by what the first left in
+//! [`super::frag`].
 //!
 //! BIG TCP (IPv6 since Linux 5.19, IPv4 since 6.3, once an admin raises `gso_max_size` /
 //! `gro_max_size` above 64 KiB): a TCP GSO aggregate longer than an IP length field holds
@@ -30,8 +35,23 @@ pub enum Direction {
     ToPod,
 }
 
+/// Where a packet stands in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment (offset 0, more to come): transport header present.
+    First,
+    /// A later fragment: no transport header; `sport`, `dport` and `tcp_flags` are 0.
+    Later,
+}
+
 pub struct Packet {
     pub v6: bool,
+    pub frag: Frag,
+    /// The datagram's identification (IPv4: 16 bits; IPv6: the Fragment header's 32), for
+    /// fragments.
+    pub frag_id: u32,
     pub proto: u8,
     pub l4_off: usize,
     /// IPv4-mapped for IPv4.
@@ -73,11 +93,14 @@ fn parse_ipv4(ctx: &TcContext, direction: Direction) -> Parsed {
     if hdr[IPV4_VER_IHL_OFF] != IPV4_VER_IHL_NO_OPTIONS {
         return Parsed::Unparsed;
     }
-    // Any fragment (MF set or non-zero offset): only the first carries ports; rewriting part of
-    // a datagram would break it, so fragments pass untouched.
-    if be16(&hdr, IPV4_FRAG_OFF) & IPV4_FRAG_MASK != 0 {
-        return Parsed::Unparsed;
-    }
+    let frag_field = be16(&hdr, IPV4_FRAG_OFF);
+    let frag = if frag_field & IPV4_FRAG_OFFSET_MASK != 0 {
+        Frag::Later
+    } else if frag_field & IPV4_MORE_FRAGMENTS != 0 {
+        Frag::First
+    } else {
+        Frag::Whole
+    };
     let mut total_len = be16(&hdr, IPV4_TOT_LEN_OFF) as usize;
     if total_len == 0 && hdr[IPV4_PROTO_OFF] == PROTO_TCP && is_gso(ctx) {
         total_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
@@ -92,6 +115,8 @@ fn parse_ipv4(ctx: &TcContext, direction: Direction) -> Parsed {
         direction,
         L4 {
             v6: false,
+            frag,
+            frag_id: u32::from(be16(&hdr, IPV4_ID_OFF)),
             proto: hdr[IPV4_PROTO_OFF],
             icmp_proto: PROTO_ICMP,
             echo_type: match direction {
@@ -139,6 +164,29 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     if l4_off + payload_len > ctx.len() as usize {
         return Parsed::Unparsed;
     }
+    let (mut frag, mut frag_id) = (Frag::Whole, 0);
+    if proto == IPV6_NEXTHDR_FRAGMENT {
+        let Ok(fh) = ctx.load::<[u8; IPV6_FRAG_HLEN]>(l4_off) else {
+            return Parsed::Unparsed;
+        };
+        if payload_len < IPV6_FRAG_HLEN {
+            return Parsed::Unparsed;
+        }
+        // Offset in the upper 13 bits of bytes 2–3, M in the lowest.
+        let offset_m = u16::from_be_bytes([fh[2], fh[3]]);
+        frag = if offset_m >> 3 != 0 {
+            Frag::Later
+        } else if offset_m & 1 != 0 {
+            Frag::First
+        } else {
+            // An atomic fragment (RFC 6946): a whole datagram behind a Fragment header.
+            Frag::Whole
+        };
+        frag_id = u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]);
+        proto = fh[0];
+        l4_off += IPV6_FRAG_HLEN;
+        payload_len -= IPV6_FRAG_HLEN;
+    }
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     saddr.copy_from_slice(&hdr[IPV6_SADDR_OFF..IPV6_SADDR_OFF + 16]);
@@ -153,6 +201,8 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
         direction,
         L4 {
             v6: true,
+            frag,
+            frag_id,
             proto,
             icmp_proto: PROTO_ICMPV6,
             echo_type: match direction {
@@ -175,6 +225,8 @@ fn be16(hdr: &[u8], off: usize) -> u16 {
 /// What the IP header says about the transport header that follows it.
 struct L4 {
     v6: bool,
+    frag: Frag,
+    frag_id: u32,
     /// The IP header's protocol (next header).
     proto: u8,
     /// The family's ICMP protocol, and the echo type expected in this direction.
@@ -189,7 +241,16 @@ struct L4 {
 
 #[inline(always)]
 fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
-    let L4 { v6, proto, icmp_proto, echo_type, off: l4_off, len: l4_len, saddr, daddr } = l4;
+    let L4 { v6, frag, frag_id, proto, icmp_proto, echo_type, off: l4_off, len: l4_len, saddr, daddr } = l4;
+    // A later fragment: no transport header to read; the protocol must still be one we
+    // rewrite (its first fragment was parsed as such).
+    if frag == Frag::Later {
+        if proto != PROTO_TCP && proto != PROTO_UDP && proto != icmp_proto {
+            return Parsed::Unparsed;
+        }
+        let (sport, dport, tcp_flags) = (0, 0, 0);
+        return Parsed::Ip(Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport, dport, tcp_flags });
+    }
     // The whole header the rewrite touches must be inside the IP payload and the skb.
     let (min_len, sport, dport, tcp_flags) = if proto == PROTO_TCP {
         // Ports through the flags byte.
@@ -221,5 +282,5 @@ fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
     if l4_len < min_len {
         return Parsed::Unparsed;
     }
-    Parsed::Ip(Packet { v6, proto, l4_off, saddr, daddr, sport, dport, tcp_flags })
+    Parsed::Ip(Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport, dport, tcp_flags })
 }

@@ -1,7 +1,7 @@
 //! Address rewrite with incremental IP and L4 checksum updates through the kernel helpers,
 //! which also handle CHECKSUM_PARTIAL skbs from veth offload and UDP's "no checksum" zero.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
@@ -12,7 +12,7 @@ use crate::helpers::{
         ETH_HLEN, ICMP_CSUM_OFF, IPV4_CSUM_OFF, IPV4_DADDR_OFF, IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
         TCP_CSUM_OFF, UDP_CSUM_OFF,
     },
-    parse::Packet,
+    parse::{Frag, Packet},
 };
 
 /// `bpf_l4_csum_replace` flag (Linux 6.16, backported to stable): the L4 checksum of an IPv6
@@ -29,9 +29,14 @@ pub enum Which {
 }
 
 /// Offset of the L4 checksum that covers the pseudo header (None for ICMPv4, whose checksum
-/// does not cover the addresses), and the flags for `bpf_l4_csum_replace`.
+/// does not cover the addresses, and for later fragments, which carry no transport header:
+/// the first fragment's checksum covers the whole datagram), and the flags for
+/// `bpf_l4_csum_replace`.
 #[inline(always)]
 fn l4_csum(pkt: &Packet) -> Option<(usize, u64)> {
+    if pkt.frag == Frag::Later {
+        return None;
+    }
     match pkt.proto {
         PROTO_TCP => Some((pkt.l4_off + TCP_CSUM_OFF, BPF_F_PSEUDO_HDR as u64)),
         // A zero UDP checksum (IPv4: "none") stays zero; a result of zero is written as 0xffff.
@@ -60,9 +65,14 @@ pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16],
         if diff < 0 {
             return Err(diff);
         }
-        ctx.store(off, new, 0)?;
-        if let Some((csum_off, flags)) = l4 {
-            l4_csum_replace_v6(ctx, csum_off, diff, flags)?;
+        match l4 {
+            Some((csum_off, flags)) => {
+                ctx.store(off, new, 0)?;
+                l4_csum_replace_v6(ctx, csum_off, diff, flags)?;
+            }
+            // No checksum to balance the new address (a later fragment): a CHECKSUM_COMPLETE
+            // skb->csum takes the bytes' difference.
+            None => ctx.store(off, new, BPF_F_RECOMPUTE_CSUM as u64)?,
         }
     } else {
         let off = match which {

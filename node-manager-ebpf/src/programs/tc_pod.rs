@@ -12,9 +12,9 @@ use node_manager_common::{CounterIndex, PROTO_TCP};
 
 use crate::helpers::{
     counters::count,
-    flow, frontend as lb,
+    flow, frag, frontend as lb,
     headers::{TCP_ACK, TCP_RST, TCP_SYN},
-    parse::{self, Direction, Parsed, parse},
+    parse::{self, Direction, Frag, Parsed, parse},
     rewrite::{Which, set_addr},
 };
 
@@ -27,6 +27,9 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
         Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
         Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
     };
+    if pkt.frag == Frag::Later {
+        return later_fragment(&mut ctx, &pkt, Which::Destination);
+    }
     // The hash lookup first: most of a pod's packets go to no frontend, and the pod-CIDR
     // check (an LPM trie walk) is then never paid.
     let Some(cluster_addr) = lb::frontend(&pkt) else {
@@ -50,9 +53,10 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
     if set_addr(&mut ctx, &pkt, Which::Destination, &external_addr, &cluster_addr).is_err() {
         return pass(&ctx, CounterIndex::RewriteFailed);
     }
-    let mark = lb::masquerade_mark();
-    if mark != 0 {
-        ctx.set_mark(skb_mark(&ctx) | mark);
+    mark_for_masquerade(&mut ctx);
+    if pkt.frag == Frag::First {
+        frag::remember(&pkt, cluster_addr);
+        count(&ctx, CounterIndex::FragTranslated);
     }
     let key = flow::key_from_pod(&pkt, cluster_addr);
     // A RST ends the connection: the flow is forgotten rather than remembered (its replies,
@@ -83,6 +87,9 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
         Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
         Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
     };
+    if pkt.frag == Frag::Later {
+        return later_fragment(&mut ctx, &pkt, Which::Source);
+    }
     let key = flow::key_to_pod(&pkt);
     let Some(external_addr) = flow::external_addr(&key) else {
         return pass(&ctx, CounterIndex::PassNoFlow);
@@ -91,6 +98,10 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     if set_addr(&mut ctx, &pkt, Which::Source, &cluster_addr, &external_addr).is_err() {
         return pass(&ctx, CounterIndex::RewriteFailed);
     }
+    if pkt.frag == Frag::First {
+        frag::remember(&pkt, external_addr);
+        count(&ctx, CounterIndex::FragTranslated);
+    }
     // The server's RST ends the connection (this one is still translated, so the pod's socket
     // sees it).
     if tcp_rst(&pkt) {
@@ -98,6 +109,39 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     }
     count(&ctx, if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 });
     CONTINUE
+}
+
+/// A later fragment: given the address its datagram's first fragment got (the destination
+/// from the pod, the source to it), with the masquerade mark from the pod as the first had.
+#[inline(always)]
+fn later_fragment(ctx: &mut TcContext, pkt: &parse::Packet, which: Which) -> i32 {
+    let Some(new) = frag::target(pkt) else {
+        return match which {
+            // To an external address: a datagram the rewrite has lost.
+            Which::Destination if lb::is_external_addr(pkt) => pass(ctx, CounterIndex::FragUnmatched),
+            Which::Destination => pass(ctx, CounterIndex::PassUnparsed),
+            Which::Source => pass(ctx, CounterIndex::PassNoFlow),
+        };
+    };
+    let old = match which {
+        Which::Destination => pkt.daddr,
+        Which::Source => pkt.saddr,
+    };
+    if set_addr(ctx, pkt, which, &old, &new).is_err() {
+        return pass(ctx, CounterIndex::RewriteFailed);
+    }
+    if matches!(which, Which::Destination) {
+        mark_for_masquerade(ctx);
+    }
+    pass(ctx, CounterIndex::FragTranslated)
+}
+
+#[inline(always)]
+fn mark_for_masquerade(ctx: &mut TcContext) {
+    let mark = lb::masquerade_mark();
+    if mark != 0 {
+        ctx.set_mark(skb_mark(ctx) | mark);
+    }
 }
 
 #[inline(always)]

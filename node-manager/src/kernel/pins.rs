@@ -18,9 +18,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
-    COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_DGRAM_MAX, FLOWS_MAX, FRONTENDS_MAX, Flow,
-    FlowKey, Frontend, FrontendKey, LAYOUT_VERSION, OWNERS_MAX, Owner, POD_CIDRS_MAX, SOCK_REV_MAX, SockRev,
-    SockRevKey, map_names,
+    COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_DGRAM_MAX, FLOWS_MAX, FRAGS_MAX,
+    FRONTENDS_MAX, Flow, FlowKey, FragKey, FragTarget, Frontend, FrontendKey, LAYOUT_VERSION, OWNERS_MAX, Owner,
+    POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey, map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -140,6 +140,7 @@ pub fn expected_layout(name: &str) -> Option<Layout> {
         map_names::POD_CIDRS => l(MapType::LpmTrie, 4 + 16, 1, POD_CIDRS_MAX),
         map_names::FLOWS => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_MAX),
         map_names::FLOWS_DGRAM => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_DGRAM_MAX),
+        map_names::FRAGS => l(MapType::LruHash, size_of::<FragKey>(), size_of::<FragTarget>(), FRAGS_MAX),
         map_names::CONFIG => l(MapType::Array, 4, size_of::<DatapathConfig>(), 1),
         map_names::COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), COUNTERS_LEN),
         map_names::SOCK_REV => l(MapType::LruHash, size_of::<SockRevKey>(), size_of::<SockRev>(), SOCK_REV_MAX),

@@ -42,11 +42,22 @@ pub struct Outcome {
     pub also: Vec<CounterIndex>,
 }
 
+/// Where a packet stands in a fragmented datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frag {
+    Whole,
+    First,
+    /// No transport header: no ports, no L4 checksum.
+    Later,
+}
+
 /// A parsed packet: addresses in 16-byte form (IPv4-mapped for IPv4), ports as the two bytes
 /// on the wire.
 #[derive(Clone, Copy, Debug)]
 struct Packet {
     v6: bool,
+    frag: Frag,
+    frag_id: u32,
     proto: u8,
     l4_off: usize,
     saddr: [u8; 16],
@@ -71,6 +82,9 @@ pub struct Model {
     pub masquerade_mark: u32,
     /// Reply flow (as seen on egress) → external address to restore.
     pub flows: HashMap<FlowKey, [u8; 16]>,
+    /// Fragmented datagrams whose first fragment was rewritten: (source, destination,
+    /// identification, protocol) as they arrived → the address the first fragment got.
+    pub frags: HashMap<FragKey, [u8; 16]>,
     pub counters: Vec<Counter>,
 }
 
@@ -128,6 +142,9 @@ impl Model {
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
             Parsed::Ip(pkt) => pkt,
         };
+        if pkt.frag == Frag::Later {
+            return self.later_fragment(frame, mark, &pkt, Side::Destination);
+        }
         let Some(&cluster) = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto)) else {
             // The pod talks to a cluster address directly on a remembered flow's tuple: that
             // flow is over (TCP: at a SYN without ACK; UDP and ICMP echo: at any packet).
@@ -148,12 +165,16 @@ impl Model {
         rewrite(&mut out, &pkt, Side::Destination, &cluster);
         let key = request_flow_key(&pkt, cluster);
         let counter = if pkt.v6 { CounterIndex::RewriteIngressV6 } else { CounterIndex::RewriteIngressV4 };
+        let mut also = Vec::new();
+        if pkt.frag == Frag::First {
+            self.frags.insert(frag_key(&pkt), cluster);
+            also.push(CounterIndex::FragTranslated);
+        }
         // A TCP RST ends the flow: forgotten, not remembered.
         if is_rst(frame, &pkt) {
             self.flows.remove(&key);
-            return Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also: vec![] };
+            return Outcome { verdict: CONTINUE, out, mark: mark | self.masquerade_mark, counter, also };
         }
-        let mut also = Vec::new();
         if self.flows.insert(key, pkt.daddr).is_none() {
             also.push(CounterIndex::FlowCreated);
             // A TCP segment other than a SYN opening a flow: the connection's entry was lost.
@@ -171,17 +192,48 @@ impl Model {
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
             Parsed::Ip(pkt) => pkt,
         };
+        if pkt.frag == Frag::Later {
+            return self.later_fragment(frame, mark, &pkt, Side::Source);
+        }
         let key = reply_flow_key(&pkt);
         let Some(&external) = self.flows.get(&key) else {
             return untouched(CounterIndex::PassNoFlow);
         };
         let mut out = frame.to_vec();
         rewrite(&mut out, &pkt, Side::Source, &external);
+        let mut also = Vec::new();
+        if pkt.frag == Frag::First {
+            self.frags.insert(frag_key(&pkt), external);
+            also.push(CounterIndex::FragTranslated);
+        }
         if is_rst(frame, &pkt) {
             self.flows.remove(&key);
         }
         let counter = if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 };
-        Outcome { verdict: CONTINUE, out, mark, counter, also: vec![] }
+        Outcome { verdict: CONTINUE, out, mark, counter, also }
+    }
+
+    /// A later fragment gets the address its datagram's first fragment got; from the pod, with
+    /// the masquerade mark. Without one: lost if it is addressed to an external address.
+    fn later_fragment(&mut self, frame: &[u8], mark: u32, pkt: &Packet, side: Side) -> Outcome {
+        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
+        let Some(&new) = self.frags.get(&frag_key(pkt)) else {
+            let icmp = if pkt.v6 { 58 } else { 1 };
+            return untouched(match side {
+                Side::Destination if self.frontends.contains_key(&(pkt.daddr, [0, 0], icmp)) => {
+                    CounterIndex::FragUnmatched
+                }
+                Side::Destination => CounterIndex::PassUnparsed,
+                Side::Source => CounterIndex::PassNoFlow,
+            });
+        };
+        let mut out = frame.to_vec();
+        rewrite(&mut out, pkt, side, &new);
+        let mark = match side {
+            Side::Destination => mark | self.masquerade_mark,
+            Side::Source => mark,
+        };
+        Outcome { verdict: CONTINUE, out, mark, counter: CounterIndex::FragTranslated, also: vec![] }
     }
 
     /// The flow key a reply frame belongs to, if the frame is one the egress program parses.
@@ -198,6 +250,13 @@ impl Model {
         let cluster = self.frontends.get(&(pkt.daddr, pkt.dport, pkt.proto))?;
         Some((request_flow_key(&pkt, *cluster), pkt.daddr))
     }
+}
+
+/// A fragmented datagram's reassembly key: source, destination, identification, protocol.
+type FragKey = ([u8; 16], [u8; 16], u32, u8);
+
+fn frag_key(pkt: &Packet) -> FragKey {
+    (pkt.saddr, pkt.daddr, pkt.frag_id, pkt.proto)
 }
 
 /// A TCP segment with RST set (its flags byte inside the frame).
@@ -245,6 +304,7 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
     };
     let Some(ip) = f.get(ETH_HLEN..ETH_HLEN + ip_hlen) else { return Parsed::Unparsed };
     let mut l4_off = ETH_HLEN + ip_hlen;
+    let (mut frag, mut frag_id) = (Frag::Whole, 0u32);
     let (proto, l4_len, saddr, daddr) = if v6 {
         if ip[0] >> 4 != 6 {
             return Parsed::Unparsed;
@@ -267,6 +327,26 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
         if l4_off + payload_len > f.len() {
             return Parsed::Unparsed;
         }
+        // The Fragment header: the first fragment is parsed as any packet, a later one by its
+        // identification only (an atomic fragment, offset 0 without M, is a whole datagram).
+        if proto == 44 {
+            let Some(fh) = f.get(l4_off..l4_off + 8) else { return Parsed::Unparsed };
+            if payload_len < 8 {
+                return Parsed::Unparsed;
+            }
+            let offset_m = u16::from_be_bytes([fh[2], fh[3]]);
+            frag = if offset_m >> 3 != 0 {
+                Frag::Later
+            } else if offset_m & 1 != 0 {
+                Frag::First
+            } else {
+                Frag::Whole
+            };
+            frag_id = u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]);
+            proto = fh[0];
+            l4_off += 8;
+            payload_len -= 8;
+        }
         let saddr: [u8; 16] = ip[8..24].try_into().unwrap();
         let daddr: [u8; 16] = ip[24..40].try_into().unwrap();
         if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
@@ -277,10 +357,15 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
         if ip[0] != 0x45 {
             return Parsed::Unparsed;
         }
-        let frag = u16::from_be_bytes([ip[6], ip[7]]);
-        if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
-            return Parsed::Unparsed;
-        }
+        let field = u16::from_be_bytes([ip[6], ip[7]]);
+        frag = if field & 0x1fff != 0 {
+            Frag::Later
+        } else if field & 0x2000 != 0 {
+            Frag::First
+        } else {
+            Frag::Whole
+        };
+        frag_id = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
         let mut total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
         if total == 0 && ip[9] == 6 && gso {
             total = f.len() - ETH_HLEN;
@@ -298,6 +383,12 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
         (true, Program::Ingress) => (58, 128),
         (true, Program::Egress) => (58, 129),
     };
+    if frag == Frag::Later {
+        if proto != 6 && proto != 17 && proto != icmp_proto {
+            return Parsed::Unparsed;
+        }
+        return Parsed::Ip(Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport: [0; 2], dport: [0; 2] });
+    }
     let (min_len, sport, dport) = match proto {
         6 | 17 => {
             let Some(ports) = f.get(l4_off..l4_off + 4) else { return Parsed::Unparsed };
@@ -320,7 +411,7 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
     if l4_len < min_len {
         return Parsed::Unparsed;
     }
-    Parsed::Ip(Packet { v6, proto, l4_off, saddr, daddr, sport, dport })
+    Parsed::Ip(Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport, dport })
 }
 
 #[derive(Clone, Copy)]
@@ -358,6 +449,8 @@ fn rewrite(out: &mut [u8], pkt: &Packet, side: Side, new: &[u8; 16]) {
         update_csum(out, ETH_HLEN + 10, &old, &new);
     }
     let l4_csum = match pkt.proto {
+        // A later fragment has no transport header.
+        _ if pkt.frag == Frag::Later => None,
         6 => Some(pkt.l4_off + 16),
         17 => Some(pkt.l4_off + 6),
         58 => Some(pkt.l4_off + 2),
