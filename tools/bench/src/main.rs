@@ -90,8 +90,8 @@ fn run(args: &Args) -> Result<()> {
     r.prog = prog_cost::measure_all(&plan.all_ns(), plan.prog_repeat, plan.prog_rounds)?;
     for (n, c) in &r.prog {
         println!(
-            "  {n:>7} frontends: hit {:.1} ns, miss {:.1} ns, empty program {:.1} ns",
-            c.hit.median, c.miss.median, c.empty.median
+            "  {n:>7} frontends: hit {:.1} ns, miss {:.1} ns, empty program {:.1} ns, not a pod {:.1} ns",
+            c.hit.median, c.miss.median, c.empty.median, c.not_pod.median
         );
     }
 

@@ -1,6 +1,10 @@
 //! Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN) for a hit and a miss at N
 //! frontends, side by side with an empty TC program (the floor: what entering any program
-//! costs).
+//! costs), and a frontend hit from a source outside the pod CIDRs (the program stops after the
+//! pod-CIDR trie walk). The four split a hit's time into where it goes: entering a program
+//! (empty), parsing and the frontend hash lookup (miss − empty), the pod-CIDR trie walk
+//! (not-pod − miss), and the rewrite with its checksums, the mark and the flow lookup
+//! (hit − not-pod).
 //!
 //! The kernel runs the program `repeat` times on the same skb, so a rewritten frame would be a
 //! miss from the second run on. The map therefore also maps the cluster address back to the
@@ -26,6 +30,8 @@ const POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const CLUSTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const PORT: u16 = 8080;
+/// Outside the lab's pod CIDR (192.0.2.0/25).
+const NOT_POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 
 /// ns per packet at one N.
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +39,22 @@ pub struct ProgCost {
     pub hit: Summary,
     pub miss: Summary,
     pub empty: Summary,
+    /// A frontend hit from outside the pod CIDRs: parse, frontend lookup, pod-CIDR trie walk.
+    pub not_pod: Summary,
+}
+
+impl ProgCost {
+    /// Where a hit's time goes (medians, ns): entering a program, parse + frontend lookup,
+    /// the pod-CIDR trie walk, the rewrite + flow.
+    pub fn breakdown(&self) -> [(&'static str, f64); 4] {
+        let (e, m, p, h) = (self.empty.median, self.miss.median, self.not_pod.median, self.hit.median);
+        [
+            ("entering a TC program", e),
+            ("parsing and the frontend hash lookup", m - e),
+            ("the pod-CIDR trie walk", p - m),
+            ("the rewrite (address, IP and L4 checksums, mark) and the flow lookup", h - p),
+        ]
+    }
 }
 
 /// Measures each N in `ns`: `rounds` runs of `repeat` repetitions each for the hit, the miss
@@ -43,6 +65,7 @@ pub fn measure_all(ns: &[usize], repeat: u32, rounds: usize) -> Result<BTreeMap<
     let empty = EmptyProgram::load()?;
     let hit = tcp_frame(EXT, PORT);
     let miss = tcp_frame(EXT, PORT + 1); // known address, unknown port: a full lookup that misses
+    let not_pod = tcp_frame_from(NOT_POD, EXT, PORT); // a frontend, from outside the pod CIDRs
     let mut out = BTreeMap::new();
     for &n in ns {
         interrupt::check()?;
@@ -50,11 +73,15 @@ pub fn measure_all(ns: &[usize], repeat: u32, rounds: usize) -> Result<BTreeMap<
         let h = measure(rounds, || run(&mut dp, &hit, repeat))?;
         let m = measure(rounds, || run(&mut dp, &miss, repeat))?;
         let e = measure(rounds, || empty.run(&hit, repeat))?;
-        out.insert(n, ProgCost { hit: h, miss: m, empty: e });
+        let p = measure(rounds, || run(&mut dp, &not_pod, repeat))?;
+        out.insert(n, ProgCost { hit: h, miss: m, empty: e, not_pod: p });
     }
     let counters: BTreeMap<_, _> = dp.counters()?.into_iter().collect();
-    if counters["rewrite_ingress_v4"].packets == 0 || counters["pass_no_frontend"].packets == 0 {
-        bail!("broken measurement: the hit or the miss path never ran ({counters:?})");
+    if counters["rewrite_ingress_v4"].packets == 0
+        || counters["pass_no_frontend"].packets == 0
+        || counters["pass_not_pod"].packets == 0
+    {
+        bail!("broken measurement: the hit, the miss or the not-a-pod path never ran ({counters:?})");
     }
     Ok(out)
 }
@@ -92,9 +119,13 @@ fn measure(rounds: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Sum
 }
 
 fn tcp_frame(dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    tcp_frame_from(POD, dst, dport)
+}
+
+fn tcp_frame_from(src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
     let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
-    ip.extend_from_slice(&POD.octets());
+    ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     f.extend_from_slice(&ip);
     let mut tcp = vec![0u8; 20];

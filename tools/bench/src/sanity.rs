@@ -76,6 +76,7 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
                 p.need(format!("N = {n}: per-packet hit"), Some(c.hit));
                 p.need(format!("N = {n}: per-packet miss"), Some(c.miss));
                 p.need(format!("N = {n}: per-packet empty program"), Some(c.empty));
+                p.need(format!("N = {n}: per-packet hit from outside the pod CIDRs"), Some(c.not_pod));
                 if c.hit.median < c.miss.median || c.miss.median < c.empty.median {
                     p.push(format!("N = {n}: per-packet hit < miss or miss < empty program ({c:?})"));
                 }
@@ -152,7 +153,7 @@ mod tests {
             r.agent_start
                 .insert(n, vec![Start { end_to_end: ms * 10, sync: ms, from_first_event: ms * 2, rss_kib: 20_000 }]);
             r.agent_change.insert(n, vec![Change { end_to_end: ms, sync: ms / 2, apiserver: ms / 4 }]);
-            r.prog.insert(n, ProgCost { hit: s(300.0), miss: s(140.0), empty: s(40.0) });
+            r.prog.insert(n, ProgCost { hit: s(300.0), miss: s(140.0), empty: s(40.0), not_pod: s(200.0) });
         }
         r
     }

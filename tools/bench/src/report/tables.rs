@@ -137,17 +137,32 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
         );
     }
     let _ = writeln!(w, "\n## Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN, ns/packet)\n");
-    let _ = writeln!(w, "| frontends | hit | miss | empty program | hit / empty |\n|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        w,
+        "| frontends | hit | miss | empty program | hit from outside the pod CIDRs | hit / empty |\n|---:|---:|---:|---:|---:|---:|"
+    );
     for (n, c) in &r.prog {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.1} |",
             int(*n),
             range(Some(c.hit)),
             range(Some(c.miss)),
             range(Some(c.empty)),
+            range(Some(c.not_pod)),
             c.hit.median / c.empty.median
         );
+    }
+    if let Some((n, c)) = r.prog.iter().next_back() {
+        let _ = writeln!(
+            w,
+            "\nWhere a hit's {} ns go at N = {} (differences of the medians above):\n",
+            num(c.hit.median),
+            int(*n)
+        );
+        for (what, ns) in c.breakdown() {
+            let _ = writeln!(w, "- {what}: {} ns ({:.0} %)", num(ns), 100.0 * ns / c.hit.median);
+        }
     }
     let _ = writeln!(w, "\n## Agent memory (VmRSS after the first sync, MiB)\n");
     let _ = writeln!(w, "| N | node-manager |\n|---:|---:|");
