@@ -23,6 +23,7 @@ use lab::{Lab, Ns};
 use crate::{
     agent::AgentSide,
     baseline::{Backend, Baseline},
+    bpf_stats,
     conn::{self, Sink},
     interrupt,
     iperf::{self, IperfServer},
@@ -178,8 +179,19 @@ impl<'a> Bed<'a> {
             for v in order(round) {
                 interrupt::check()?;
                 let pod = self.labs.get(v).netns_path(Ns::Pod);
+                // B's rounds run with the kernel's BPF run-time statistics on (they cost a
+                // clock read per program run, so only B pays them, and only then).
+                let stats = (v == Variant::B).then(bpf_stats::enable).transpose()?;
+                let before = stats.as_ref().map(|_| bpf_stats::pod_programs()).transpose()?;
                 let run = conn::connect_loop(&pod, target(v, CONN_PORT), plan.conn_time)
                     .with_context(|| format!("N = {n}, {}", v.label()))?;
+                if let Some(before) = before {
+                    let after = bpf_stats::pod_programs()?;
+                    if let Some(per) = bpf_stats::PerConnection::between(before, after, run.connections) {
+                        r.bpf.entry(n).or_default().push(per);
+                    }
+                }
+                drop(stats);
                 println!(
                     "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  p99 {:>7.1} µs  ({} failed)",
                     v.label(),

@@ -8,6 +8,7 @@
 mod agent;
 mod baseline;
 mod bed;
+mod bpf_stats;
 mod conn;
 mod interrupt;
 mod iperf;

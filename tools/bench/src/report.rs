@@ -281,6 +281,39 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w);
 }
 
+/// Where B's connection time goes: its programs' share, from the kernel's BPF run-time
+/// statistics during B's rounds, against the time per connection of B and of C′.
+fn bpf_time(w: &mut String, n: usize, r: &Results) {
+    let Some(samples) = r.bpf.get(&n) else { return };
+    let (Some(runs), Some(ns)) = (
+        Summary::of(&samples.iter().map(|s| s.runs).collect::<Vec<_>>()),
+        Summary::of(&samples.iter().map(|s| s.ns).collect::<Vec<_>>()),
+    ) else {
+        return;
+    };
+    let per_conn_us = |v| r.conn_summary(n, v, |s| 1e6 / s.rate).map(|s| s.median);
+    let (Some(b), Some(c)) = (per_conn_us(Variant::B), per_conn_us(Variant::CMasq)) else { return };
+    let _ = writeln!(
+        w,
+        "- Where B's connection time goes (the kernel's BPF run-time statistics during B's rounds at N = {}): \
+         node-manager's TC programs ran {:.1} times per connection for {} ns in all ({} ns per run); a B \
+         connection took {} µs, a C′ one {} µs, so the programs are {} µs of the {} µs difference{}.",
+        int(n),
+        runs.median,
+        num(ns.median),
+        num(ns.median / runs.median),
+        num(b),
+        num(c),
+        num(ns.median / 1e3),
+        num(b - c),
+        if b - c > ns.median / 1e3 {
+            "; the rest is outside them (the TC hook itself, the rewritten skb's path through conntrack and NAT, noise)"
+        } else {
+            ": all of it is the programs' own time"
+        }
+    );
+}
+
 /// What the figures say, computed from them.
 fn reading(w: &mut String, plan: &Plan, r: &Results) {
     let (Some(&lo), Some(&hi)) = (plan.ns.iter().min(), plan.ns.iter().max()) else { return };
@@ -316,6 +349,7 @@ fn reading(w: &mut String, plan: &Plan, r: &Results) {
             int(hi)
         );
     }
+    bpf_time(w, hi, r);
     let _ = writeln!(
         w,
         "- Connection rates compare whole connections — the socket, the handshake, the close — most of \

@@ -160,6 +160,9 @@ pub struct Results {
     pub restore_change: BTreeMap<(usize, Backend), Vec<Duration>>,
     pub per_rule_change: BTreeMap<(usize, Backend), Vec<Duration>>,
     pub agent_change: BTreeMap<usize, Vec<Change>>,
+    /// N → per B round: node-manager's TC program runs and their time per connection (the
+    /// kernel's BPF run-time statistics).
+    pub bpf: BTreeMap<usize, Vec<crate::bpf_stats::PerConnection>>,
     /// A′: `nft -f` of the whole table, and one `add element` transaction, per N.
     pub nft_apply: BTreeMap<usize, Vec<Duration>>,
     pub nft_change: BTreeMap<usize, Vec<Duration>>,
