@@ -19,9 +19,12 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, Scratch, lab_agent_args, wait_for, write};
+use common::{
+    agent::{Agent, Scratch, lab_agent_args, wait_for, write},
+    kube::counter,
+};
 use lab::{Lab, Ns, in_netns};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// What the devices allow (what Cilium's BIG TCP option sets).
 const BIG: u32 = 185_000;
@@ -214,12 +217,6 @@ impl Drop for BigFrames {
     }
 }
 
-/// (packets, bytes) of one of the agent's counters.
-fn counter(state: &Value, name: &str) -> (u64, u64) {
-    let c = state["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
-    (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap())
-}
-
 #[test]
 fn big_tcp_aggregates_are_translated_both_ways() {
     let lab = Lab::new().unwrap();
@@ -290,10 +287,10 @@ fn big_tcp_aggregates_are_translated_both_ways() {
         // Not asserted: pass_unparsed also counts the ICMPv6 Packet Too Big errors the node
         // sends the pod about some of its forwarded IPv6 aggregates (measured on 6.18: a few
         // dozen per run; ICMP errors about a rewritten flow pass untouched, tests/test_run.rs).
-        let unparsed = counter(&after, "pass_unparsed").0 - counter(&before, "pass_unparsed").0;
+        let unparsed = counter(&after, "pass_unparsed") - counter(&before, "pass_unparsed");
         eprintln!("{to}: {unparsed} packets passed unparsed");
         let name = format!("rewrite_egress_{family}");
-        assert!(counter(&after, &name).0 > counter(&before, &name).0, "{to}: {name} did not count");
+        assert!(counter(&after, &name) > counter(&before, &name), "{to}: {name} did not count");
     }
     drop(agent);
     for server in servers {

@@ -9,13 +9,11 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write};
+use common::{
+    agent::{Agent, Scratch, lab_agent_args, lab_service_yaml, wait_for, write},
+    kube::counter,
+};
 use lab::{Lab, Ns};
-use serde_json::Value;
-
-fn counter(state: &Value, name: &str) -> u64 {
-    state["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["packets"].as_u64().unwrap()
-}
 
 #[test]
 fn fragmented_udp_requests_and_replies_are_translated_fragment_by_fragment() {

@@ -17,10 +17,13 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, Scratch, lab_agent_args, wait_for, write};
+use common::{
+    agent::{Agent, Scratch, lab_agent_args, wait_for, write},
+    kube::counter,
+};
 use lab::{Lab, Ns, in_netns};
 use node_manager_common::{FLOWS_DGRAM_MAX, FLOWS_MAX};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PUSH_PORT: u16 = 8090;
 const UDP_PORTS: [u16; 5] = [8091, 8092, 8093, 8094, 8095];
@@ -28,10 +31,6 @@ const UDP_PORTS: [u16; 5] = [8091, 8092, 8093, 8094, 8095];
 const NOTRACK: &str = "table inet nm_test_notrack {
     chain pre { type filter hook prerouting priority raw; udp dport 8091-8095 notrack; }
 }";
-
-fn counter(state: &Value, name: &str) -> u64 {
-    state["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["packets"].as_u64().unwrap()
-}
 
 #[test]
 fn an_idle_tcp_connection_keeps_its_flow_through_a_flood_of_udp_flows() {

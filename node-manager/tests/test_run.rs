@@ -389,8 +389,7 @@ fn big_tcp_aggregates_are_rewritten_and_zero_lengths_without_gso_are_not() {
         [(Spec::tcp(POD4, 42000, EXT4, 8080), EXT4, CLUSTER4), (Spec::tcp(POD6, 42000, EXT6, 8080), EXT6, CLUSTER6)]
     {
         let pod = spec.src.to_string();
-        let reply =
-            Spec { src: cluster.parse().unwrap(), dst: spec.src, sport: spec.dport, dport: spec.sport, ..spec.clone() };
+        let reply = reply_from(&spec, cluster);
         let jumbo_forms: &[bool] = if spec.src.is_ipv4() { &[false] } else { &[false, true] };
         for &jumbo in jumbo_forms {
             let what = format!("{pod}→{ext} BIG TCP{}", if jumbo { " with a Jumbo Payload header" } else { "" });
@@ -428,8 +427,7 @@ fn fragments_are_translated_by_the_first_fragments_memory() {
     {
         let pod = spec.src.to_string();
         let v6 = spec.src.is_ipv6();
-        let reply =
-            Spec { src: cluster.parse().unwrap(), dst: spec.src, sport: spec.dport, dport: spec.sport, ..spec.clone() };
+        let reply = reply_from(&spec, cluster);
         for (program, request, from, to, which) in [
             (program_names::POD_INGRESS, &spec, ext, cluster, "destination"),
             (program_names::POD_EGRESS, &reply, cluster, ext, "source"),
@@ -487,4 +485,9 @@ fn fragment_pair(whole: &[u8], v6: bool, id: u32) -> (Vec<u8>, Vec<u8>) {
     }
     later.extend_from_slice(&data);
     (first, later)
+}
+
+/// The TCP or UDP reply to `spec` from `src` (the ports swapped).
+fn reply_from(spec: &Spec, src: &str) -> Spec {
+    Spec { src: src.parse().unwrap(), dst: spec.src, sport: spec.dport, dport: spec.sport, ..spec.clone() }
 }
