@@ -66,8 +66,8 @@ counters! {
         RewriteEgressV6 = 3, "rewrite_egress_v6", Tc;
         /// Not IPv4/IPv6 (ARP, VLAN-tagged, ...): passed.
         PassNotIp = 4, "pass_not_ip", Tc;
-        /// IP but not rewritable: fragment, IPv4 options, IPv6 extension header, other protocol,
-        /// truncated. Passed untouched.
+        /// IP but not rewritable: IPv4 options, IPv6 extension header, other protocol, ICMP
+        /// errors from a pod or quoting what cannot be parsed, truncated. Passed untouched.
         PassUnparsed = 5, "pass_unparsed", Tc;
         /// Addressed to a frontend, but from a source outside the local pod CIDRs: passed.
         PassNotPod = 6, "pass_not_pod", Tc;
@@ -121,6 +121,12 @@ counters! {
         /// (Later fragments to a pod cannot be told from any other fragmented traffic to it:
         /// those count as `pass_no_flow`.)
         FragUnmatched = 25, "frag_unmatched", Tc;
+        /// An ICMP error to a pod about a packet of a rewritten flow (fragmentation needed or
+        /// packet too big from a hop with a smaller MTU, an unreachable port, a time exceeded):
+        /// the quoted packet given its external destination back, so the pod's socket gets the
+        /// error (path MTU discovery works). Errors about other packets count as
+        /// `pass_no_flow`.
+        IcmpErrorTranslated = 26, "icmp_error_translated", Tc;
     }
 }
 

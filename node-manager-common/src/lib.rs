@@ -38,7 +38,10 @@ pub mod map_names {
     /// Which Service each frontend belongs to: written by the agent for `inspect` and
     /// `bpftool`, never read by the programs.
     pub const OWNERS: &str = "NM_OWNERS";
-    pub const ALL: [&str; 12] = [
+    /// Programs the TC programs tail-call (a BPF_MAP_TYPE_PROG_ARRAY, filled by the agent at
+    /// load): slot [`super::TAIL_CALL_ICMP_ERROR`].
+    pub const TAIL_CALLS: &str = "NM_TAIL_CALLS";
+    pub const ALL: [&str; 13] = [
         FRONTENDS,
         POD_CIDRS,
         FLOWS,
@@ -51,13 +54,20 @@ pub mod map_names {
         CT_SEEN,
         CT_COUNTERS,
         OWNERS,
+        TAIL_CALLS,
     ];
 }
+
+/// The slot of `nm_pod_icmp_error` in [`map_names::TAIL_CALLS`], and the map's size.
+pub const TAIL_CALL_ICMP_ERROR: u32 = 0;
+pub const TAIL_CALLS_LEN: u32 = 1;
 
 /// Program names in the object file.
 pub mod program_names {
     pub const POD_INGRESS: &str = "nm_pod_ingress";
     pub const POD_EGRESS: &str = "nm_pod_egress";
+    /// ICMP errors to pods, tail-called by the egress program (never attached itself).
+    pub const POD_ICMP_ERROR: &str = "nm_pod_icmp_error";
     /// BPF_PROG_TYPE_NETFILTER programs on LOCAL_IN (loaded by the agent's own bpf(2) shim:
     /// aya 0.14 has no netfilter program type).
     pub const DROP_INVALID_V4: &str = "nm_drop_invalid4";

@@ -32,27 +32,25 @@ macro_rules! with_flow_map {
 /// (after its destination was rewritten to `remote`).
 #[inline(always)]
 pub fn key_from_pod(pkt: &Packet, remote: [u8; 16]) -> FlowKey {
-    FlowKey {
-        pod_addr: pkt.saddr,
-        remote_addr: remote,
-        pod_port: pkt.sport,
-        remote_port: pkt.dport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    }
+    key(pkt.saddr, remote, pkt.sport, pkt.dport, pkt.proto)
 }
 
 /// Key of the flow a packet going to the pod belongs to.
 #[inline(always)]
 pub fn key_to_pod(pkt: &Packet) -> FlowKey {
-    FlowKey {
-        pod_addr: pkt.daddr,
-        remote_addr: pkt.saddr,
-        pod_port: pkt.dport,
-        remote_port: pkt.sport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    }
+    key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto)
+}
+
+/// A flow key with its padding zeroed by one 4-byte store with the protocol: a 3-byte array
+/// of zeros compiles to a call of `memset` (a BPF-to-BPF call), and a program with such calls
+/// may not tail-call on kernels whose JIT lacks it (arm64 before 6.0).
+#[inline(always)]
+pub fn key(pod_addr: [u8; 16], remote_addr: [u8; 16], pod_port: u16, remote_port: u16, proto: u8) -> FlowKey {
+    let mut key = FlowKey { pod_addr, remote_addr, pod_port, remote_port, proto: 0, pad: [0; 3] };
+    // SAFETY: `proto` and `pad` are the struct's last 4 bytes (repr(C), checked by the
+    // size assertions in node-manager-common), 4-aligned.
+    unsafe { core::ptr::addr_of_mut!(key.proto).cast::<u32>().write_unaligned(u32::from_ne_bytes([proto, 0, 0, 0])) };
+    key
 }
 
 /// What `remember` found.

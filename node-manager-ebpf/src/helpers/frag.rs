@@ -15,7 +15,13 @@ static NM_FRAGS: LruHashMap<FragKey, FragTarget, { FRAGS_MAX as usize }> = LruHa
 
 #[inline(always)]
 fn key(pkt: &Packet) -> FragKey {
-    FragKey { saddr: pkt.saddr, daddr: pkt.daddr, id: pkt.frag_id, proto: pkt.proto, pad: [0; 3] }
+    let mut key = FragKey { saddr: pkt.saddr, daddr: pkt.daddr, id: pkt.frag_id, proto: 0, pad: [0; 3] };
+    // The padding zeroed with the protocol in one store, as in `flow::key` (no memset call).
+    // SAFETY: `proto` and `pad` are the struct's last 4 bytes (repr(C)), 4-aligned.
+    unsafe {
+        core::ptr::addr_of_mut!(key.proto).cast::<u32>().write_unaligned(u32::from_ne_bytes([pkt.proto, 0, 0, 0]))
+    };
+    key
 }
 
 /// Remembers what the first fragment `pkt` (as parsed, before the rewrite) was rewritten to.

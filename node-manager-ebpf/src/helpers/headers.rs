@@ -53,3 +53,11 @@ pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ICMPV6_ECHO_REPLY: u8 = 129;
+/// ICMP errors, which quote the packet they are about after their 8-byte header: IPv4
+/// destination unreachable (fragmentation needed among them), time exceeded, parameter problem;
+/// ICMPv6 destination unreachable, packet too big, time exceeded, parameter problem.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROB: u8 = 12;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PARAM_PROB: u8 = 4;

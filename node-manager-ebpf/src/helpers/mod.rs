@@ -5,6 +5,7 @@ pub mod flow;
 pub mod frag;
 pub mod frontend;
 pub mod headers;
+pub mod icmp_error;
 pub mod parse;
 pub mod rewrite;
 pub mod sock_rev;

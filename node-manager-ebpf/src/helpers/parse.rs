@@ -10,6 +10,9 @@
 //! datagram's identification and no ports, and translated by what the first left in
 //! [`super::frag`].
 //!
+//! ICMP errors to the pod (destination unreachable, fragmentation needed / packet too big, time
+//! exceeded, parameter problem) are parsed with the packet they quote: see [`super::icmp_error`].
+//!
 //! BIG TCP (IPv6 since Linux 5.19, IPv4 since 6.3, once an admin raises `gso_max_size` /
 //! `gro_max_size` above 64 KiB): a TCP GSO aggregate longer than an IP length field holds
 //! carries length 0 (IPv4 `tot_len`, IPv6 `payload_len`), and on IPv6 before the kernel dropped
@@ -69,6 +72,13 @@ pub enum Parsed {
     NotIp,
     Unparsed,
     Ip(Packet),
+    /// An ICMP error to the pod, unfragmented: the error (its ICMP header at `l4_off`) and
+    /// where its bytes end. The packet it quotes is parsed by [`super::icmp_error`], off the
+    /// hot path.
+    IcmpError {
+        error: Packet,
+        end: usize,
+    },
 }
 
 #[inline(always)]
@@ -217,6 +227,16 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     )
 }
 
+/// Whether an ICMP type (of the family's ICMP) is an error quoting a packet.
+#[inline(always)]
+fn is_error(v6: bool, icmp_type: u8) -> bool {
+    if v6 {
+        (ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROB).contains(&icmp_type)
+    } else {
+        matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB)
+    }
+}
+
 #[inline(always)]
 fn be16(hdr: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([hdr[off], hdr[off + 1]])
@@ -269,6 +289,11 @@ fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
             return Parsed::Unparsed;
         };
         if icmp[0] != echo_type || icmp[1] != 0 {
+            // Off the echo path: the hit path's only cost is this type check.
+            if direction == Direction::ToPod && frag == Frag::Whole && is_error(v6, icmp[0]) {
+                let error = Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport: 0, dport: 0, tcp_flags: 0 };
+                return Parsed::IcmpError { error, end: l4_off + l4_len };
+            }
             return Parsed::Unparsed;
         }
         let id = u16::from_ne_bytes([icmp[ICMP_ECHO_ID_OFF], icmp[ICMP_ECHO_ID_OFF + 1]]);

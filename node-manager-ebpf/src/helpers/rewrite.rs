@@ -50,8 +50,21 @@ fn l4_csum(pkt: &Packet) -> Option<(usize, u64)> {
 /// (IPv4-mapped for IPv4; the family was checked by the caller).
 #[inline(always)]
 pub fn set_addr(ctx: &mut TcContext, pkt: &Packet, which: Which, old: &[u8; 16], new: &[u8; 16]) -> Result<(), i64> {
-    let l4 = l4_csum(pkt);
-    if pkt.v6 {
+    replace_addr(ctx, pkt.v6, l4_csum(pkt), which, old, new)
+}
+
+/// [`set_addr`] for a packet of family `v6` whose L4 checksum covering the addresses is at
+/// `l4` (offset, `bpf_l4_csum_replace` flags), if it has one.
+#[inline(always)]
+pub fn replace_addr(
+    ctx: &mut TcContext,
+    v6: bool,
+    l4: Option<(usize, u64)>,
+    which: Which,
+    old: &[u8; 16],
+    new: &[u8; 16],
+) -> Result<(), i64> {
+    if v6 {
         let off = match which {
             Which::Source => ETH_HLEN + IPV6_SADDR_OFF,
             Which::Destination => ETH_HLEN + IPV6_DADDR_OFF,

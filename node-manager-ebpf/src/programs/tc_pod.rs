@@ -2,7 +2,8 @@
 //!
 //! ingress (packets from the pod): destination external/LB IP:port → the Service's cluster IP,
 //! mark for masquerade, remember the flow. egress (packets to the pod): the reply's source
-//! cluster IP → the external IP the pod dialled. A TCP RST either way ends the flow. Everything else continues untouched
+//! cluster IP → the external IP the pod dialled, and ICMP errors about a rewritten flow quote it
+//! again. A TCP RST either way ends the flow. Everything else continues untouched
 //! (TC_ACT_UNSPEC, which is also TCX_NEXT), so CNI programs on the same device still run.
 //!
 //! Host-network clients are served by the cgroup socket-address hooks in [`super::sock_addr`], from the
@@ -14,6 +15,7 @@ use crate::helpers::{
     counters::count,
     flow, frag, frontend as lb,
     headers::{TCP_ACK, TCP_RST, TCP_SYN},
+    icmp_error,
     parse::{self, Direction, Frag, Parsed, parse},
     rewrite::{Which, set_addr},
 };
@@ -25,7 +27,8 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
     let pkt = match parse(&ctx, Direction::FromPod) {
         Parsed::Ip(pkt) => pkt,
         Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
-        Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
+        // ICMP errors are parsed as such only on their way to the pod.
+        Parsed::Unparsed | Parsed::IcmpError { .. } => return pass(&ctx, CounterIndex::PassUnparsed),
     };
     if pkt.frag == Frag::Later {
         return later_fragment(&mut ctx, &pkt, Which::Destination);
@@ -84,6 +87,12 @@ pub fn nm_pod_ingress(mut ctx: TcContext) -> i32 {
 pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     let pkt = match parse(&ctx, Direction::ToPod) {
         Parsed::Ip(pkt) => pkt,
+        // In a program of its own (a tail call): the error path's stack does not fit beside
+        // this one's. Not there (an agent of another build replacing it): passed.
+        Parsed::IcmpError { error, end } => {
+            icmp_error::tail_call(&mut ctx, &error, end);
+            return pass(&ctx, CounterIndex::PassUnparsed);
+        }
         Parsed::NotIp => return pass(&ctx, CounterIndex::PassNotIp),
         Parsed::Unparsed => return pass(&ctx, CounterIndex::PassUnparsed),
     };
@@ -109,6 +118,21 @@ pub fn nm_pod_egress(mut ctx: TcContext) -> i32 {
     }
     count(&ctx, if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 });
     CONTINUE
+}
+
+/// An ICMP error to the pod (tail-called by `nm_pod_egress`) about a packet of a rewritten
+/// flow (the quoted packet as conntrack gave it back: from the pod to the cluster address):
+/// translated to quote the external address the pod's socket is connected to, or the kernel
+/// would match it to no socket.
+#[classifier]
+pub fn nm_pod_icmp_error(mut ctx: TcContext) -> i32 {
+    let why = match icmp_error::translate(&mut ctx) {
+        icmp_error::Outcome::Translated => CounterIndex::IcmpErrorTranslated,
+        icmp_error::Outcome::NoFlow => CounterIndex::PassNoFlow,
+        icmp_error::Outcome::Unparsed => CounterIndex::PassUnparsed,
+        icmp_error::Outcome::Failed => CounterIndex::RewriteFailed,
+    };
+    pass(&ctx, why)
 }
 
 /// A later fragment: given the address its datagram's first fragment got (the destination

@@ -20,10 +20,10 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use ipnet::IpNet;
-use node_manager_common::{DatapathConfig, Frontend, FrontendKey, Owner, map_names};
+use node_manager_common::{DatapathConfig, Frontend, FrontendKey, Owner, map_names, program_names};
 
 use self::{
     attach::{DIRECTIONS, Mechanism},
@@ -79,6 +79,21 @@ fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
         loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;
     }
     Ok(())
+}
+
+/// Puts the programs the TC programs tail-call into `NM_TAIL_CALLS` (pinned, so they stay
+/// reachable after the agent exits; a new agent's replace an old one's).
+fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
+    use aya::{maps::ProgramArray, programs::Program};
+    let fd = match ebpf.program(program_names::POD_ICMP_ERROR) {
+        Some(Program::SchedClassifier(p)) => p.fd().context("nm_pod_icmp_error is not loaded")?.try_clone()?,
+        _ => bail!("program {} missing from the object", program_names::POD_ICMP_ERROR),
+    };
+    let map = ebpf.map_mut(map_names::TAIL_CALLS).ok_or_else(|| anyhow!("no map {}", map_names::TAIL_CALLS))?;
+    let mut tail_calls = ProgramArray::try_from(map).context("NM_TAIL_CALLS is not a program array")?;
+    tail_calls
+        .set(node_manager_common::TAIL_CALL_ICMP_ERROR, &fd, 0)
+        .context("putting nm_pod_icmp_error into NM_TAIL_CALLS")
 }
 
 /// The errno and the end of the verifier's log (which says why), not the whole log.
@@ -206,7 +221,9 @@ impl Datapath {
     fn finish(mut ebpf: Ebpf, pins: Option<Pins>) -> Result<Datapath> {
         // A feature whose programs the kernel refuses is unavailable (the agent's kernel-feature
         // report says why); the others load and run.
-        let pod_tc = load_each(&mut ebpf, &DIRECTIONS.map(|(_, _, name)| name));
+        let pod_tc = load_each(&mut ebpf, &DIRECTIONS.map(|(_, _, name)| name))
+            .and_then(|()| load_each(&mut ebpf, &[program_names::POD_ICMP_ERROR]))
+            .and_then(|()| fill_tail_calls(&mut ebpf).map_err(|e| format!("{e:#}")));
         let socket_hooks = load_each(&mut ebpf, &cgroup::HOOKS.map(|(_, _, name)| name));
         let loads = Loads { pod_tc: Some(pod_tc), socket_hooks: Some(socket_hooks), drop_invalid_bpf: None };
         Ok(Datapath {

@@ -20,7 +20,7 @@ use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
     COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_DGRAM_MAX, FLOWS_MAX, FRAGS_MAX,
     FRONTENDS_MAX, Flow, FlowKey, FragKey, FragTarget, Frontend, FrontendKey, LAYOUT_VERSION, OWNERS_MAX, Owner,
-    POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey, map_names,
+    POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey, TAIL_CALLS_LEN, map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -148,6 +148,7 @@ pub fn expected_layout(name: &str) -> Option<Layout> {
         map_names::CT_SEEN => l(MapType::Array, 4, 8, 2),
         map_names::CT_COUNTERS => l(MapType::PerCpuArray, 4, size_of::<Counter>(), CT_COUNTERS_LEN),
         map_names::OWNERS => l(MapType::Hash, size_of::<FrontendKey>(), size_of::<Owner>(), OWNERS_MAX),
+        map_names::TAIL_CALLS => l(MapType::ProgramArray, 4, 4, TAIL_CALLS_LEN),
         _ => return None,
     })
 }
