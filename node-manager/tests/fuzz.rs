@@ -333,6 +333,9 @@ impl Gen {
     }
 
     fn reply(&mut self) -> (Spec, String) {
+        if !self.known.is_empty() && self.rng.u8(..10) == 0 {
+            return self.icmp_error();
+        }
         if !self.known.is_empty() && self.rng.u8(..10) < 7 {
             let (key, external) = self.known[self.rng.usize(..self.known.len())];
             self.meant = Some((key.remote_addr, external));
@@ -360,6 +363,55 @@ impl Gen {
         (swapped, format!("stray reply ({what})"))
     }
 
+    /// An ICMP error to the pod of a known flow quoting its packet as conntrack hands it on
+    /// (pod → cluster address): an error type of the family (or another ICMP type now and
+    /// then), from the cluster address or a hop on the way, quoting the packet whole, its IP
+    /// header and 8 bytes, or cut anywhere.
+    fn icmp_error(&mut self) -> (Spec, String) {
+        let (key, _) = self.known[self.rng.usize(..self.known.len())];
+        let (pod, cluster) = (ip_of16(key.pod_addr), ip_of16(key.remote_addr));
+        let v6 = pod.is_ipv6();
+        let (p, c) = (pod.to_string(), cluster.to_string());
+        let (sport, dport) = (port_of(key.pod_port), port_of(key.remote_port));
+        let payload = self.payload();
+        let quoted = match key.proto {
+            6 => Spec { payload, ..Spec::tcp(&p, sport, &c, dport) },
+            17 => Spec { payload, ..Spec::udp(&p, sport, &c, dport) },
+            _ => Spec { payload, ..Spec::echo(&p, &c, if v6 { 128 } else { 8 }, sport) },
+        };
+        let mut sent = frame(&quoted);
+        if key.proto == 6 && self.rng.bool() {
+            set_tcp_flags(&mut sent, v6, self.pick(&[0x02u8, 0x10, 0x11]));
+        }
+        let mut quote = sent[14..].to_vec();
+        let ip_len = if v6 { 40 } else { 20 };
+        let cut = match self.rng.u8(..4) {
+            0 => ip_len + 8,
+            1 => self.rng.usize(..=quote.len()),
+            _ => quote.len(),
+        };
+        quote.truncate(cut);
+        let ty = match (v6, self.rng.u8(..10)) {
+            (_, 0) => self.rng.u8(..),
+            (true, _) => self.pick(&[1u8, 2, 3, 4]),
+            (false, _) => self.pick(&[3u8, 11, 12]),
+        };
+        let code = if self.rng.bool() { 0 } else { self.rng.u8(..16) };
+        let source = match self.rng.u8(..3) {
+            0 => c.clone(),
+            _ if v6 => "2001:db8:2::1".to_owned(),
+            _ => "192.0.2.129".to_owned(),
+        };
+        let spec = Spec { payload: quote, icmp: (ty, code, 0), ..Spec::echo(&source, &p, 0, 0) };
+        (
+            spec,
+            format!(
+                "ICMP {ty}/{code} from {source} quoting {cut} bytes of {p}:{sport} -> {c}:{dport} proto {}",
+                key.proto
+            ),
+        )
+    }
+
     /// Sets the IPv4 header checksum or the L4 checksum to the value whose incremental update
     /// for the address change old → new sums to exactly zero: the ones'-complement corner
     /// (0x0000 vs 0xffff, and UDP's "computed zero is written as 0xffff").
@@ -385,13 +437,14 @@ impl Gen {
     /// verifiable afterwards.
     /// Makes `f` (a whole packet) the first fragment of a datagram and returns a later fragment
     /// of it: IPv4 with MF set (the builder's ID), IPv6 with a Fragment header (offset 0, M,
-    /// a random ID); the later one carries the same header fields, an offset of 8 bytes or more
+    /// an ID from a pool of 16, so that long runs stay far below NM_FRAGS' capacity: the model
+    /// has no LRU, and an entry the kernel evicted would read as a difference); the later one carries the same header fields, an offset of 8 bytes or more
     /// and random bytes.
     fn fragment(&mut self, f: &mut Vec<u8>, v6: bool) -> Vec<u8> {
         let data: Vec<u8> = (0..self.rng.usize(8..64)).map(|_| self.rng.u8(..)).collect();
         let mut later = f[..14].to_vec();
         if v6 {
-            let id = self.rng.u32(..).to_be_bytes();
+            let id = (0x5a5a_0000 | self.rng.u32(..16)).to_be_bytes();
             let proto = f[20];
             let first = [proto, 0, 0x00, 0x01, id[0], id[1], id[2], id[3]];
             f.splice(54..54, first);

@@ -70,6 +70,24 @@ enum Parsed {
     NotIp,
     Unparsed,
     Ip(Packet),
+    /// An ICMP error to the pod and the packet it quotes.
+    IcmpError(IcmpError),
+}
+
+/// An ICMP error to the pod (not fragmented) quoting a packet the model can parse: IPv4
+/// without options and not a later fragment, or IPv6 without extension headers; TCP, UDP or
+/// an echo request of the error's family.
+#[derive(Clone, Copy, Debug)]
+struct IcmpError {
+    /// The error: its addresses, and where its ICMP header is.
+    outer: Packet,
+    /// Where the error's bytes end (the IP length's end).
+    end: usize,
+    /// Where the quoted IP header starts.
+    quoted_ip_off: usize,
+    /// The quoted packet, as a packet from the pod: its ports (echo: identifier as the source
+    /// port), `l4_off` at its transport header.
+    quoted: Packet,
 }
 
 /// The datapath's tables and settings as the model holds them.
@@ -139,7 +157,7 @@ impl Model {
         let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
         let pkt = match parse(frame, Program::Ingress, gso) {
             Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
-            Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
+            Parsed::Unparsed | Parsed::IcmpError(_) => return untouched(CounterIndex::PassUnparsed),
             Parsed::Ip(pkt) => pkt,
         };
         if pkt.frag == Frag::Later {
@@ -190,6 +208,7 @@ impl Model {
         let pkt = match parse(frame, Program::Egress, gso) {
             Parsed::NotIp => return untouched(CounterIndex::PassNotIp),
             Parsed::Unparsed => return untouched(CounterIndex::PassUnparsed),
+            Parsed::IcmpError(error) => return self.icmp_error(frame, mark, &error),
             Parsed::Ip(pkt) => pkt,
         };
         if pkt.frag == Frag::Later {
@@ -211,6 +230,60 @@ impl Model {
         }
         let counter = if pkt.v6 { CounterIndex::RewriteEgressV6 } else { CounterIndex::RewriteEgressV4 };
         Outcome { verdict: CONTINUE, out, mark, counter, also }
+    }
+
+    /// An ICMP error quoting a packet of a remembered flow quotes the external address instead of
+    /// the cluster address: the quoted destination replaced, the quoted IPv4 header checksum
+    /// and the quoted L4 checksum covering it (if quoted whole and not UDP's "none") updated,
+    /// and the error's checksum balanced where the quote's own checksums do not (ICMPv4: the
+    /// quoted L4 checksum's change; ICMPv6: nothing, unless the quoted L4 checksum is missing).
+    /// An error from the cluster address gets the external address as its source, as a reply.
+    fn icmp_error(&mut self, frame: &[u8], mark: u32, error: &IcmpError) -> Outcome {
+        let untouched = |counter| Outcome { verdict: CONTINUE, out: frame.to_vec(), mark, counter, also: vec![] };
+        let q = &error.quoted;
+        let Some(&external) = self.flows.get(&request_flow_key(q, q.daddr)) else {
+            return untouched(CounterIndex::PassNoFlow);
+        };
+        let mut out = frame.to_vec();
+        let icmp_csum = error.outer.l4_off + 2;
+        let l4_csum = match q.proto {
+            6 => Some(q.l4_off + 16),
+            17 => Some(q.l4_off + 6),
+            58 => Some(q.l4_off + 2),
+            _ => None,
+        }
+        .filter(|&off| off + 2 <= error.end && !(q.proto == 17 && out[off..off + 2] == [0, 0]));
+        let mangled_zero = |out: &mut [u8], off: usize| {
+            if q.proto == 17 && out[off..off + 2] == [0, 0] {
+                out[off..off + 2].copy_from_slice(&[0xff, 0xff]);
+            }
+        };
+        if q.v6 {
+            let (old, new) = (q.daddr, external);
+            out[error.quoted_ip_off + 24..error.quoted_ip_off + 40].copy_from_slice(&new);
+            match l4_csum {
+                Some(off) => {
+                    update_csum(&mut out, off, &old, &new);
+                    mangled_zero(&mut out, off);
+                }
+                None => update_csum(&mut out, icmp_csum, &old, &new),
+            }
+        } else {
+            let (old, new) = (&q.daddr[12..], &external[12..]);
+            out[error.quoted_ip_off + 16..error.quoted_ip_off + 20].copy_from_slice(new);
+            update_csum(&mut out, error.quoted_ip_off + 10, old, new);
+            if let Some(off) = l4_csum {
+                let before = [out[off], out[off + 1]];
+                update_csum(&mut out, off, old, new);
+                mangled_zero(&mut out, off);
+                let after = [out[off], out[off + 1]];
+                update_csum(&mut out, icmp_csum, &before, &after);
+            }
+        }
+        if error.outer.saddr == q.daddr {
+            rewrite(&mut out, &error.outer, Side::Source, &external);
+        }
+        Outcome { verdict: CONTINUE, out, mark, counter: CounterIndex::IcmpErrorTranslated, also: vec![] }
     }
 
     /// A later fragment gets the address its datagram's first fragment got; from the pod, with
@@ -397,6 +470,11 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
         p if p == icmp_proto => {
             let Some(icmp) = f.get(l4_off..l4_off + 8) else { return Parsed::Unparsed };
             if icmp[0] != echo_type || icmp[1] != 0 {
+                let error_types: &[u8] = if v6 { &[1, 2, 3, 4] } else { &[3, 11, 12] };
+                if program == Program::Egress && frag == Frag::Whole && error_types.contains(&icmp[0]) {
+                    let outer = Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport: [0; 2], dport: [0; 2] };
+                    return parse_quoted(f, outer, l4_off + l4_len);
+                }
                 return Parsed::Unparsed;
             }
             // The echo identifier stands for the pod's port; the Service side's port is 0.
@@ -412,6 +490,41 @@ fn parse(f: &[u8], program: Program, gso: bool) -> Parsed {
         return Parsed::Unparsed;
     }
     Parsed::Ip(Packet { v6, frag, frag_id, proto, l4_off, saddr, daddr, sport, dport })
+}
+
+/// The packet an ICMP error (`outer`, its bytes up to `end`) quotes after its 8-byte header;
+/// `Unparsed` unless IP header and 8 bytes of transport header are inside the error.
+fn parse_quoted(f: &[u8], outer: Packet, end: usize) -> Parsed {
+    let ip_off = outer.l4_off + 8;
+    let ip_len = if outer.v6 { 40 } else { 20 };
+    let l4_off = ip_off + ip_len;
+    if l4_off + 8 > end {
+        return Parsed::Unparsed;
+    }
+    let ip = &f[ip_off..l4_off];
+    let (proto, saddr, daddr, echo_request) = if outer.v6 {
+        let saddr: [u8; 16] = ip[8..24].try_into().unwrap();
+        let daddr: [u8; 16] = ip[24..40].try_into().unwrap();
+        if ip[0] >> 4 != 6 || is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
+            return Parsed::Unparsed;
+        }
+        (ip[6], saddr, daddr, 128)
+    } else {
+        if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+            return Parsed::Unparsed;
+        }
+        let s = addr16(IpAddr::from([ip[12], ip[13], ip[14], ip[15]]));
+        let d = addr16(IpAddr::from([ip[16], ip[17], ip[18], ip[19]]));
+        (ip[9], s, d, 8)
+    };
+    let l4 = &f[l4_off..l4_off + 8];
+    let (sport, dport) = match proto {
+        6 | 17 => ([l4[0], l4[1]], [l4[2], l4[3]]),
+        p if p == outer.proto && l4[0] == echo_request && l4[1] == 0 => ([l4[4], l4[5]], [0, 0]),
+        _ => return Parsed::Unparsed,
+    };
+    let quoted = Packet { v6: outer.v6, frag: Frag::Whole, frag_id: 0, proto, l4_off, saddr, daddr, sport, dport };
+    Parsed::IcmpError(IcmpError { outer, end, quoted_ip_off: ip_off, quoted })
 }
 
 #[derive(Clone, Copy)]
