@@ -177,7 +177,7 @@ pub fn verifier_rejection(name: &str) -> String {
 pub fn program_type(name: &str) -> Option<(u32, u32)> {
     use node_manager_common::program_names as p;
     Some(match name {
-        p::POD_INGRESS | p::POD_EGRESS => (sys::BPF_PROG_TYPE_SCHED_CLS, 0),
+        p::POD_INGRESS | p::POD_EGRESS | p::POD_ICMP_ERROR => (sys::BPF_PROG_TYPE_SCHED_CLS, 0),
         p::DROP_INVALID_V4 | p::DROP_INVALID_V6 => (sys::BPF_PROG_TYPE_NETFILTER, sys::BPF_NETFILTER),
         p::SOCK_CONNECT4 => (sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, 10),
         p::SOCK_CONNECT6 => (sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, 11),
@@ -304,6 +304,33 @@ mod tests {
         assert_eq!(helper_of(0xb7 | (1 << 32)), None);
         assert_eq!(helper_name(113), "bpf_probe_read_kernel");
         assert_eq!(helper_name(999), "helper#999");
+    }
+
+    /// A program that tail-calls must make no BPF-to-BPF calls: kernels whose JIT cannot mix
+    /// them (arm64 before 6.0) refuse it ("tail_calls are not allowed in programs with
+    /// bpf-to-bpf calls"). Compilers emit such calls for `memset`/`memcpy` of odd sizes.
+    #[test]
+    fn programs_that_tail_call_make_no_subprogram_calls() {
+        const BPF_FUNC_TAIL_CALL: u32 = 12;
+        let mut obj = aya_obj::Object::parse(OBJECT).unwrap();
+        let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
+        obj.relocate_calls(&text_sections).unwrap();
+        let mut tail_calling = 0;
+        for (name, program) in &obj.programs {
+            let raw: Vec<u64> = obj.functions[&program.function_key()]
+                .instructions
+                .iter()
+                // SAFETY: bpf_insn is an 8-byte #[repr(C)] plain-old-data struct.
+                .map(|insn| unsafe { std::mem::transmute_copy::<aya_obj::generated::bpf_insn, u64>(insn) })
+                .collect();
+            if !raw.iter().any(|&insn| helper_of(insn) == Some(BPF_FUNC_TAIL_CALL)) {
+                continue;
+            }
+            tail_calling += 1;
+            let subprogram_calls = raw.iter().filter(|&&insn| insn as u8 == 0x85 && (insn >> 12) & 0xf == 1).count();
+            assert_eq!(subprogram_calls, 0, "{name} tail-calls and makes {subprogram_calls} subprogram calls");
+        }
+        assert!(tail_calling >= 1, "nm_pod_egress tail-calls nm_pod_icmp_error");
     }
 
     #[test]

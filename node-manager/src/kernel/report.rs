@@ -40,8 +40,11 @@ pub const IPV6_CSUM: &str = "IPv6 rewrite checksum";
 pub const UNAVAILABLE: &str = "unavailable";
 
 /// The programs of each feature (helpers are checked per program).
-const TC_PROGRAMS: [&str; 2] =
-    [node_manager_common::program_names::POD_INGRESS, node_manager_common::program_names::POD_EGRESS];
+const TC_PROGRAMS: [&str; 3] = [
+    node_manager_common::program_names::POD_INGRESS,
+    node_manager_common::program_names::POD_EGRESS,
+    node_manager_common::program_names::POD_ICMP_ERROR,
+];
 fn is_socket_program(name: &str) -> bool {
     name.starts_with("nm_sock_")
 }
