@@ -308,24 +308,37 @@ fn without_any_one_of_them_the_agent_stops_and_says_why() {
     }
 }
 
-/// The agent's own check is not what makes CAP_PERFMON necessary: with the rewrite off and the
-/// nftables drop (where the check does not ask for it) the kernel's verifier rejects the pod
-/// program of a loader without it, while the rest works.
+/// Only the INVALID drop's `bpf` mode needs CAP_PERFMON (its programs call
+/// `bpf_probe_read_kernel`): with the nftables drop the agent's check does not ask for it, and
+/// the pod programs and socket hooks load, attach and serve without it. They used to be
+/// refused (`R5 tried to add from different maps, paths or scalars, pointer arithmetic with it
+/// prohibited for !root`): the compiler had made the zeroing of a key's padding a `memset`
+/// subprogram, whose pointer arithmetic on the caller's stack Spectre v1 hardening forbids an
+/// unprivileged loader; the keys are now built without such calls (checked for every program
+/// by `programs_make_no_subprogram_calls`).
 #[test]
-fn without_perfmon_the_kernel_rejects_the_pod_program() {
+fn without_perfmon_the_rewrite_and_socket_hooks_work_with_the_nftables_drop() {
     let caps: Vec<String> = manifest_capabilities().into_iter().filter(|c| c != "PERFMON").collect();
     let lab = Lab::new().unwrap();
     let scratch = Scratch::new(&lab);
-    let mut agent =
-        start(&lab, &scratch, &caps, &[("DROP_INVALID_MODE", "nftables"), ("RULE_EXTERNAL_CLUSTER_ENABLE", "false")]);
-    wait_for("the verifier's verdict on nm_pod_ingress", Duration::from_secs(30), || {
-        let log = agent.log();
-        log.contains("nm_pod_ingress") && log.contains("Permission denied")
-    });
-    wait_for("the nftables drop", Duration::from_secs(30), || {
-        scratch.try_inspect().is_ok_and(|s| s["drop_invalid"]["nftables_table"] == true)
-    });
-    assert!(agent.child.try_wait().unwrap().is_none(), "the agent stopped:\n{}", agent.log());
+    let agent = start(&lab, &scratch, &caps, &[("DROP_INVALID_MODE", "nftables")]);
+    wait_for(
+        "the socket hooks, the pod interface, the frontends and the nftables drop",
+        Duration::from_secs(30),
+        || {
+            scratch.try_inspect().is_ok_and(|s| {
+                s["drop_invalid"]["nftables_table"] == true
+                    && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+                    && s["interfaces"].as_array().is_some_and(|i| !i.is_empty())
+                    && s["frontends"].as_array().is_some_and(|f| f.len() == 6)
+            })
+        },
+    );
+    for ip in [IpAddr::from(lab::EXTERNAL_V4), IpAddr::from(lab::EXTERNAL_V6)] {
+        pod_reaches(&lab, ip).unwrap_or_else(|e| panic!("pod to {ip}:8080 without CAP_PERFMON: {e}\n{}", agent.log()));
+    }
     wait_ready(&lab, &agent);
+    let log = agent.log();
+    assert!(!log.contains("unavailable") && !log.contains("Permission denied"), "{log}");
     stop(agent);
 }

@@ -7,6 +7,22 @@ use node_manager_common::{SOCK_REV_MAX, SockRev, SockRevKey};
 #[btf_map]
 static NM_SOCK_REV: LruHashMap<SockRevKey, SockRev, { SOCK_REV_MAX as usize }> = LruHashMap::new();
 
+/// The key of a socket's redirected peer, its padding zeroed by one 8-byte store with the
+/// port (as `flow::key` does: a 6-byte array of zeros would compile to a `memset` call, a
+/// BPF-to-BPF call the verifier refuses a loader without CAP_PERFMON).
+#[inline(always)]
+pub fn key(cookie: u64, cluster_addr: [u8; 16], port: u16) -> SockRevKey {
+    let mut key = SockRevKey { cookie, cluster_addr, port: 0, pad: [0; 6] };
+    // SAFETY: `port` and `pad` are the struct's last 8 bytes (repr(C)), 8-aligned.
+    unsafe {
+        core::ptr::addr_of_mut!(key.port).cast::<u64>().write_unaligned({
+            let [lo, hi] = port.to_ne_bytes();
+            u64::from_ne_bytes([lo, hi, 0, 0, 0, 0, 0, 0])
+        })
+    };
+    key
+}
+
 /// Remembers `external_addr` under `key`, writing only what is new (unconnected UDP sends
 /// every datagram through here). Err if the map update failed.
 #[inline(always)]

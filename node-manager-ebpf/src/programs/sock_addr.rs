@@ -19,7 +19,7 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
-use node_manager_common::{CounterIndex, PROTO_TCP, PROTO_UDP, SockRevKey, is_v4_mapped, v4_mapped};
+use node_manager_common::{CounterIndex, PROTO_TCP, PROTO_UDP, is_v4_mapped};
 
 use crate::helpers::{counters::count_event, frontend, sock_rev};
 
@@ -61,7 +61,7 @@ fn field(ctx: &SockAddrContext, f: impl FnOnce(*const aya_ebpf::bindings::bpf_so
 fn user_addr(ctx: &SockAddrContext, family: Family) -> [u8; 16] {
     match family {
         // SAFETY (both arms): projections to fields of the valid context pointer.
-        Family::V4 => v4_mapped(field(ctx, |c| unsafe { addr_of!((*c).user_ip4) }).to_ne_bytes()),
+        Family::V4 => mapped(field(ctx, |c| unsafe { addr_of!((*c).user_ip4) })),
         Family::V6 => {
             let w0 = field(ctx, |c| unsafe { addr_of!((*c).user_ip6[0]) }).to_ne_bytes();
             let w1 = field(ctx, |c| unsafe { addr_of!((*c).user_ip6[1]) }).to_ne_bytes();
@@ -73,6 +73,16 @@ fn user_addr(ctx: &SockAddrContext, family: Family) -> [u8; 16] {
             ]
         }
     }
+}
+
+/// `v4_mapped` of an address read as a 32-bit word, built from words: the byte-array literal's
+/// ten zeros compile to a `memset` call here, a BPF-to-BPF call the verifier refuses a loader
+/// without CAP_PERFMON.
+#[inline(always)]
+fn mapped(ip4: u32) -> [u8; 16] {
+    let words = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
 /// The port as the frontend map keys it: network byte order (the context holds `sin_port`).
@@ -151,7 +161,7 @@ fn forward(ctx: &SockAddrContext, family: Family, hook: Forward) -> i32 {
         count_event(CounterIndex::SockPassNoFrontend);
         return ALLOW;
     }
-    let key = SockRevKey { cookie: cookie(ctx), cluster_addr, port, pad: [0; 6] };
+    let key = sock_rev::key(cookie(ctx), cluster_addr, port);
     if sock_rev::remember(key, external_addr).is_err() {
         count_event(CounterIndex::SockRevInsertFailed);
     }
@@ -166,8 +176,7 @@ fn forward(ctx: &SockAddrContext, family: Family, hook: Forward) -> i32 {
 
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext, family: Family, hook: Reverse) -> i32 {
-    let key =
-        SockRevKey { cookie: cookie(ctx), cluster_addr: user_addr(ctx, family), port: user_port(ctx), pad: [0; 6] };
+    let key = sock_rev::key(cookie(ctx), user_addr(ctx, family), user_port(ctx));
     let Some(external_addr) = sock_rev::external_addr(key) else {
         // Not a redirected peer (the common case, not counted: every UDP receive passes here).
         return ALLOW;
