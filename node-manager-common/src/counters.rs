@@ -127,6 +127,9 @@ counters! {
         /// error (path MTU discovery works). Errors about other packets count as
         /// `pass_no_flow`.
         IcmpErrorTranslated = 26, "icmp_error_translated", Tc;
+        /// A connected host socket closed: its reverse entry in `NM_SOCK_REV` removed (the
+        /// `sock_release` hook).
+        SockRevReleased = 27, "sock_rev_released", Sock;
     }
 }
 

@@ -80,6 +80,8 @@ pub mod program_names {
     pub const SOCK_RECVMSG6: &str = "nm_sock_recvmsg6";
     pub const SOCK_GETPEERNAME4: &str = "nm_sock_getpeername4";
     pub const SOCK_GETPEERNAME6: &str = "nm_sock_getpeername6";
+    /// A `cgroup_sock` program (`cgroup/sock_release`), unlike the others above.
+    pub const SOCK_RELEASE: &str = "nm_sock_release";
 }
 
 /// Capacities. The frontend map holds one entry per (external address, port, protocol) plus one

@@ -26,13 +26,21 @@ const NODE_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
 const CLIENT_ENV: &str = "NM_TEST_SOCK_CLIENT";
 const RESULT_PREFIX: &str = "NM_TEST_RESULT ";
 
-/// What a client is asked to do: `tcp`, `udp` (unconnected sendto/recvfrom) or `udp-connected`.
+/// What a client is asked to do: `tcp`, `udp` (unconnected sendto/recvfrom) or `udp-connected`;
+/// or `UdpConnectedThroughChurn`: a connected UDP socket's request, then [`CHURN`] UDP sockets
+/// each connected, asked for their peer and closed, then the first socket's second request.
 #[derive(Clone, Copy, Debug)]
 enum Req {
     Tcp,
     Udp,
     UdpConnected,
+    UdpConnectedThroughChurn,
 }
+
+/// Three times as many sockets as NM_SOCK_REV holds. Measured without the release hook: with
+/// 4,096 more than it holds the long-lived socket's entry survived (the LRU spares entries used
+/// after their insert for a while), with three times as many it was gone.
+const CHURN: usize = 3 * node_manager_common::SOCK_REV_MAX as usize;
 
 /// Runs one client request in the node namespace, inside `cgroup` (or outside any test cgroup
 /// when `None`). Ok: (reply data, the peer the client saw: getpeername for TCP, the reply's
@@ -87,6 +95,7 @@ fn sock_client() {
     let result = match r["req"].as_str().unwrap() {
         "Tcp" => lab::tcp_request_in(&netns, to, b"x", T).map(|r| (r.data, r.peer)),
         "Udp" => lab::udp_request_in(&netns, to, b"x", T, false).map(|r| (r.data, r.from)),
+        "UdpConnectedThroughChurn" => lab::in_netns(&netns, || through_churn(to)),
         _ => lab::udp_request_in(&netns, to, b"x", T, true).map(|r| (r.data, r.from)),
     };
     let out = match result {
@@ -94,6 +103,37 @@ fn sock_client() {
         Err(e) => json!({"error": format!("{e:#}")}),
     };
     println!("{RESULT_PREFIX}{out}");
+}
+
+/// [`Req::UdpConnectedThroughChurn`], in the client's namespace: the long-lived socket's second
+/// reply, with `" churned <n>, <m> from <to>"` appended (how many churn sockets there were and
+/// how many of them saw `to` as their peer).
+fn through_churn(to: SocketAddr) -> anyhow::Result<(Vec<u8>, SocketAddr)> {
+    use std::net::UdpSocket;
+    let any: SocketAddr = if to.is_ipv4() { sa(Ipv4Addr::UNSPECIFIED, 0) } else { sa(Ipv6Addr::UNSPECIFIED, 0) };
+    let request = |socket: &UdpSocket| -> anyhow::Result<(Vec<u8>, SocketAddr)> {
+        socket.set_read_timeout(Some(T))?;
+        socket.send(b"x")?;
+        let mut buf = [0u8; 64];
+        let (n, from) = socket.recv_from(&mut buf)?;
+        Ok((buf[..n].to_vec(), from))
+    };
+    let long_lived = UdpSocket::bind(any)?;
+    long_lived.connect(to)?;
+    let (_, first) = request(&long_lived)?;
+    anyhow::ensure!(first == to, "the long-lived socket's first reply came from {first}");
+    let mut from_to = 0;
+    for _ in 0..CHURN {
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(to)?;
+        // The getpeername hook reads the entry: it is used after its insert, as a live socket's
+        // is (an LRU entry never used again would be the first evicted anyway), and no packet
+        // is sent (the guest on TCG runs this too).
+        from_to += usize::from(socket.peer_addr()? == to);
+    }
+    let (mut data, from) = request(&long_lived)?;
+    data.extend_from_slice(format!(" churned {CHURN}, {from_to} from {to}").as_bytes());
+    Ok((data, from))
 }
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -171,7 +211,7 @@ fn agent_args<'a>(services: &'a str, cg: &'a TestCgroup, external_cluster: &'a s
 
 fn hooks_ready(scratch: &Scratch) -> bool {
     let s = scratch.inspect();
-    s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+    s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
         && s["frontends"].as_array().is_some_and(|f| f.len() == 6)
 }
 
@@ -224,6 +264,8 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
         "sock_getpeername_v4",
         "sock_getpeername_v6",
         "sock_pass_no_frontend",
+        // The clients' connected sockets closed: their entries went with them.
+        "sock_rev_released",
     ] {
         assert!(counter(&state, name) >= 1, "{name} must have counted: {state:#}");
     }
@@ -233,7 +275,7 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
     assert!(hooks.iter().all(|h| h["cgroup_path"] == cg.path_str()), "{state:#}");
     assert!(hooks.iter().any(|h| h["hook"] == "getpeername6" && h["attach_type"] == "cgroup_inet6_getpeername"));
     let link_ids: Vec<Value> = hooks.iter().map(|h| h["link_id"].clone()).collect();
-    assert_eq!(attached_to(cg).len(), 8, "{:?}", attached_to(cg));
+    assert_eq!(attached_to(cg).len(), node_manager::kernel::cgroup::HOOKS.len(), "{:?}", attached_to(cg));
 
     // A restarted agent adopts the pinned links: same links, new programs, never two of ours.
     drop(agent); // SIGKILL
@@ -246,7 +288,7 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
     let hooks = state["cgroup_hooks"].as_array().unwrap();
     assert_eq!(hooks.iter().map(|h| h["link_id"].clone()).collect::<Vec<_>>(), link_ids, "links kept: {state:#}");
     let attached = attached_to(cg);
-    assert_eq!(attached.len(), 8, "exactly one program per hook: {attached:?}");
+    assert_eq!(attached.len(), node_manager::kernel::cgroup::HOOKS.len(), "exactly one program per hook: {attached:?}");
     assert_served(&lab, cg, ext6, Some(&second));
     assert!(second.stop());
 
@@ -255,7 +297,7 @@ fn host_processes_in_the_cgroup_reach_the_external_ip_and_see_it_as_their_peer()
     let moved = Agent::start(&scratch, &agent_args(&services, &other, "true"));
     wait_for("the hooks to move", Duration::from_secs(15), || moved.log().contains("socket hooks attached"));
     assert_eq!(attached_to(cg), Vec::<(String, String)>::new(), "{}", moved.log());
-    assert_eq!(attached_to(&other).len(), 8);
+    assert_eq!(attached_to(&other).len(), node_manager::kernel::cgroup::HOOKS.len());
     assert_fails(&lab, Some(cg), ext4, "the hooks moved to another cgroup");
     assert_served(&lab, &other, ext4, Some(&moved));
     assert!(moved.stop());
@@ -367,4 +409,33 @@ fn a_pod_below_the_hooked_cgroup_is_served_at_the_socket_and_the_backend_sees_th
     assert!(counter(&state, "sock_sendmsg_v4") >= 1 && counter(&state, "sock_sendmsg_v6") >= 1, "{state:#}");
     drop(agent);
     fs::remove_dir(&pod_cgroup).unwrap();
+}
+
+/// Issue 17 (6): a connected UDP socket's reverse entry must survive more sockets opening and
+/// closing than NM_SOCK_REV holds. Its later replies are read through recvmsg only (no send
+/// with an address re-creates the entry), so once evicted it would show the cluster IP for
+/// good. With the `sock_release` hook every closed socket's entry goes with it and the map never
+/// fills; without it (measured by disabling the hook) the churn evicted the long-lived socket's
+/// entry and its reply came from the cluster IP. IPv4 and IPv6.
+#[test]
+fn a_connected_udp_socket_keeps_its_peer_through_more_closed_sockets_than_the_map_holds() {
+    let lab = Lab::new().unwrap();
+    let scratch = Scratch::new(&lab);
+    let cg = &scratch.cgroup;
+    let services = scratch.file("services.yaml");
+    write(&services, &lab_service_yaml("web"));
+    let agent = Agent::start(&scratch, &agent_args(services.to_str().unwrap(), cg, "true"));
+    wait_for("the socket hooks and frontends", Duration::from_secs(15), || hooks_ready(&scratch));
+    for to in [sa(lab::EXTERNAL_V4, 8080), sa(lab::EXTERNAL_V6, 8080)] {
+        let before = counter(&scratch.inspect(), "sock_rev_released");
+        let started = std::time::Instant::now();
+        let (data, peer) = client(&lab, Some(cg), Req::UdpConnectedThroughChurn, to)
+            .unwrap_or_else(|e| panic!("{to}: {e}\n{}", agent.log()));
+        eprintln!("{to}: {CHURN} sockets churned in {:.1?}", started.elapsed());
+        assert_eq!(data, format!("echo:x churned {CHURN}, {CHURN} from {to}"), "{to}");
+        assert_eq!(peer, to, "{to}: the long-lived socket's reply must still read as coming from the address dialled");
+        let released = counter(&scratch.inspect(), "sock_rev_released") - before;
+        assert!(released >= CHURN as u64 + 1, "{to}: only {released} entries released");
+    }
+    drop(agent);
 }

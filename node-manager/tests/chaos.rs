@@ -115,7 +115,7 @@ fn wait_attached(lab: &Lab, scratch: &Scratch, agent: &Agent) {
     loop {
         let ok = scratch.try_inspect().is_ok_and(|s| {
             s["interfaces"].as_array().is_some_and(|i| i.iter().any(|i| i["name"] == lab.pod_host_if()))
-                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
         });
         if ok && pinned_frontends(&scratch.bpffs).len() >= stable_frontends().len() {
             return;

@@ -206,7 +206,7 @@ fn rewritten_flows_leave_no_invalid_conntrack_entries_and_no_half_flows() {
         scratch.try_inspect().is_ok_and(|s| {
             s["interfaces"].as_array().is_some_and(|i| !i.is_empty())
                 && s["frontends"].as_array().is_some_and(|f| f.len() == 6)
-                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
         })
     });
     for ns in [Ns::Node, Ns::Pod] {

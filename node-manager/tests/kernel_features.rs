@@ -57,7 +57,7 @@ fn the_agent_reports_the_mechanisms_it_uses_and_inspect_shows_them() {
         scratch.try_inspect().is_ok_and(|s| {
             s["kernel_features"]["source"] == "agent"
                 && s["interfaces"].as_array().is_some_and(|i| !i.is_empty())
-                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
         })
     });
     let state = scratch.inspect();
@@ -109,7 +109,7 @@ fn a_program_the_verifier_rejects_costs_only_its_feature() {
     wait_for("the agent's report and the socket hooks", Duration::from_secs(30), || {
         scratch.try_inspect().is_ok_and(|s| {
             s["kernel_features"]["source"] == "agent"
-                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+                && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
                 && s["drop_invalid"]["mode"].is_string()
         })
     });

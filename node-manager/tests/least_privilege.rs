@@ -211,7 +211,7 @@ fn every_feature_works_with_exactly_the_manifests_capabilities() {
     let ready = |s: &serde_json::Value| {
         s["drop_invalid"]["mode"] == "bpf"
             && s["drop_invalid"]["netfilter_links"].as_array().is_some_and(|l| l.len() == 2)
-            && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+            && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
             && s["interfaces"].as_array().is_some_and(|i| !i.is_empty())
             && s["frontends"].as_array().is_some_and(|f| f.len() == 6)
     };
@@ -328,7 +328,9 @@ fn without_perfmon_the_rewrite_and_socket_hooks_work_with_the_nftables_drop() {
         || {
             scratch.try_inspect().is_ok_and(|s| {
                 s["drop_invalid"]["nftables_table"] == true
-                    && s["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8)
+                    && s["cgroup_hooks"]
+                        .as_array()
+                        .is_some_and(|h| h.len() == node_manager::kernel::cgroup::HOOKS.len())
                     && s["interfaces"].as_array().is_some_and(|i| !i.is_empty())
                     && s["frontends"].as_array().is_some_and(|f| f.len() == 6)
             })

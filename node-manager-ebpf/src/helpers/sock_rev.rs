@@ -1,6 +1,7 @@
 //! Socket-reverse entries: which external address a host socket dialled, per (socket cookie,
-//! cluster address, port), so `recvmsg`/`getpeername` can show it again (LRU: closed sockets'
-//! entries age out).
+//! cluster address, port), so `recvmsg`/`getpeername` can show it again. A connected socket's
+//! entry is removed when the socket is released (`sock_release`); the entries of unconnected
+//! UDP sends, which the release cannot name, age out of the LRU.
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
 use node_manager_common::{SOCK_REV_MAX, SockRev, SockRevKey};
 
@@ -40,4 +41,12 @@ pub fn remember(key: SockRevKey, external_addr: [u8; 16]) -> Result<(), i64> {
 pub fn external_addr(key: SockRevKey) -> Option<[u8; 16]> {
     // SAFETY: copied out immediately.
     unsafe { NM_SOCK_REV.get(key) }.map(|r| r.external_addr)
+}
+
+/// Removes the entry under `key`; whether there was one. A lookup first: it takes no lock, and
+/// most released sockets never had one.
+#[inline(always)]
+pub fn forget(key: SockRevKey) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { NM_SOCK_REV.get(key) }.is_some() && NM_SOCK_REV.remove(key).is_ok()
 }

@@ -9,7 +9,9 @@
 //!   the Service's cluster IP instead;
 //! * `sendmsg4/6`: the same for unconnected UDP datagrams;
 //! * `recvmsg4/6`: a datagram from that cluster IP reads as coming from the external address;
-//! * `getpeername4/6`: the peer reads as the external address the application dialled.
+//! * `getpeername4/6`: the peer reads as the external address the application dialled;
+//! * `sock_release` (a `cgroup_sock` program): a connected socket's entry goes when it closes,
+//!   so closed sockets never crowd live ones out of the LRU.
 //!
 //! The reverse direction is per socket (cookie), since several external addresses may lead to
 //! one cluster IP. The frontends are the TC path's map (one source of truth). Every hook
@@ -18,7 +20,12 @@
 //! special: the frontend map stores IPv4 in that form already.
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
 use node_manager_common::{CounterIndex, PROTO_TCP, PROTO_UDP, is_v4_mapped};
 
 use crate::helpers::{counters::count_event, frontend, sock_rev};
@@ -230,4 +237,48 @@ pub fn nm_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn nm_sock_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V6, Reverse::Getpeername)
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// A socket closes: the entry its connect left (keyed by the cluster address and port it is
+/// connected to) is removed. Sockets never connected (port 0) had none the release could find.
+#[cgroup_sock(sock_release)]
+pub fn nm_sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // Every field is read before anything branches on the family: the compiler would otherwise
+    // merge the two families' loads into one at a chosen offset, a context access the verifier
+    // refuses ("dereference of modified ctx ptr").
+    // SAFETY (all reads): whole 32-bit fields of the context the program runs on. `dst_port`
+    // is read as the 32-bit word it was before Linux 5.18 (allowed since for compatibility):
+    // the port in network byte order in its first two bytes, zeros after.
+    let (family, port, ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).family)),
+            read_volatile(addr_of!((*sk).dst_port).cast::<u32>()) as u16,
+            read_volatile(addr_of!((*sk).dst_ip4)),
+            [
+                read_volatile(addr_of!((*sk).dst_ip6[0])),
+                read_volatile(addr_of!((*sk).dst_ip6[1])),
+                read_volatile(addr_of!((*sk).dst_ip6[2])),
+                read_volatile(addr_of!((*sk).dst_ip6[3])),
+            ],
+        )
+    };
+    if port == 0 {
+        return ALLOW;
+    }
+    let cluster_addr = match family {
+        AF_INET => mapped(ip4),
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        AF_INET6 => unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(ip6) },
+        _ => return ALLOW,
+    };
+    // SAFETY: the helper is available to cgroup socket programs (Linux ≥ 5.8) and reads ctx.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if sock_rev::forget(sock_rev::key(cookie, cluster_addr, port)) {
+        count_event(CounterIndex::SockRevReleased);
+    }
+    ALLOW
 }

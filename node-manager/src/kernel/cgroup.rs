@@ -5,8 +5,8 @@
 //! updated, it is detached first, so two of ours never stay attached to one hook.
 //!
 //! Socket-address programs apply to every process in the cgroup and its descendants; with the
-//! default (the cgroup v2 root) that is the whole node. Needs Linux ≥ 5.8 (cgroup links and
-//! the getpeername hooks).
+//! default (the cgroup v2 root) that is the whole node. Needs Linux ≥ 5.9 (the release hook;
+//! 5.8 brought cgroup links and the getpeername hooks).
 use std::{
     fs,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
@@ -14,7 +14,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, links::FdLink};
+use aya::programs::{
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType, CgroupSockAttachType, ProgramFd,
+    links::FdLink,
+};
 use node_manager_common::program_names;
 
 use super::{attach, sys};
@@ -25,16 +28,25 @@ pub const DEFAULT_MOUNT: &str = "/sys/fs/cgroup";
 /// Prefix of the link pins of the socket hooks in the links directory.
 pub const PIN_PREFIX: &str = "cgroup_";
 
+/// Which kind of cgroup program a hook runs: a socket-address one (`cgroup_sock_addr`) or a
+/// socket one (`cgroup_sock`, for the release).
+#[derive(Clone, Copy, Debug)]
+pub enum Attach {
+    SockAddr(CgroupSockAddrAttachType),
+    Sock(CgroupSockAttachType),
+}
+
 /// Hook name (pin suffix), attach type and program.
-pub const HOOKS: [(&str, CgroupSockAddrAttachType, &str); 8] = [
-    ("connect4", CgroupSockAddrAttachType::Connect4, program_names::SOCK_CONNECT4),
-    ("connect6", CgroupSockAddrAttachType::Connect6, program_names::SOCK_CONNECT6),
-    ("sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4, program_names::SOCK_SENDMSG4),
-    ("sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6, program_names::SOCK_SENDMSG6),
-    ("recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4, program_names::SOCK_RECVMSG4),
-    ("recvmsg6", CgroupSockAddrAttachType::UDPRecvMsg6, program_names::SOCK_RECVMSG6),
-    ("getpeername4", CgroupSockAddrAttachType::GetPeerName4, program_names::SOCK_GETPEERNAME4),
-    ("getpeername6", CgroupSockAddrAttachType::GetPeerName6, program_names::SOCK_GETPEERNAME6),
+pub const HOOKS: [(&str, Attach, &str); 9] = [
+    ("connect4", Attach::SockAddr(CgroupSockAddrAttachType::Connect4), program_names::SOCK_CONNECT4),
+    ("connect6", Attach::SockAddr(CgroupSockAddrAttachType::Connect6), program_names::SOCK_CONNECT6),
+    ("sendmsg4", Attach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4), program_names::SOCK_SENDMSG4),
+    ("sendmsg6", Attach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6), program_names::SOCK_SENDMSG6),
+    ("recvmsg4", Attach::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg4), program_names::SOCK_RECVMSG4),
+    ("recvmsg6", Attach::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg6), program_names::SOCK_RECVMSG6),
+    ("getpeername4", Attach::SockAddr(CgroupSockAddrAttachType::GetPeerName4), program_names::SOCK_GETPEERNAME4),
+    ("getpeername6", Attach::SockAddr(CgroupSockAddrAttachType::GetPeerName6), program_names::SOCK_GETPEERNAME6),
+    ("sock_release", Attach::Sock(CgroupSockAttachType::SockRelease), program_names::SOCK_RELEASE),
 ];
 
 /// The kernel's `enum bpf_attach_type` value of a hook, by name, for display.
@@ -48,6 +60,7 @@ pub fn attach_type_name(value: u32) -> &'static str {
         20 => "cgroup_udp6_recvmsg",
         29 => "cgroup_inet4_getpeername",
         30 => "cgroup_inet6_getpeername",
+        34 => "cgroup_inet_sock_release",
         _ => "other",
     }
 }
@@ -192,34 +205,49 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
 pub fn attach_all(ebpf: &mut aya::Ebpf, links_dir: &Path, path: &Path) -> Result<()> {
     let cgroup = fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
     let id = cgroup_id(path)?;
-    for (hook, _, name) in HOOKS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not a cgroup socket-address program"))?;
+    for (hook, attach, name) in HOOKS {
+        let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
         let pin = link_pin(links_dir, hook);
-        if pin.exists() && update_pinned(program, &pin, id, hook) {
-            continue;
-        }
-        attach::release_link(&pin)?;
         // With a link the kernel always allows other programs (a CNI's) next to ours; the
         // mode's flags are for the legacy attach only and must be 0 here.
-        let link_id = program.attach(&cgroup, CgroupAttachMode::Single).with_context(|| {
-            format!("attaching {name} to cgroup {} (needs Linux ≥ 5.8 and cgroup v2)", path.display())
-        })?;
-        let link: FdLink = program
-            .take_link(link_id)?
-            .try_into()
-            .map_err(|_| anyhow!("{name}: the kernel gave no BPF link for the cgroup attach (needs Linux ≥ 5.7)"))?;
+        let link = match attach {
+            Attach::SockAddr(_) => {
+                let program: &mut CgroupSockAddr =
+                    program.try_into().with_context(|| format!("{name} is not a cgroup socket-address program"))?;
+                if pin.exists() && update_pinned(program.fd()?, &pin, id, hook) {
+                    continue;
+                }
+                attach::release_link(&pin)?;
+                let link_id =
+                    program.attach(&cgroup, CgroupAttachMode::Single).with_context(|| attach_failed(name, path))?;
+                program.take_link(link_id)?.try_into()
+            }
+            Attach::Sock(_) => {
+                let program: &mut CgroupSock =
+                    program.try_into().with_context(|| format!("{name} is not a cgroup socket program"))?;
+                if pin.exists() && update_pinned(program.fd()?, &pin, id, hook) {
+                    continue;
+                }
+                attach::release_link(&pin)?;
+                let link_id =
+                    program.attach(&cgroup, CgroupAttachMode::Single).with_context(|| attach_failed(name, path))?;
+                program.take_link(link_id)?.try_into()
+            }
+        };
+        let link: FdLink =
+            link.map_err(|_| anyhow!("{name}: the kernel gave no BPF link for the cgroup attach (needs Linux ≥ 5.7)"))?;
         link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
     }
     Ok(())
 }
 
+fn attach_failed(name: &str, path: &Path) -> String {
+    format!("attaching {name} to cgroup {} (needs Linux ≥ 5.9 and cgroup v2)", path.display())
+}
+
 /// Swaps our program into the pinned link if it is a cgroup link on the same cgroup; false if
 /// the caller must detach it and attach anew.
-fn update_pinned(program: &CgroupSockAddr, pin: &Path, cgroup_id: u64, hook: &str) -> bool {
+fn update_pinned(prog: &ProgramFd, pin: &Path, cgroup_id: u64, hook: &str) -> bool {
     let result = (|| -> Result<bool> {
         let link = sys::obj_get(pin)?;
         let info = sys::link_info(link.as_fd())?;
@@ -227,7 +255,6 @@ fn update_pinned(program: &CgroupSockAddr, pin: &Path, cgroup_id: u64, hook: &st
             tracing::info!(hook, old_cgroup_id = info.cgroup_id, cgroup_id, "socket hook moves to another cgroup");
             return Ok(false);
         }
-        let prog = program.fd()?;
         sys::link_update(link.as_fd(), prog.as_fd())?;
         Ok(true)
     })();

@@ -73,7 +73,8 @@ fn load_each(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), String> {
         let loaded = match ebpf.program_mut(name) {
             Some(Program::SchedClassifier(p)) => p.load(),
             Some(Program::CgroupSockAddr(p)) => p.load(),
-            Some(_) => return Err(format!("{name} is neither a TC nor a cgroup socket-address program")),
+            Some(Program::CgroupSock(p)) => p.load(),
+            Some(_) => return Err(format!("{name} is neither a TC nor a cgroup socket(-address) program")),
             None => return Err(format!("program {name} missing from the object")),
         };
         loaded.map_err(|e| format!("{name}: {}", describe_load_error(&e)))?;

@@ -187,6 +187,7 @@ pub fn program_type(name: &str) -> Option<(u32, u32)> {
         p::SOCK_RECVMSG6 => (sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, 20),
         p::SOCK_GETPEERNAME4 => (sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, 29),
         p::SOCK_GETPEERNAME6 => (sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, 30),
+        p::SOCK_RELEASE => (sys::BPF_PROG_TYPE_CGROUP_SOCK, 34),
         _ => return None,
     })
 }

@@ -26,6 +26,7 @@ pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+pub const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
 pub const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_NETFILTER: u32 = 45;

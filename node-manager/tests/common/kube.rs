@@ -142,7 +142,7 @@ pub fn wait_attached(scratch: &Scratch, interfaces: usize, log: impl Fn() -> Str
         let s = scratch.try_inspect().unwrap_or_default();
         let hooks = s["cgroup_hooks"].as_array().map_or(0, Vec::len);
         let ifaces = s["interfaces"].as_array().map_or(0, Vec::len);
-        if hooks == 8 && ifaces == interfaces {
+        if hooks == node_manager::kernel::cgroup::HOOKS.len() && ifaces == interfaces {
             return;
         }
         assert!(

@@ -561,6 +561,10 @@ fn start_agent(say: &Say, stage: &mut Stage, source: &AgentSource) -> Result<()>
     Ok(())
 }
 
+/// The agent's socket hooks: connect, sendmsg, recvmsg and getpeername for both families, and
+/// the socket release (the demo does not link the agent's library for `cgroup::HOOKS`).
+const SOCKET_HOOKS: usize = 9;
+
 /// The agent has attached the INVALID drop and, with the `rewrite`, the pod programs and the
 /// socket hooks, and filled the frontends (TCP 8080 and the ICMP echo entry).
 fn ready(state: &Value, host_if: &str, rewrite: bool) -> bool {
@@ -568,7 +572,7 @@ fn ready(state: &Value, host_if: &str, rewrite: bool) -> bool {
         .as_array()
         .is_some_and(|is| is.iter().any(|i| i["name"] == host_if && i["present"] == true));
     let frontends = state["frontends"].as_array().is_some_and(|f| f.len() >= 2);
-    let hooks = state["cgroup_hooks"].as_array().is_some_and(|h| h.len() == 8);
+    let hooks = state["cgroup_hooks"].as_array().is_some_and(|h| h.len() == SOCKET_HOOKS);
     let d = &state["drop_invalid"];
     let drop = match d["mode"].as_str() {
         // The bpf mode drops only while it has seen conntrack at work recently (its guard).
