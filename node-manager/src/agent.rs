@@ -19,7 +19,7 @@ use crate::{
     config::{Config, SourceConfig},
     features::{
         drop_invalid::{self, DropInvalid},
-        external_ip::{sock_hooks, tc},
+        external_ip::{flow_sweep, sock_hooks, tc},
     },
     kernel::{
         Datapath,
@@ -87,6 +87,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let link_changes = Arc::new(Notify::new());
     interfaces::watch_links(link_changes.clone())?;
     let resync_period = cfg.resync_period;
+    // Flows end with their conntrack entries: a thread of its own reads conntrack and the flow
+    // maps on its own fds, so a sweep of a busy node's tables never delays the agent loop.
+    if let Some(period) = cfg.flow_sweep_period {
+        flow_sweep::spawn(period, datapath.flow_maps()?, telemetry.clone()).context("starting the flow sweep")?;
+    }
     let mut agent = Agent::new(cfg, datapath, drop_invalid, telemetry)?;
     if !attach_after_sync {
         agent.take_over()?;

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,gke*,eni*,azv*";
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x4000;
 pub const DEFAULT_RESYNC_PERIOD: Duration = Duration::from_secs(60);
+pub const DEFAULT_FLOW_SWEEP_PERIOD: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Parser)]
 #[command(name = "node-manager", version, about = "Node-level Kubernetes networking fixer (eBPF).")]
@@ -106,6 +107,11 @@ pub struct RunArgs {
     /// (for example `60s`, `5m`, `1h30m`; default 60s).
     #[arg(long, env = "RESYNC_PERIOD")]
     pub resync_period: Option<String>,
+    /// How often rewritten flows whose conntrack entry is gone are removed from the flow maps
+    /// (a flow goes at the second sweep that finds it untracked; default 60s; `off`: flows end
+    /// only by LRU eviction and TCP RST).
+    #[arg(long, env = "FLOW_SWEEP_PERIOD")]
+    pub flow_sweep_period: Option<String>,
     /// Serve Prometheus metrics on /metrics and health on /healthz and /readyz at this address
     /// (for example `0.0.0.0:9617`; empty: off).
     #[arg(long, env = "METRICS_ADDR", value_name = "ADDR")]
@@ -162,6 +168,8 @@ pub struct Config {
     pub ipv4: bool,
     pub ipv6: bool,
     pub resync_period: Duration,
+    /// `None`: the flow sweep is off.
+    pub flow_sweep_period: Option<Duration>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub cleanup_on_exit: bool,
     /// Deprecation notices to log once logging is up.
@@ -215,6 +223,23 @@ pub fn parse_cidrs(value: &str, v4: Option<bool>, what: &str) -> Result<Vec<IpNe
 
 /// A humane duration: `500ms`, `45s`, `5m`, `1h30m`, or bare seconds (`60`). Zero is refused:
 /// a resync loop without a pause would spin.
+/// `--flow-sweep-period`: a duration, or `off`/`0` for none; default 60s.
+fn parse_sweep_period(value: Option<String>) -> Result<Option<Duration>> {
+    match nonempty(value).as_deref().map(str::trim) {
+        None => Ok(Some(DEFAULT_FLOW_SWEEP_PERIOD)),
+        Some("off" | "0") => Ok(None),
+        Some(v) => {
+            let period = parse_duration(v, "--flow-sweep-period / FLOW_SWEEP_PERIOD")?;
+            if period < Duration::from_secs(1) {
+                bail!(
+                    "--flow-sweep-period / FLOW_SWEEP_PERIOD: {v:?} is shorter than 1s (each sweep dumps the conntrack table; `off` disables it)"
+                );
+            }
+            Ok(Some(period))
+        }
+    }
+}
+
 pub fn parse_duration(value: &str, what: &str) -> Result<Duration> {
     let v = value.trim();
     let bad = || anyhow::anyhow!("{what}: {v:?} is not a duration (for example 60s, 5m, 1h30m)");
@@ -370,6 +395,7 @@ impl Config {
                 .map(|v| parse_duration(&v, "--resync-period / RESYNC_PERIOD"))
                 .transpose()?
                 .unwrap_or(DEFAULT_RESYNC_PERIOD),
+            flow_sweep_period: parse_sweep_period(args.flow_sweep_period)?,
             metrics_addr: nonempty(args.metrics_addr).map(|v| parse_listen_addr(&v)).transpose()?,
             cleanup_on_exit: parse_bool(args.cleanup_on_exit.as_deref(), false, "--cleanup-on-exit / CLEANUP_ON_EXIT")?,
             warnings,
@@ -422,6 +448,19 @@ mod tests {
         for bad in ["", "s", "5x", "m5", "1.5s", "-1s", "0s", "99999999999999999999h"] {
             let err = d(bad).unwrap_err().to_string();
             assert!(err.contains("RESYNC_PERIOD"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_flow_sweep_period_is_a_duration_or_off() {
+        assert_eq!(parse_sweep_period(None).unwrap(), Some(DEFAULT_FLOW_SWEEP_PERIOD));
+        assert_eq!(parse_sweep_period(Some(String::new())).unwrap(), Some(DEFAULT_FLOW_SWEEP_PERIOD));
+        assert_eq!(parse_sweep_period(Some("10s".into())).unwrap(), Some(Duration::from_secs(10)));
+        assert_eq!(parse_sweep_period(Some("off".into())).unwrap(), None);
+        assert_eq!(parse_sweep_period(Some("0".into())).unwrap(), None);
+        for bad in ["500ms", "soon", "-1"] {
+            let err = parse_sweep_period(Some(bad.into())).unwrap_err().to_string();
+            assert!(err.contains("FLOW_SWEEP_PERIOD"), "{bad:?}: {err}");
         }
     }
 

@@ -54,6 +54,8 @@ pub struct Telemetry {
     watch_restarts: Family<StepLabels, Counter>,
     /// Frontends the last sync had no room for in NM_FRONTENDS.
     frontends_not_applied: std::sync::atomic::AtomicU64,
+    /// Flows the flow sweep removed (their conntrack entries were gone).
+    flows_swept: Counter,
 }
 
 impl Telemetry {
@@ -70,11 +72,12 @@ impl Telemetry {
             reconcile_errors: Family::default(),
             watch_restarts: Family::default(),
             frontends_not_applied: std::sync::atomic::AtomicU64::new(0),
+            flows_swept: Counter::default(),
         })
     }
 
     /// Records one reconcile step (`maps`, `pod_cidrs`, `interfaces`, `socket_hooks`,
-    /// `drop_invalid`).
+    /// `drop_invalid`, `flow_sweep`).
     pub fn reconciled(&self, step: &'static str, took: Duration, ok: bool) {
         let labels = vec![("step", step)];
         self.reconcile_seconds.get_or_create(&labels).observe(took.as_secs_f64());
@@ -86,6 +89,10 @@ impl Telemetry {
     /// A watch of `resource` failed and is restarted (with backoff) by the watcher.
     pub fn watch_restarted(&self, resource: &'static str) {
         self.watch_restarts.get_or_create(&vec![("resource", resource)]).inc();
+    }
+
+    pub fn flows_swept(&self, n: usize) {
+        self.flows_swept.inc_by(n as u64);
     }
 
     pub fn set_frontends_not_applied(&self, n: usize) {
@@ -125,6 +132,11 @@ impl Telemetry {
             "watch_restarts",
             "Kubernetes watches restarted after an error (the watcher retries with backoff)",
             self.watch_restarts.clone(),
+        );
+        registry.register(
+            "flows_swept",
+            "Rewritten flows removed from the flow maps because conntrack no longer tracked their connections",
+            self.flows_swept.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { telemetry: self.clone() }));
         registry

@@ -435,7 +435,7 @@ fn a_connected_udp_socket_keeps_its_peer_through_more_closed_sockets_than_the_ma
         assert_eq!(data, format!("echo:x churned {CHURN}, {CHURN} from {to}"), "{to}");
         assert_eq!(peer, to, "{to}: the long-lived socket's reply must still read as coming from the address dialled");
         let released = counter(&scratch.inspect(), "sock_rev_released") - before;
-        assert!(released >= CHURN as u64 + 1, "{to}: only {released} entries released");
+        assert!(released > CHURN as u64, "{to}: only {released} entries released");
     }
     drop(agent);
 }

@@ -123,7 +123,11 @@ fn a_thousand_concurrent_connections_through_the_rewrite_with_the_flow_map_near_
     let scratch = Scratch::new(&lab);
     let services = scratch.file("services.yaml");
     write(&services, &lab_service_yaml("web"));
-    let agent = Agent::start(&scratch, &lab_agent_args(services.to_str().unwrap()));
+    // The filler flows are not connections, so conntrack does not track them: the flow sweep
+    // (which would remove them once real, tracked flows exist) stays off here.
+    let mut args = lab_agent_args(services.to_str().unwrap());
+    args.extend(["--flow-sweep-period", "off"]);
+    let agent = Agent::start(&scratch, &args);
     wait_for("the agent to attach and fill the maps", Duration::from_secs(15), || {
         scratch.try_inspect().is_ok_and(|s| {
             s["interfaces"].as_array().is_some_and(|i| !i.is_empty())

@@ -3,10 +3,12 @@
 pub mod attach;
 pub mod btf;
 pub mod cgroup;
+pub mod conntrack;
 pub mod fault;
 pub mod interfaces;
 pub mod maps;
 pub mod netfilter;
+pub mod netlink;
 pub mod pins;
 pub mod probe;
 pub mod repair;
@@ -132,6 +134,41 @@ fn adopt_from_other_version(pins: &Pins, name: &str, expected: pins::Layout) -> 
 
 /// The flow maps: TCP, then UDP and ICMP echo.
 const FLOW_MAPS: [&str; 2] = [map_names::FLOWS, map_names::FLOWS_DGRAM];
+
+/// NM_FLOWS and NM_FLOWS_DGRAM, opened on their own fds (`Datapath::flow_maps`).
+pub struct FlowMaps {
+    maps: [aya::maps::HashMap<aya::maps::MapData, node_manager_common::FlowKey, node_manager_common::Flow>; 2],
+}
+
+impl FlowMaps {
+    /// Neither map has an entry (one syscall each).
+    pub fn is_empty(&self) -> bool {
+        self.maps.iter().all(|map| map.keys().next().is_none())
+    }
+
+    /// Every flow's key, TCP then datagram, read one `get_next_key` at a time (entries added or
+    /// removed meanwhile may or may not be seen).
+    pub fn keys(&self) -> impl Iterator<Item = node_manager_common::FlowKey> + '_ {
+        self.maps.iter().flat_map(|map| map.keys().filter_map(Result::ok))
+    }
+
+    /// Removes `keys` from their protocol's map; returns how many were there (one the datapath
+    /// removed meanwhile, at a RST, is not an error).
+    pub fn remove(&mut self, keys: &[node_manager_common::FlowKey]) -> Result<usize> {
+        let mut removed = 0;
+        for key in keys {
+            let (index, name) =
+                if key.proto == node_manager_common::PROTO_TCP { (0, FLOW_MAPS[0]) } else { (1, FLOW_MAPS[1]) };
+            match self.maps[index].remove(key) {
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing a flow from {name}")),
+            }
+        }
+        Ok(removed)
+    }
+}
 
 fn flow_map_of(key: &node_manager_common::FlowKey) -> &'static str {
     if key.proto == node_manager_common::PROTO_TCP { map_names::FLOWS } else { map_names::FLOWS_DGRAM }
@@ -449,6 +486,15 @@ impl Datapath {
             all.extend(self.flows_map(name)?.iter().filter_map(Result::ok));
         }
         Ok(all)
+    }
+
+    /// The flow maps on fds of their own, for the flow sweep's thread.
+    pub fn flow_maps(&self) -> Result<FlowMaps> {
+        let open = |name| -> Result<_> {
+            let data = aya::maps::MapData::from_fd(self.map_fd(name)?)?;
+            Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?)
+        };
+        Ok(FlowMaps { maps: [open(map_names::FLOWS)?, open(map_names::FLOWS_DGRAM)?] })
     }
 
     /// The flow remembered under `key`, if any, from its protocol's map (a lookup does not

@@ -1,19 +1,13 @@
 //! The two rtnetlink tc requests aya 0.14 does not expose, for kernels without TCX: listing the
 //! filters on a clsact hook (to show them, and to know whether a clsact qdisc we created is still
 //! used by anyone else) and deleting the clsact qdisc.
-use std::{
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::io;
+
+use super::netlink::{NLM_F_ACK, NLM_F_DUMP, attrs};
 
 const RTM_DELQDISC: u16 = 37;
 const RTM_NEWTFILTER: u16 = 44;
 const RTM_GETTFILTER: u16 = 46;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
@@ -21,7 +15,6 @@ const TCA_BPF_ID: u16 = 11;
 /// `TC_H_CLSACT` (= `TC_H_INGRESS`), and the clsact qdisc's handle `ffff:`.
 const TC_H_CLSACT: u32 = 0xffff_fff1;
 const CLSACT_HANDLE: u32 = 0xffff_0000;
-const HDR: usize = 16;
 const TCMSG: usize = 20;
 
 /// A filter on a clsact hook, as `tc filter show` lists it.
@@ -41,79 +34,17 @@ pub fn parent(ingress: bool) -> u32 {
     if ingress { 0xffff_fff2 } else { 0xffff_fff3 }
 }
 
-fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2); the fd is owned by the returned OwnedFd.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn request(msg_type: u16, flags: u16, ifindex: u32, handle: u32, parent: u32) -> Vec<u8> {
-    let mut msg = vec![0u8; HDR + TCMSG];
-    msg[0..4].copy_from_slice(&((HDR + TCMSG) as u32).to_ne_bytes());
-    msg[4..6].copy_from_slice(&msg_type.to_ne_bytes());
-    msg[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-    msg[8..12].copy_from_slice(&1u32.to_ne_bytes()); // seq
     // tcmsg: family (AF_UNSPEC), pads, ifindex, handle, parent, info.
-    msg[HDR + 4..HDR + 8].copy_from_slice(&ifindex.to_ne_bytes());
-    msg[HDR + 8..HDR + 12].copy_from_slice(&handle.to_ne_bytes());
-    msg[HDR + 12..HDR + 16].copy_from_slice(&parent.to_ne_bytes());
-    msg
+    let mut tcmsg = [0u8; TCMSG];
+    tcmsg[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    tcmsg[8..12].copy_from_slice(&handle.to_ne_bytes());
+    tcmsg[12..16].copy_from_slice(&parent.to_ne_bytes());
+    super::netlink::request(msg_type, flags, &tcmsg)
 }
 
-/// Sends `msg` and hands every reply message (type, payload) to `each` until the dump or the ack
-/// ends; a netlink error becomes the error.
-fn exchange(msg: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
-    let sock = socket()?;
-    // SAFETY: send(2) of a buffer we own.
-    if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: recv(2) into a buffer we own.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut at = 0;
-        let n = n as usize;
-        while at + HDR <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let msg_type = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-            if len < HDR || at + len > n {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
-            }
-            let payload = &buf[at + HDR..at + len];
-            match msg_type {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(payload.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
-                    return if errno == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-errno)) };
-                }
-                _ => each(msg_type, payload),
-            }
-            at += (len + 3) & !3;
-        }
-    }
-}
-
-/// Netlink attributes in `data`: (type without flags, payload).
-fn attrs(mut data: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while data.len() >= 4 {
-        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff;
-        if len < 4 || len > data.len() {
-            break;
-        }
-        out.push((kind, &data[4..len]));
-        data = &data[((len + 3) & !3).min(data.len())..];
-    }
-    out
+fn exchange(msg: &[u8], each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    super::netlink::exchange(libc::NETLINK_ROUTE, msg, each)
 }
 
 fn c_string(bytes: &[u8]) -> String {
