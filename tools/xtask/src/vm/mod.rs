@@ -27,7 +27,8 @@ use crate::cmd::{Cmd, elapsed, is_root, step, workspace_root};
 pub use self::guest::run as run_guest;
 
 /// The test binaries run in every kernel (integration tests of node-manager and lab).
-const SUITES: [&str; 7] = ["kernel_features", "test_run", "netfilter", "netns", "cgroup", "drop_invalid", "lab"];
+const SUITES: [&str; 8] =
+    ["kernel_features", "test_run", "netfilter", "netns", "cgroup", "drop_invalid", "flow_lifetime", "lab"];
 /// Test binaries only a guest runs (named with `--suite`; not part of the default set).
 const GUEST_ONLY_SUITES: [&str; 1] = ["ipvs_guest"];
 /// The kernel the IPVS guest boots: Debian trixie's, which ships ip_vs.
@@ -46,7 +47,8 @@ pub struct VmArgs {
     /// Every series (5.10, 6.1, 6.12, sid, host), then the kernel × feature table.
     #[arg(long, conflicts_with = "kernels")]
     pub matrix: bool,
-    /// Only these test binaries (kernel_features, test_run, netfilter, netns, cgroup, drop_invalid, lab).
+    /// Only these test binaries (kernel_features, test_run, netfilter, netns, cgroup, drop_invalid, flow_lifetime,
+    /// lab).
     #[arg(long = "suite", value_name = "NAME")]
     pub suites: Vec<String>,
     /// Only tests whose name contains this. Repeatable.
