@@ -350,13 +350,23 @@ impl<'a> AgentSide<'a> {
         Ok(Change { end_to_end, sync: sync.elapsed, apiserver })
     }
 
+    /// The cgroup its socket hooks are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.scratch.cgroup
+    }
+
     /// Packets the pod ingress program rewrote (IPv4), which shows the pod's connections went
     /// through the agent's datapath.
     pub fn rewrites(&self) -> Result<u64> {
+        self.counter("rewrite_ingress_v4")
+    }
+
+    /// A datapath counter's packets (calls, for the socket hooks), by name.
+    pub fn counter(&self, name: &str) -> Result<u64> {
         let data = MapData::from_pin(self.scratch.map_pin(map_names::COUNTERS)).context("opening the counters")?;
         let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
         let all = maps::read_counters(&counters)?;
-        all.iter().find(|(name, _)| *name == "rewrite_ingress_v4").map(|(_, c)| c.packets).context("no such counter")
+        all.iter().find(|(n, _)| *n == name).map(|(_, c)| c.packets).with_context(|| format!("no counter {name}"))
     }
 }
 

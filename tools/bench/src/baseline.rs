@@ -203,20 +203,19 @@ impl<'a> Baseline<'a> {
         text.split_whitespace().next().and_then(|p| p.parse().ok()).context("no packet counter in the listing")
     }
 
-    /// Packets counted by the DNAT rule of the target (the last-listed Service), which shows
-    /// that the pod's connections went through these rules.
-    pub fn target_dnat_packets(&self, n_services: usize) -> Result<u64> {
-        // The target's PREROUTING rules are the last two of the chain: mark, then DNAT.
+    /// Packets counted by the DNAT rule of the target (the last-listed Service) in `chain`
+    /// (`EX_CLUS_PREROUTING` for pods, `EX_CLUS_OUTPUT` for node processes), which shows that
+    /// the connections went through these rules.
+    pub fn target_dnat_packets(&self, n_services: usize, chain: &str) -> Result<u64> {
+        // The target's rules are the last two of the chain: mark, then DNAT.
         let rulenum = (2 * n_services).to_string();
-        let args: Vec<String> =
-            ["-t", "nat", "-L", services::EX_CLUS_PREROUTING, &rulenum, "-v", "-x", "-n"].map(String::from).into();
+        let args: Vec<String> = ["-t", "nat", "-L", chain, &rulenum, "-v", "-x", "-n"].map(String::from).into();
         let out = self.exec(self.backend.iptables(), &args, None)?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || !text.contains("DNAT") {
             bail!(
-                "{}: rule {rulenum} of {} is not the target's DNAT: {}{}",
+                "{}: rule {rulenum} of {chain} is not the target's DNAT: {}{}",
                 self.backend.iptables(),
-                services::EX_CLUS_PREROUTING,
                 text.trim(),
                 String::from_utf8_lossy(&out.stderr).trim()
             );

@@ -25,12 +25,13 @@ use crate::{
     baseline::{Backend, Baseline},
     bpf_stats,
     conn::{self, Sink},
+    host::{InCgroup, PlainCgroup},
     interrupt,
     iperf::{self, IperfServer},
     nftmap::NftMap,
     report::int,
     results::{ConnSample, Plan, Results, Variant},
-    services::{self, CONN_PORT, IPERF_PORT},
+    services::{self, CONN_PORT, EX_CLUS_OUTPUT, EX_CLUS_PREROUTING, IPERF_PORT},
 };
 
 /// One lab per side, with its sink and iperf3 server.
@@ -101,11 +102,13 @@ fn order(round: usize) -> Vec<Variant> {
 pub struct Bed<'a> {
     labs: &'a Labs,
     agent: AgentSide<'a>,
+    /// Where the host-network clients of the sides without socket hooks run.
+    plain: PlainCgroup,
 }
 
 impl<'a> Bed<'a> {
     pub fn new(labs: &'a Labs, bin: &Path) -> Result<Bed<'a>> {
-        Ok(Bed { labs, agent: AgentSide::new(labs.get(Variant::B), bin)? })
+        Ok(Bed { labs, agent: AgentSide::new(labs.get(Variant::B), bin)?, plain: PlainCgroup::new()? })
     }
 
     fn baseline(&self, backend: Backend) -> Baseline<'a> {
@@ -213,6 +216,23 @@ impl<'a> Bed<'a> {
                     );
                     r.conn_cluster.entry((n, v)).or_default().push(ConnSample::of(&run));
                 }
+                if Variant::HOST.contains(&v) {
+                    // A node process: in B's hooked cgroup for B, an empty one for the others.
+                    let cgroup = if v == Variant::B { self.agent.cgroup() } else { &self.plain.path };
+                    let node = self.labs.get(v).netns_path(Ns::Node);
+                    let run = {
+                        let _inside = InCgroup::enter(cgroup)?;
+                        conn::connect_loop(&node, target(v, CONN_PORT), plan.conn_time)
+                            .with_context(|| format!("N = {n}, {}, from a node process", v.label()))?
+                    };
+                    println!(
+                        "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (node process)",
+                        v.label(),
+                        run.rate(),
+                        run.median_us()
+                    );
+                    r.conn_host.entry((n, v)).or_default().push(ConnSample::of(&run));
+                }
             }
         }
         for round in 0..plan.iperf_rounds {
@@ -246,7 +266,7 @@ impl<'a> Bed<'a> {
             anyhow::ensure!(accepted > 0, "{} at N = {n}: the endpoint accepted nothing", v.label());
         }
         for backend in Backend::ALL {
-            let packets = self.baseline(backend).target_dnat_packets(n)?;
+            let packets = self.baseline(backend).target_dnat_packets(n, EX_CLUS_PREROUTING)?;
             let conns: u64 = r.conn[&(n, Variant::A(backend))].iter().map(|c| c.connections).sum();
             r.path_checks.push(format!(
                 "N = {}, {}: the target's DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
@@ -278,7 +298,41 @@ impl<'a> Bed<'a> {
                 conns + to_cluster
             );
         }
-        let peer = self.nft_map().dnat_packets()?;
+        for backend in Backend::ALL {
+            let packets = self.baseline(backend).target_dnat_packets(n, EX_CLUS_OUTPUT)?;
+            let conns = host_connections(r, n, Variant::A(backend));
+            r.path_checks.push(format!(
+                "N = {}, {}: the target's OUTPUT DNAT rule counted {} new connections (node processes made {})",
+                int(n),
+                backend.iptables(),
+                int(packets as usize),
+                int(conns as usize)
+            ));
+            anyhow::ensure!(
+                packets >= conns,
+                "A ({}) at N = {n}: OUTPUT DNAT counted {packets} < {conns}",
+                backend.iptables()
+            );
+        }
+        let peer_out = self.nft_map().dnat_packets("out")?;
+        let conns = host_connections(r, n, Variant::NftMap);
+        r.path_checks.push(format!(
+            "N = {}, nftables set + map: its output DNAT rule counted {} new connections (node processes made {})",
+            int(n),
+            int(peer_out as usize),
+            int(conns as usize)
+        ));
+        anyhow::ensure!(peer_out >= conns, "A′ at N = {n}: output DNAT counted {peer_out} < {conns}");
+        let hooked = self.agent.counter("sock_connect_v4")?;
+        let conns = host_connections(r, n, Variant::B);
+        r.path_checks.push(format!(
+            "N = {}, node-manager: its connect4 socket hook rewrote {} connects (node processes made {})",
+            int(n),
+            int(hooked as usize),
+            int(conns as usize)
+        ));
+        anyhow::ensure!(hooked >= conns, "B at N = {n}: connect4 rewrote {hooked} < {conns} connections");
+        let peer = self.nft_map().dnat_packets("pre")?;
         let conns: u64 = r.conn[&(n, Variant::NftMap)].iter().map(|c| c.connections).sum();
         r.path_checks.push(format!(
             "N = {}, nftables set + map: its DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
@@ -358,6 +412,11 @@ impl<'a> Bed<'a> {
 }
 
 /// "median [min–max] ms".
+/// Connections node processes made in `v`'s lab at `n`, over all rounds.
+fn host_connections(r: &Results, n: usize, v: Variant) -> u64 {
+    r.conn_host.get(&(n, v)).map_or(0, |s| s.iter().map(|c| c.connections).sum())
+}
+
 fn show_ms(times: &[Duration]) -> String {
     match crate::stats::Summary::of_durations(times, crate::stats::Unit::Millis) {
         Some(s) => format!("{:.1} ms [{:.1}–{:.1}]", s.median, s.min, s.max),

@@ -9,8 +9,14 @@
 //!   map extmap { type ipv4_addr . inet_service : ipv4_addr . inet_service; elements = { ... } }
 //!   chain pre { type nat hook prerouting priority dstnat; policy accept;
 //!     ip saddr POD_CIDR ip daddr . tcp dport @ext meta mark set meta mark | 0x4000
-//!     ip saddr POD_CIDR counter dnat ip to ip daddr . tcp dport map @extmap } }
+//!     ip saddr POD_CIDR counter dnat ip to ip daddr . tcp dport map @extmap }
+//!   chain out { type nat hook output priority -100; policy accept;
+//!     ip daddr . tcp dport @ext meta mark set meta mark | 0x4000
+//!     counter dnat ip to ip daddr . tcp dport map @extmap } }
 //! ```
+//!
+//! The output chain serves the node's own processes (host-network clients), as
+//! network-node-manager's OUTPUT chain does (it marks them for masquerading too).
 
 use std::{
     io::Write as _,
@@ -83,9 +89,10 @@ impl<'a> NftMap<'a> {
         Ok(started.elapsed())
     }
 
-    /// Packets the DNAT rule counted (only the first packet of a connection passes a nat chain).
-    pub fn dnat_packets(&self) -> Result<u64> {
-        let listing = self.nft(&["list", "chain", "ip", TABLE, "pre"], None)?;
+    /// Packets the DNAT rule of `chain` (`pre` or `out`) counted (only the first packet of a
+    /// connection passes a nat chain).
+    pub fn dnat_packets(&self, chain: &str) -> Result<u64> {
+        let listing = self.nft(&["list", "chain", "ip", TABLE, chain], None)?;
         listing
             .lines()
             .find(|l| l.contains("dnat"))
@@ -111,7 +118,10 @@ pub fn ruleset(svcs: &[Svc]) -> String {
          map extmap {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; elements = {{ {} }} }}\n  \
          chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n    \
          ip saddr {pod} ip daddr . tcp dport @ext meta mark set meta mark | 0x4000\n    \
-         ip saddr {pod} counter dnat ip to ip daddr . tcp dport map @extmap\n  }}\n}}\n",
+         ip saddr {pod} counter dnat ip to ip daddr . tcp dport map @extmap\n  }}\n  \
+         chain out {{ type nat hook output priority -100; policy accept;\n    \
+         ip daddr . tcp dport @ext meta mark set meta mark | 0x4000\n    \
+         counter dnat ip to ip daddr . tcp dport map @extmap\n  }}\n}}\n",
         set.join(", "),
         map.join(", "),
         pod = lab::POD_CIDR_V4
@@ -131,5 +141,6 @@ mod tests {
         );
         assert!(text.contains("203.0.113.11 . 1000 : 198.51.100.11 . 1000"), "{text}");
         assert!(text.contains("dnat ip to ip daddr . tcp dport map @extmap"), "{text}");
+        assert!(text.contains("chain out { type nat hook output priority -100;"), "{text}");
     }
 }

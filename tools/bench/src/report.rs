@@ -398,6 +398,26 @@ fn reading(w: &mut String, plan: &Plan, r: &Results) {
             format_args!("{:.2}", ratio_b.median)
         );
     }
+    if let (Some(b_c), Some(b_peer)) =
+        (r.host_ratio(hi, Variant::B, Variant::C), r.host_ratio(hi, Variant::B, Variant::NftMap))
+    {
+        let verdict = if b_c.min > 1.0 {
+            "faster than the floor in every round"
+        } else if b_c.median > 1.0 {
+            "faster than the floor in the median round, not in every round"
+        } else {
+            "not faster than the floor"
+        };
+        let _ = writeln!(
+            w,
+            "- Node processes (host-network clients) at N = {}: node-manager's socket hook opened connections at {:.2}× [{:.2}–{:.2}] the floor's rate (a node process → the cluster IP directly) and {:.2}× the nftables map's in the output hook: {verdict}. The socket path does no NAT and makes no conntrack NAT binding for the rewrite; the floor's connections pass the same conntrack without NAT, so only a ratio above 1 in every round would show the socket path beating the floor.",
+            int(hi),
+            b_c.median,
+            b_c.min,
+            b_c.max,
+            b_peer.median
+        );
+    }
     let _ = writeln!(w);
 }
 

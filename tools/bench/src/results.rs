@@ -39,6 +39,11 @@ impl Variant {
     pub const TO_CLUSTER: [Variant; 4] =
         [Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::NftMap, Variant::B];
 
+    /// The sides of the host-network client table (a node process → EXT:port): C′ is left out,
+    /// nothing masquerades a node process's connection to a cluster IP.
+    pub const HOST: [Variant; 5] =
+        [Variant::C, Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::NftMap, Variant::B];
+
     pub fn label(self) -> &'static str {
         match self {
             Variant::C => "C: no rewrite",
@@ -152,6 +157,9 @@ pub struct Results {
     /// (N, variant) → one sample per round of pod → cluster IP connections, for the sides in
     /// [`Variant::TO_CLUSTER`] (C's are in `conn`), measured right after the side's own run.
     pub conn_cluster: BTreeMap<(usize, Variant), Vec<ConnSample>>,
+    /// (N, variant) → one sample per round of node process → EXT:port connections (the
+    /// cluster IP for C), for the sides in [`Variant::HOST`].
+    pub conn_host: BTreeMap<(usize, Variant), Vec<ConnSample>>,
     /// (N, variant) → bit/s per round.
     pub iperf: BTreeMap<(usize, Variant), Vec<f64>>,
     pub restore_apply: BTreeMap<(usize, Backend), Vec<Duration>>,
@@ -193,6 +201,18 @@ impl Results {
     pub fn cluster_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
         let rates = |v| -> Vec<f64> {
             self.cluster_samples(n, v).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
+        };
+        Summary::of(&ratios(&rates(a), &rates(b)))
+    }
+
+    pub fn host_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
+        Summary::of(&self.conn_host.get(&(n, v))?.iter().map(f).collect::<Vec<_>>())
+    }
+
+    /// Per-round ratio of host-client connections per second of `a` to `b`.
+    pub fn host_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
+        let rates = |v| -> Vec<f64> {
+            self.conn_host.get(&(n, v)).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
         };
         Summary::of(&ratios(&rates(a), &rates(b)))
     }

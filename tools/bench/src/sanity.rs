@@ -34,6 +34,14 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
             }
             p.need(format!("N = {n}, {label}: connections/s to the cluster IP"), r.cluster_summary(n, v, |c| c.rate));
         }
+        for v in Variant::HOST {
+            let label = v.label();
+            let rounds = r.conn_host.get(&(n, v)).map_or(0, Vec::len);
+            if rounds != plan.rounds {
+                p.push(format!("N = {n}, {label}: {rounds} rounds from a node process of {}", plan.rounds));
+            }
+            p.need(format!("N = {n}, {label}: connections/s from a node process"), r.host_summary(n, v, |c| c.rate));
+        }
         for (what, m) in
             [("nftables set + map: nft -f apply", &r.nft_apply), ("nftables set + map: add element", &r.nft_change)]
         {
@@ -139,6 +147,9 @@ mod tests {
                 if Variant::TO_CLUSTER.contains(&v) {
                     r.conn_cluster.insert((n, v), vec![c; plan.rounds]);
                 }
+                if Variant::HOST.contains(&v) {
+                    r.conn_host.insert((n, v), vec![c; plan.rounds]);
+                }
             }
             r.nft_apply.insert(n, vec![ms]);
             r.nft_change.insert(n, vec![ms]);
@@ -173,6 +184,7 @@ mod tests {
         r.prog.get_mut(&10).unwrap().hit = s(100.0);
         r.agent_start.get_mut(&10).unwrap()[0].rss_kib = 0;
         r.conn_cluster.get_mut(&(1, Variant::B)).unwrap().pop();
+        r.conn_host.remove(&(1, Variant::NftMap));
         let p = problems(&plan, &r);
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
@@ -180,6 +192,11 @@ mod tests {
         assert!(p.iter().any(|l| l.starts_with("N = 10, node-manager: RSS: not positive")), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: 0 iperf3 rounds of 2"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: 1 rounds to the cluster IP of 2"), "{p:#?}");
-        assert_eq!(p.len(), 6, "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, A′: nftables set + map: 0 rounds from a node process of 2"), "{p:#?}");
+        assert!(
+            p.iter().any(|l| l == "N = 1, A′: nftables set + map: connections/s from a node process: missing"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), 8, "{p:#?}");
     }
 }

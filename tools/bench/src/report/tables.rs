@@ -31,6 +31,7 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
             ratio(r.conn_ratio(n, Variant::B, Variant::CMasq))
         );
     }
+    host_table(w, plan, r);
     let _ = writeln!(
         w,
         "\n## Every new connection pays A's chain: pod → cluster IP, connections per second (connect median, µs)\n"
@@ -170,4 +171,47 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
         let _ = writeln!(w, "| {} | {} |", int(n), range(r.rss_mib(n)));
     }
     let _ = writeln!(w);
+}
+
+/// Node processes → EXT:port: B's socket hook against the nat OUTPUT rules of A and A′ and the
+/// floor (a node process → the cluster IP).
+fn host_table(w: &mut String, plan: &Plan, r: &Results) {
+    if r.conn_host.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## Host-network clients: a node process → EXT:port, new TCP connections per second (connect median, µs)\n"
+    );
+    let _ = writeln!(
+        w,
+        "B rewrites at `connect()` (cgroup hook: no NAT, no conntrack entry for the rewrite); A and A′ DNAT in the nat OUTPUT hook; C connects to the cluster IP.\n"
+    );
+    let sides = Variant::HOST;
+    let names: Vec<&str> = sides.iter().map(|v| v.label()).collect();
+    let _ = writeln!(
+        w,
+        "| N | {} | B/C | B/A′ | B/A legacy | B/A nft |\n|---:|{}",
+        names.join(" | "),
+        "---:|".repeat(sides.len() + 4)
+    );
+    for &n in &plan.ns {
+        let cells: Vec<String> = sides
+            .iter()
+            .map(|&v| {
+                let med = r.host_summary(n, v, |s| s.median_us).map_or("—".into(), |s| num(s.median));
+                format!("{} ({med})", range(r.host_summary(n, v, |s| s.rate)))
+            })
+            .collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.host_ratio(n, Variant::B, Variant::C)),
+            ratio(r.host_ratio(n, Variant::B, Variant::NftMap)),
+            ratio(r.host_ratio(n, Variant::B, A_LEGACY)),
+            ratio(r.host_ratio(n, Variant::B, A_NFT))
+        );
+    }
 }
