@@ -227,7 +227,7 @@ fn assert_verdicts(run: &DemoRun) {
 fn the_demo_shows_both_bugs_and_both_fixes_and_leaves_nothing_behind() {
     let mut run = DemoRun::start(&["--yes", "--agent", BIN]);
     run.wait_for_line("ready after");
-    let ids = run.agent_ids(8);
+    let ids = run.agent_ids(node_manager::kernel::cgroup::HOOKS.len());
     let code = run.finish();
     assert_eq!(code, Some(0), "exit code; output:\n{}", run.text());
     assert_verdicts(&run);
@@ -313,7 +313,7 @@ fn ctrl_c_while_the_agent_runs_removes_everything_and_says_so() {
         .find_map(|l| l.split("agent pid ").nth(1))
         .and_then(|rest| rest.split(')').next()?.parse().ok())
         .expect("the demo names the agent's pid");
-    let ids = run.agent_ids(8);
+    let ids = run.agent_ids(node_manager::kernel::cgroup::HOOKS.len());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(run.child.id() as i32, libc::SIGINT) };
     let code = run.finish();
@@ -339,7 +339,7 @@ fn ctrl_c_while_the_agent_runs_removes_everything_and_says_so() {
 fn what_a_killed_demo_left_is_removed_by_the_next_run() {
     let mut killed = DemoRun::start(&["--yes", "--agent", BIN]);
     killed.wait_for_line("ready after");
-    let ids = killed.agent_ids(8);
+    let ids = killed.agent_ids(node_manager::kernel::cgroup::HOOKS.len());
     let pid = killed.child.id();
     killed.child.kill().unwrap(); // SIGKILL: no cleanup at all
     killed.finish();
