@@ -90,7 +90,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Flows end with their conntrack entries: a thread of its own reads conntrack and the flow
     // maps on its own fds, so a sweep of a busy node's tables never delays the agent loop.
     if let Some(period) = cfg.flow_sweep_period {
-        flow_sweep::spawn(period, datapath.flow_maps()?, telemetry.clone()).context("starting the flow sweep")?;
+        spawn_flow_sweep(period, datapath.flow_maps()?, telemetry.clone()).context("starting the flow sweep")?;
     }
     let mut agent = Agent::new(cfg, datapath, drop_invalid, telemetry)?;
     if !attach_after_sync {
@@ -133,6 +133,39 @@ pub async fn run(cfg: Config) -> Result<()> {
             "stopping; the datapath stays in place and keeps serving (remove it with `node-manager cleanup`)"
         );
     }
+    Ok(())
+}
+
+/// Runs a sweep every `period` on a thread of its own; its duration and failures go to the
+/// `flow_sweep` reconcile step, the flows it removes to `node_manager_flows_swept_total`.
+fn spawn_flow_sweep(
+    period: Duration,
+    mut maps: crate::kernel::FlowMaps,
+    telemetry: Arc<Telemetry>,
+) -> std::io::Result<()> {
+    let mut model = flow_sweep::FlowSweep::default();
+    std::thread::Builder::new().name("flow-sweep".into()).spawn(move || {
+        loop {
+            std::thread::sleep(period);
+            let started = Instant::now();
+            let swept = flow_sweep::sweep_once(&mut model, &mut maps);
+            telemetry.reconciled("flow_sweep", started.elapsed(), swept.is_ok());
+            // The sweep's sets are freed by now; glibc keeps this thread's arena resident
+            // unless asked to give it back, which would add them to the agent's RSS for good.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim(3) only releases free heap memory.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            match swept {
+                Ok(forgotten) => {
+                    telemetry.flows_swept(forgotten);
+                    tracing::debug!(forgotten, suspects = model.suspects(), took = ?started.elapsed(), "flow sweep");
+                }
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "flow sweep failed; retrying at the next"),
+            }
+        }
+    })?;
     Ok(())
 }
 

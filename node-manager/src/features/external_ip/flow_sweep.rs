@@ -8,7 +8,7 @@
 //! reference: a flow whose tuple it no longer holds is over.
 //!
 //! [`FlowSweep`] is the pure part: which flows to forget, given the flows in the maps and which
-//! of them conntrack tracks; [`spawn`] reads both (a ctnetlink dump, then the maps) and deletes.
+//! of them conntrack tracks; [`sweep_once`] reads both (a ctnetlink dump, then the maps) and deletes.
 //! Rules, each for a reason:
 //! - a flow is forgotten only when it was untracked at **two consecutive sweeps**: a flow the
 //!   datapath has just created may not have reached conntrack yet when the table is dumped;
@@ -26,17 +26,12 @@
 use std::{
     collections::HashSet,
     hash::{BuildHasher, RandomState},
-    sync::Arc,
-    time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use node_manager_common::{FlowKey, is_v4_mapped};
 
-use crate::{
-    kernel::{FlowMaps, conntrack},
-    metrics::Telemetry,
-};
+use crate::kernel::{FlowMaps, conntrack};
 
 /// What the conntrack dump of each family found (IPv4, IPv6): the hashes of its tuples, or
 /// `None` when the dump failed.
@@ -97,38 +92,9 @@ impl FlowSweep {
     }
 }
 
-/// Runs a sweep every `period` on a thread of its own; its duration and failures go to the
-/// `flow_sweep` reconcile step, the flows it removes to `node_manager_flows_swept_total`.
-pub fn spawn(period: Duration, mut maps: FlowMaps, telemetry: Arc<Telemetry>) -> std::io::Result<()> {
-    let mut model = FlowSweep::default();
-    std::thread::Builder::new().name("flow-sweep".into()).spawn(move || {
-        loop {
-            std::thread::sleep(period);
-            let started = Instant::now();
-            let swept = sweep_once(&mut model, &mut maps);
-            telemetry.reconciled("flow_sweep", started.elapsed(), swept.is_ok());
-            // The sweep's sets are freed by now; glibc keeps this thread's arena resident
-            // unless asked to give it back, which would add them to the agent's RSS for good.
-            #[cfg(target_env = "gnu")]
-            // SAFETY: malloc_trim(3) only releases free heap memory.
-            unsafe {
-                libc::malloc_trim(0);
-            }
-            match swept {
-                Ok(forgotten) => {
-                    telemetry.flows_swept(forgotten);
-                    tracing::debug!(forgotten, suspects = model.suspects(), took = ?started.elapsed(), "flow sweep");
-                }
-                Err(e) => tracing::warn!(error = format!("{e:#}"), "flow sweep failed; retrying at the next"),
-            }
-        }
-    })?;
-    Ok(())
-}
-
 /// One sweep: conntrack first, then the flow maps (a flow created in between is merely
 /// untracked once), then the removals. Returns the flows removed.
-fn sweep_once(model: &mut FlowSweep, maps: &mut FlowMaps) -> Result<usize> {
+pub fn sweep_once(model: &mut FlowSweep, maps: &mut FlowMaps) -> Result<usize> {
     if maps.is_empty() {
         return Ok(0);
     }
