@@ -1,5 +1,6 @@
 //! What the programs share: header layouts, parsing, checksummed rewrites, the maps of each
 //! concern and the counters.
+pub mod bytes;
 pub mod counters;
 pub mod flow;
 pub mod frag;

@@ -1,9 +1,9 @@
-//! Packet parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which
-//! bounds-checks against the skb and works on non-linear skbs, so there is no direct packet
-//! access to prove to the verifier. Anything we cannot rewrite safely is reported as
-//! `Unparsed` and passed untouched: IPv4 options, IPv6 extension headers (but the Fragment
-//! header and BIG TCP's Jumbo Payload hop-by-hop header), IPv6 packets with IPv4-mapped
-//! addresses, protocols other than TCP/UDP/ICMP echo, truncated headers.
+//! Packet parsing. Every read goes through [`read`]: in place when the header is in the skb's
+//! linear area, else `bpf_skb_load_bytes`, so non-linear skbs parse as linear ones. Anything
+//! we cannot rewrite safely is reported as `Unparsed` and passed untouched: IPv4 options,
+//! IPv6 extension headers (but the Fragment header and BIG TCP's Jumbo Payload hop-by-hop
+//! header), IPv6 packets with IPv4-mapped addresses, protocols other than TCP/UDP/ICMP echo,
+//! truncated headers.
 //!
 //! Fragments (IPv4 MF or offset, the IPv6 Fragment header): the first carries the transport
 //! header and is parsed as any packet; a later one has none, so it is reported with its
@@ -21,7 +21,7 @@
 use aya_ebpf::programs::TcContext;
 use node_manager_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped, v4_mapped};
 
-use crate::helpers::headers::*;
+use crate::helpers::{bytes::read, headers::*};
 
 /// Whether the skb is a GSO aggregate (the kernel segments it later): only those may carry a
 /// zero IP length.
@@ -83,7 +83,7 @@ pub enum Parsed {
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext, direction: Direction) -> Parsed {
-    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
+    let Some(ethertype) = read::<u16>(ctx, ETH_TYPE_OFF) else {
         return Parsed::NotIp;
     };
     match u16::from_be(ethertype) {
@@ -96,7 +96,7 @@ pub fn parse(ctx: &TcContext, direction: Direction) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, direction: Direction) -> Parsed {
-    let Ok(hdr) = ctx.load::<[u8; IPV4_HLEN]>(ETH_HLEN) else {
+    let Some(hdr) = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
         return Parsed::Unparsed;
     };
     // Version 4, no options (IHL 5).
@@ -143,7 +143,7 @@ fn parse_ipv4(ctx: &TcContext, direction: Direction) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
-    let Ok(hdr) = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN) else {
+    let Some(hdr) = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
         return Parsed::Unparsed;
     };
     if hdr[0] >> 4 != 6 {
@@ -159,7 +159,7 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
         if proto == PROTO_TCP {
             payload_len = after_header;
         } else if proto == IPV6_NEXTHDR_HOP {
-            let Ok(hop) = ctx.load::<[u8; IPV6_JUMBO_HOP_LEN]>(l4_off) else {
+            let Some(hop) = read::<[u8; IPV6_JUMBO_HOP_LEN]>(ctx, l4_off) else {
                 return Parsed::Unparsed;
             };
             // Next header TCP, header length 0 (8 bytes), the Jumbo Payload option (type 0xC2,
@@ -176,7 +176,7 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     }
     let (mut frag, mut frag_id) = (Frag::Whole, 0);
     if proto == IPV6_NEXTHDR_FRAGMENT {
-        let Ok(fh) = ctx.load::<[u8; IPV6_FRAG_HLEN]>(l4_off) else {
+        let Some(fh) = read::<[u8; IPV6_FRAG_HLEN]>(ctx, l4_off) else {
             return Parsed::Unparsed;
         };
         if payload_len < IPV6_FRAG_HLEN {
@@ -274,18 +274,18 @@ fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
     // The whole header the rewrite touches must be inside the IP payload and the skb.
     let (min_len, sport, dport, tcp_flags) = if proto == PROTO_TCP {
         // Ports through the flags byte.
-        let Ok(head) = ctx.load::<[u8; TCP_FLAGS_OFF + 1]>(l4_off) else {
+        let Some(head) = read::<[u8; TCP_FLAGS_OFF + 1]>(ctx, l4_off) else {
             return Parsed::Unparsed;
         };
         let (sport, dport) = (u16::from_ne_bytes([head[0], head[1]]), u16::from_ne_bytes([head[2], head[3]]));
         (TCP_HLEN, sport, dport, head[TCP_FLAGS_OFF])
     } else if proto == PROTO_UDP {
-        let Ok(ports) = ctx.load::<[u16; 2]>(l4_off) else {
+        let Some(ports) = read::<[u16; 2]>(ctx, l4_off) else {
             return Parsed::Unparsed;
         };
         (UDP_HLEN, ports[0], ports[1], 0)
     } else if proto == icmp_proto {
-        let Ok(icmp) = ctx.load::<[u8; ICMP_HLEN]>(l4_off) else {
+        let Some(icmp) = read::<[u8; ICMP_HLEN]>(ctx, l4_off) else {
             return Parsed::Unparsed;
         };
         if icmp[0] != echo_type || icmp[1] != 0 {

@@ -1,5 +1,7 @@
-//! Address rewrite with incremental IP and L4 checksum updates through the kernel helpers,
-//! which also handle CHECKSUM_PARTIAL skbs from veth offload and UDP's "no checksum" zero.
+//! Address rewrite with incremental checksum updates. The L4 checksum goes through the kernel's
+//! helper, which alone knows the skb's checksum state (a CHECKSUM_PARTIAL skb from veth
+//! offload holds the pseudo header's sum there, not the segment's) and UDP's "no checksum"
+//! zero; the IPv4 header checksum, always a plain one, is updated here.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::{bpf_csum_diff, bpf_csum_update},
@@ -8,6 +10,7 @@ use aya_ebpf::{
 use node_manager_common::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 use crate::helpers::{
+    bytes::read,
     headers::{
         ETH_HLEN, ICMP_CSUM_OFF, IPV4_CSUM_OFF, IPV4_DADDR_OFF, IPV4_SADDR_OFF, IPV6_DADDR_OFF, IPV6_SADDR_OFF,
         TCP_CSUM_OFF, UDP_CSUM_OFF,
@@ -21,6 +24,10 @@ use crate::helpers::{
 const BPF_F_IPV6: u64 = 1 << 7;
 /// What `bpf_l4_csum_replace` returns for a flag the kernel does not know.
 const EINVAL: i64 = 22;
+/// Returned when the header to rewrite is no longer in the packet (as the helpers would).
+const EFAULT: i64 = 14;
+/// The IPv4 header checksum and both addresses, contiguous from [`IPV4_CSUM_OFF`].
+const IPV4_CSUM_ADDRS_LEN: usize = IPV4_DADDR_OFF + 4 - IPV4_CSUM_OFF;
 
 #[derive(Clone, Copy)]
 pub enum Which {
@@ -88,19 +95,40 @@ pub fn replace_addr(
             None => ctx.store(off, new, BPF_F_RECOMPUTE_CSUM as u64)?,
         }
     } else {
-        let off = match which {
-            Which::Source => ETH_HLEN + IPV4_SADDR_OFF,
-            Which::Destination => ETH_HLEN + IPV4_DADDR_OFF,
+        // The header checksum and the two addresses are 10 contiguous bytes: changed here (the
+        // checksum by RFC 1624) and written back by one store, not a store and a
+        // `bpf_l3_csum_replace`. Under CHECKSUM_COMPLETE skb->csum stays: the new address
+        // and the new header checksum cancel out.
+        let Some(mut span) = read::<[u8; IPV4_CSUM_ADDRS_LEN]>(ctx, ETH_HLEN + IPV4_CSUM_OFF) else {
+            return Err(-EFAULT);
         };
-        let from = u32::from_ne_bytes([old[12], old[13], old[14], old[15]]);
-        let to = u32::from_ne_bytes([new[12], new[13], new[14], new[15]]);
-        ctx.store(off, &to, 0)?;
-        ctx.l3_csum_replace(ETH_HLEN + IPV4_CSUM_OFF, from as u64, to as u64, 4)?;
+        let (from, to) = ([old[12], old[13], old[14], old[15]], [new[12], new[13], new[14], new[15]]);
+        let at = match which {
+            Which::Source => IPV4_SADDR_OFF - IPV4_CSUM_OFF,
+            Which::Destination => IPV4_DADDR_OFF - IPV4_CSUM_OFF,
+        };
+        span[at..at + 4].copy_from_slice(&to);
+        let csum = csum_replace4(u16::from_ne_bytes([span[0], span[1]]), from, to);
+        span[..2].copy_from_slice(&csum.to_ne_bytes());
+        ctx.store(ETH_HLEN + IPV4_CSUM_OFF, &span, 0)?;
         if let Some((csum_off, flags)) = l4 {
-            ctx.l4_csum_replace(csum_off, from as u64, to as u64, flags | 4)?;
+            ctx.l4_csum_replace(csum_off, u32::from_ne_bytes(from) as u64, u32::from_ne_bytes(to) as u64, flags | 4)?;
         }
     }
     Ok(())
+}
+
+/// RFC 1624's incremental update of a ones'-complement checksum (HC' = ~(~HC + ~m + m')) for a
+/// 4-byte field going from `from` to `to`, all as they lie in the packet: a ones'-complement
+/// sum of 16-bit words does not depend on their byte order. The kernel's `csum_replace4`.
+#[inline(always)]
+fn csum_replace4(csum: u16, from: [u8; 4], to: [u8; 4]) -> u16 {
+    let word = |b: [u8; 4], i: usize| u32::from(u16::from_ne_bytes([b[i], b[i + 1]]));
+    // At most five 16-bit terms: two folds bring any carry back in.
+    let mut sum = u32::from(!csum) + (0xffff - word(from, 0)) + (0xffff - word(from, 2)) + word(to, 0) + word(to, 2);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// The IPv6 L4 checksum update by the addresses' difference. Under CHECKSUM_COMPLETE the
