@@ -136,6 +136,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// Gives the heap's free memory back to the kernel. glibc keeps what a burst of allocations
+/// freed resident (in every thread's arena) unless asked, and the agent's RSS would then carry
+/// its biggest moment for good: at 10,000 Services, the first list of them.
+fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim(3) only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs a sweep every `period` on a thread of its own; its duration and failures go to the
 /// `flow_sweep` reconcile step, the flows it removes to `node_manager_flows_swept_total`.
 fn spawn_flow_sweep(
@@ -150,13 +161,8 @@ fn spawn_flow_sweep(
             let started = Instant::now();
             let swept = flow_sweep::sweep_once(&mut model, &mut maps);
             telemetry.reconciled("flow_sweep", started.elapsed(), swept.is_ok());
-            // The sweep's sets are freed by now; glibc keeps this thread's arena resident
-            // unless asked to give it back, which would add them to the agent's RSS for good.
-            #[cfg(target_env = "gnu")]
-            // SAFETY: malloc_trim(3) only releases free heap memory.
-            unsafe {
-                libc::malloc_trim(0);
-            }
+            // The sweep's sets are freed by now.
+            release_free_heap();
             match swept {
                 Ok(forgotten) => {
                     telemetry.flows_swept(forgotten);
@@ -277,7 +283,13 @@ impl Agent {
         } else {
             self.datapath.sync_frontends_incremental(&desired.frontends)
         };
-        self.telemetry.reconciled("maps", started.elapsed(), synced.is_ok());
+        let took = started.elapsed();
+        self.telemetry.reconciled("maps", took, synced.is_ok());
+        // A first sync and a full resync follow the big allocations (the list of every Service,
+        // decoded; the maps read back): give what they freed back to the kernel.
+        if full || !self.synced {
+            release_free_heap();
+        }
         if let Ok(synced) = &synced {
             self.telemetry.set_frontends_not_applied(synced.stats.not_fitting);
             if let Some(warning) = not_fitting_warning(synced) {
@@ -295,7 +307,7 @@ impl Agent {
                 changed = synced.stats.changed,
                 removed = synced.stats.removed,
                 not_fitting = synced.stats.not_fitting,
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = took.as_micros() as u64,
                 "frontends synced"
             ),
             Err(e) => {
