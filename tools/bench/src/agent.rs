@@ -24,7 +24,10 @@ use node_manager::{
 use node_manager_common::{Counter, Frontend, FrontendKey, map_names};
 use serde_json::Value;
 
-use crate::{interrupt, services};
+use crate::{
+    interrupt,
+    services::{self, Family},
+};
 
 /// How long an agent may take from start to its first map sync (100,000 Services included).
 const SYNC_WITHIN: Duration = Duration::from_secs(180);
@@ -307,7 +310,7 @@ impl<'a> AgentSide<'a> {
         let (Some(agent), Some(api), Some(map)) = (&self.agent, &mut self.api, &self.frontends) else {
             bail!("no agent running");
         };
-        let (_, ext) = svc.api_addrs();
+        let ext = svc.api_external_ips()[0];
         let key = maps::frontend_key(&FrontendAddr { addr: ext, port: svc.ports[0], protocol: Protocol::Tcp });
         let before = agent.syncs().len();
         let started = Instant::now();
@@ -355,10 +358,13 @@ impl<'a> AgentSide<'a> {
         &self.scratch.cgroup
     }
 
-    /// Packets the pod ingress program rewrote (IPv4), which shows the pod's connections went
-    /// through the agent's datapath.
-    pub fn rewrites(&self) -> Result<u64> {
-        self.counter("rewrite_ingress_v4")
+    /// Packets of `family` the pod ingress program rewrote, which shows the pod's connections
+    /// went through the agent's datapath.
+    pub fn rewrites(&self, family: Family) -> Result<u64> {
+        self.counter(match family {
+            Family::V4 => "rewrite_ingress_v4",
+            Family::V6 => "rewrite_ingress_v6",
+        })
     }
 
     /// A datapath counter's packets (calls, for the socket hooks), by name.
@@ -392,7 +398,7 @@ impl Api {
         let mut cluster = Cluster::start(&Options::default()).context("starting etcd and kube-apiserver")?;
         cluster.quiet();
         let bridge = ApiBridge::into_netns(&lab.netns_path(Ns::Node), cluster.apiserver_port)?;
-        cluster.create_node(services::NODE, &[lab::POD_CIDR_V4], &["192.0.2.129"])?;
+        cluster.create_node(services::NODE, &[lab::POD_CIDR_V4, lab::POD_CIDR_V6], &["192.0.2.129"])?;
         let namespaces: String = (0..50)
             .map(|k| format!("ns{k}"))
             .chain(["bench".to_owned()])
@@ -443,7 +449,12 @@ impl Api {
         self.cluster.kubectl_stdin_parallel(&["create", "-f", "-", "-o", "name"], &inputs)?;
         for svc in &missing {
             if svc.index.is_none() {
-                self.cluster.set_lb_ips(&svc.namespace, &svc.name, &[&svc.lb.to_string()])?;
+                let ips: Vec<String> = svc.api_external_ips().iter().map(ToString::to_string).collect();
+                self.cluster.set_lb_ips(
+                    &svc.namespace,
+                    &svc.name,
+                    &ips.iter().map(String::as_str).collect::<Vec<_>>(),
+                )?;
             }
             self.held.insert(svc.key());
         }

@@ -7,12 +7,14 @@
 //! holds it (the way IPVS's direct-routing mode delivers). Every side therefore pays the same
 //! path to the endpoint — conntrack, forwarding, masquerading where marked — and differs only
 //! in how the external IP becomes the cluster IP: A's DNAT after walking its chain, B's TC
-//! rewrite, C not at all. The endpoint namespace runs a connection sink and an iperf3 server.
+//! rewrite, C not at all. The endpoint namespace runs a connection sink per family measured
+//! there and an iperf3 server. The sides in [`Variant::V6`] are measured on IPv6 too, with the
+//! lab's IPv6 addresses, in the same rounds.
 //! (The lab's own nftables DNAT stays on its test port 8080, which the benchmark does not use.)
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -31,41 +33,59 @@ use crate::{
     nftmap::NftMap,
     report::int,
     results::{ConnSample, Plan, Results, Variant},
-    services::{self, CONN_PORT, EX_CLUS_OUTPUT, EX_CLUS_PREROUTING, IPERF_PORT},
+    services::{self, CONN_PORT, EX_CLUS_OUTPUT, EX_CLUS_PREROUTING, Family, IPERF_PORT},
 };
 
-/// One lab per side, with its sink and iperf3 server.
+/// The servers of one lab's endpoint: a connection sink per family, and iperf3.
+struct Servers {
+    sinks: BTreeMap<Family, Sink>,
+    _iperf: IperfServer,
+}
+
+/// One lab per side, with its servers.
 pub struct Labs {
     // Servers before labs: they stop before their namespaces go.
-    servers: Vec<(Sink, IperfServer)>,
+    servers: BTreeMap<Variant, Servers>,
     labs: BTreeMap<Variant, Lab>,
 }
 
 impl Labs {
     pub fn new() -> Result<Labs> {
         let mut labs = BTreeMap::new();
-        let mut servers = Vec::new();
+        let mut servers = BTreeMap::new();
         for v in Variant::ALL {
             let lab = Lab::new().with_context(|| format!("building the lab for {}", v.label()))?;
-            // No DNAT for the benchmark's ports: the node already routes 198.51.100.0/24 to
-            // the endpoint; binding the cluster IP there makes it the destination itself.
-            let out = lab
-                .command(Ns::Ep, "ip")
-                .args(["addr", "add", &format!("{}/32", lab::CLUSTER_V4), "dev", "lo"])
-                .output()?;
-            anyhow::ensure!(out.status.success(), "binding the cluster IP at the endpoint: {out:?}");
-            if v == Variant::CMasq {
-                // kube-proxy's KUBE-MARK-MASQ for every connection to the cluster IP, before its DNAT.
-                let rule = format!("ip daddr {} meta mark set meta mark | 0x4000", lab::CLUSTER_V4);
-                let out = lab
-                    .command(Ns::Node, "nft")
-                    .args(["insert", "rule", "inet", lab::NFT_TABLE, "services"])
-                    .args(rule.split(' '))
-                    .output()?;
-                anyhow::ensure!(out.status.success(), "adding the masquerade mark for C′: {out:?}");
-            }
             let ep = lab.netns_path(Ns::Ep);
-            servers.push((Sink::start(&ep, CONN_PORT)?, IperfServer::start(&ep, IPERF_PORT)?));
+            let mut sinks = BTreeMap::new();
+            for &family in v.families() {
+                let (cluster, _) = services::target().addrs(family);
+                // No DNAT for the benchmark's ports: the node already routes the cluster
+                // ranges to the endpoint; binding the cluster IP there (a host address) makes it
+                // the destination itself.
+                let out =
+                    lab.command(Ns::Ep, "ip").args(["addr", "add", &cluster.to_string(), "dev", "lo"]).output()?;
+                anyhow::ensure!(out.status.success(), "binding the cluster IP {cluster} at the endpoint: {out:?}");
+                if v == Variant::CMasq {
+                    // kube-proxy's KUBE-MARK-MASQ for every connection to the cluster IP, before its DNAT.
+                    let rule = format!("{} daddr {cluster} meta mark set meta mark | 0x4000", family.nft());
+                    let out = lab
+                        .command(Ns::Node, "nft")
+                        .args(["insert", "rule", "inet", lab::NFT_TABLE, "services"])
+                        .args(rule.split(' '))
+                        .output()?;
+                    anyhow::ensure!(
+                        out.status.success(),
+                        "adding the masquerade mark for C′ ({}): {out:?}",
+                        family.label()
+                    );
+                }
+                let any: IpAddr = match family {
+                    Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+                    Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+                };
+                sinks.insert(family, Sink::start(&ep, SocketAddr::new(any, CONN_PORT))?);
+            }
+            servers.insert(v, Servers { sinks, _iperf: IperfServer::start(&ep, IPERF_PORT)? });
             labs.insert(v, lab);
         }
         Ok(Labs { servers, labs })
@@ -75,18 +95,19 @@ impl Labs {
         &self.labs[&v]
     }
 
-    /// Connections the sink of `v`'s lab has accepted so far.
-    fn accepted(&self, v: Variant) -> u64 {
-        let k = Variant::ALL.iter().position(|x| *x == v).expect("every variant has a lab");
-        self.servers[k].0.accepted()
+    /// Connections of `family` the sink of `v`'s lab has accepted so far.
+    fn accepted(&self, v: Variant, family: Family) -> u64 {
+        self.servers[&v].sinks.get(&family).map_or(0, Sink::accepted)
     }
 }
 
-/// Where the pod connects: the cluster IP for C and C′, the external IP otherwise.
-fn target(v: Variant, port: u16) -> SocketAddr {
-    let ip: IpAddr = match v {
-        Variant::C | Variant::CMasq => lab::CLUSTER_V4.into(),
-        Variant::A(_) | Variant::NftMap | Variant::B => lab::EXTERNAL_V4.into(),
+/// Where the pod connects over `family`: the target's cluster IP for C and C′, its external IP
+/// otherwise.
+fn target(v: Variant, family: Family, port: u16) -> SocketAddr {
+    let (cluster, ext) = services::target().addrs(family);
+    let ip = match v {
+        Variant::C | Variant::CMasq => cluster,
+        Variant::A(_) | Variant::NftMap | Variant::B => ext,
     };
     SocketAddr::new(ip, port)
 }
@@ -115,8 +136,8 @@ impl<'a> Bed<'a> {
         Baseline::new(self.labs.get(Variant::A(backend)), backend)
     }
 
-    fn nft_map(&self) -> NftMap<'a> {
-        NftMap::new(self.labs.get(Variant::NftMap))
+    fn nft_map(&self, family: Family) -> NftMap<'a> {
+        NftMap::new(self.labs.get(Variant::NftMap), family)
     }
 
     /// Every side-by-side figure at `n`.
@@ -129,10 +150,12 @@ impl<'a> Bed<'a> {
             println!("  apply {n}, iptables-restore ({}): {}", backend.iptables(), show_ms(&times));
             r.restore_apply.insert((n, backend), times);
         }
-        let peer = self.nft_map();
-        let times = (0..plan.apply_rounds).map(|_| peer.load(&svcs)).collect::<Result<Vec<_>>>()?;
-        println!("  apply {n}, nftables set + map (nft -f): {}", show_ms(&times));
-        r.nft_apply.insert(n, times);
+        for family in Family::ALL {
+            let peer = self.nft_map(family);
+            let times = (0..plan.apply_rounds).map(|_| peer.load(&svcs)).collect::<Result<Vec<_>>>()?;
+            println!("  apply {n}, nftables set + map, {} (nft -f): {}", family.label(), show_ms(&times));
+            r.nft_apply.insert((n, family), times);
+        }
         self.agent_starts(n, &svcs, plan, r)?;
         self.traffic(n, plan, r)?;
         self.check_paths(n, r)?;
@@ -182,31 +205,33 @@ impl<'a> Bed<'a> {
             for v in order(round) {
                 interrupt::check()?;
                 let pod = self.labs.get(v).netns_path(Ns::Pod);
-                // B's rounds run with the kernel's BPF run-time statistics on (they cost a
-                // clock read per program run, so only B pays them, and only then).
-                let stats = (v == Variant::B).then(bpf_stats::enable).transpose()?;
-                let before = stats.as_ref().map(|_| bpf_stats::pod_programs()).transpose()?;
-                let run = conn::connect_loop(&pod, target(v, CONN_PORT), plan.conn_time)
-                    .with_context(|| format!("N = {n}, {}", v.label()))?;
-                if let Some(before) = before {
-                    let after = bpf_stats::pod_programs()?;
-                    if let Some(per) = bpf_stats::PerConnection::between(before, after, run.connections) {
-                        r.bpf.entry(n).or_default().push(per);
+                for &family in v.families() {
+                    // B's IPv4 rounds run with the kernel's BPF run-time statistics on (they
+                    // cost a clock read per program run, so only B pays them, and only then).
+                    let stats = (v == Variant::B && family == Family::V4).then(bpf_stats::enable).transpose()?;
+                    let before = stats.as_ref().map(|_| bpf_stats::pod_programs()).transpose()?;
+                    let run = conn::connect_loop(&pod, target(v, family, CONN_PORT), plan.conn_time)
+                        .with_context(|| format!("N = {n}, {}{}", v.label(), over(family)))?;
+                    if let Some(before) = before {
+                        let after = bpf_stats::pod_programs()?;
+                        if let Some(per) = bpf_stats::PerConnection::between(before, after, run.connections) {
+                            r.bpf.entry(n).or_default().push(per);
+                        }
                     }
+                    drop(stats);
+                    println!(
+                        "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  p99 {:>7.1} µs  ({} failed){}",
+                        v.label(),
+                        run.rate(),
+                        run.median_us(),
+                        run.p99_us(),
+                        run.errors,
+                        over(family)
+                    );
+                    r.pod_samples_mut(family).entry((n, v)).or_default().push(ConnSample::of(&run));
                 }
-                drop(stats);
-                println!(
-                    "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  p99 {:>7.1} µs  ({} failed)",
-                    v.label(),
-                    run.rate(),
-                    run.median_us(),
-                    run.p99_us(),
-                    run.errors
-                );
-                let sample = ConnSample::of(&run);
-                r.conn.entry((n, v)).or_default().push(sample);
                 if Variant::TO_CLUSTER.contains(&v) {
-                    let run = conn::connect_loop(&pod, target(Variant::C, CONN_PORT), plan.conn_time)
+                    let run = conn::connect_loop(&pod, target(Variant::C, Family::V4, CONN_PORT), plan.conn_time)
                         .with_context(|| format!("N = {n}, {}, to the cluster IP", v.label()))?;
                     println!(
                         "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (to the cluster IP)",
@@ -222,7 +247,7 @@ impl<'a> Bed<'a> {
                     let node = self.labs.get(v).netns_path(Ns::Node);
                     let run = {
                         let _inside = InCgroup::enter(cgroup)?;
-                        conn::connect_loop(&node, target(v, CONN_PORT), plan.conn_time)
+                        conn::connect_loop(&node, target(v, Family::V4, CONN_PORT), plan.conn_time)
                             .with_context(|| format!("N = {n}, {}, from a node process", v.label()))?
                     };
                     println!(
@@ -239,7 +264,7 @@ impl<'a> Bed<'a> {
             for v in order(round) {
                 interrupt::check()?;
                 let pod = self.labs.get(v).netns_path(Ns::Pod);
-                let bps = iperf::run(&pod, target(v, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
+                let bps = iperf::run(&pod, target(v, Family::V4, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
                     .with_context(|| format!("N = {n}, {}", v.label()))?;
                 println!("  round {round} {:<24} {:>8.2} Gbit/s", v.label(), bps / 1e9);
                 r.iperf.entry((n, v)).or_default().push(bps);
@@ -252,18 +277,26 @@ impl<'a> Bed<'a> {
     /// that every side's reached the endpoint.
     fn check_paths(&self, n: usize, r: &mut Results) -> Result<()> {
         for v in Variant::ALL {
-            let samples = &r.conn[&(n, v)];
-            let made: u64 = samples.iter().map(|c| c.connections).sum();
-            let failed: u64 = samples.iter().map(|c| c.errors).sum();
-            let accepted = self.labs.accepted(v);
-            r.path_checks.push(format!(
-                "N = {}, {}: {} connections made, {failed} failed; the endpoint's sink has accepted {} in all",
-                int(n),
-                v.label(),
-                int(made as usize),
-                int(accepted as usize)
-            ));
-            anyhow::ensure!(accepted > 0, "{} at N = {n}: the endpoint accepted nothing", v.label());
+            for &family in v.families() {
+                let samples = &r.pod_samples(family)[&(n, v)];
+                let made: u64 = samples.iter().map(|c| c.connections).sum();
+                let failed: u64 = samples.iter().map(|c| c.errors).sum();
+                let accepted = self.labs.accepted(v, family);
+                r.path_checks.push(format!(
+                    "N = {}, {}{}: {} connections made, {failed} failed; the endpoint's sink has accepted {} in all",
+                    int(n),
+                    v.label(),
+                    over(family),
+                    int(made as usize),
+                    int(accepted as usize)
+                ));
+                anyhow::ensure!(
+                    accepted > 0,
+                    "{}{} at N = {n}: the endpoint accepted nothing",
+                    v.label(),
+                    over(family)
+                );
+            }
         }
         for backend in Backend::ALL {
             let packets = self.baseline(backend).target_dnat_packets(n, EX_CLUS_PREROUTING)?;
@@ -314,7 +347,7 @@ impl<'a> Bed<'a> {
                 backend.iptables()
             );
         }
-        let peer_out = self.nft_map().dnat_packets("out")?;
+        let peer_out = self.nft_map(Family::V4).dnat_packets("out")?;
         let conns = host_connections(r, n, Variant::NftMap);
         r.path_checks.push(format!(
             "N = {}, nftables set + map: its output DNAT rule counted {} new connections (node processes made {})",
@@ -332,24 +365,34 @@ impl<'a> Bed<'a> {
             int(conns as usize)
         ));
         anyhow::ensure!(hooked >= conns, "B at N = {n}: connect4 rewrote {hooked} < {conns} connections");
-        let peer = self.nft_map().dnat_packets("pre")?;
-        let conns: u64 = r.conn[&(n, Variant::NftMap)].iter().map(|c| c.connections).sum();
-        r.path_checks.push(format!(
-            "N = {}, nftables set + map: its DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
-            int(n),
-            int(peer as usize),
-            int(conns as usize)
-        ));
-        anyhow::ensure!(peer >= conns, "A′ at N = {n}: DNAT counted {peer} < {conns}");
-        let rewrites = self.agent.rewrites()?;
-        let conns: u64 = r.conn[&(n, Variant::B)].iter().map(|c| c.connections).sum();
-        r.path_checks.push(format!(
-            "N = {}, node-manager: the pod ingress program rewrote {} packets (the loop made {} connections of 3 packets each, plus iperf3's)",
-            int(n),
-            int(rewrites as usize),
-            int(conns as usize)
-        ));
-        anyhow::ensure!(rewrites >= 3 * conns, "B at N = {n}: {rewrites} rewrites < 3 × {conns} connections");
+        for family in Family::ALL {
+            // iperf3 runs on IPv4 only.
+            let iperf = if family == Family::V4 { ", plus iperf3's" } else { "" };
+            let peer = self.nft_map(family).dnat_packets("pre")?;
+            let conns = pod_connections(r, n, Variant::NftMap, family);
+            r.path_checks.push(format!(
+                "N = {}, nftables set + map{}: its DNAT rule counted {} new connections (the loop made {}{iperf})",
+                int(n),
+                over(family),
+                int(peer as usize),
+                int(conns as usize)
+            ));
+            anyhow::ensure!(peer >= conns, "A′{} at N = {n}: DNAT counted {peer} < {conns}", over(family));
+            let rewrites = self.agent.rewrites(family)?;
+            let conns = pod_connections(r, n, Variant::B, family);
+            r.path_checks.push(format!(
+                "N = {}, node-manager{}: the pod ingress program rewrote {} packets (the loop made {} connections of 3 packets each{iperf})",
+                int(n),
+                over(family),
+                int(rewrites as usize),
+                int(conns as usize)
+            ));
+            anyhow::ensure!(
+                rewrites >= 3 * conns,
+                "B{} at N = {n}: {rewrites} rewrites < 3 × {conns} connections",
+                over(family)
+            );
+        }
         Ok(())
     }
 
@@ -379,15 +422,21 @@ impl<'a> Bed<'a> {
             r.per_rule_change.insert((n, backend), per_rule);
             r.restore_change.insert((n, backend), restore);
         }
-        let peer = self.nft_map();
-        let mut added = Vec::new();
-        for _ in 0..plan.iptables_changes {
-            interrupt::check()?;
-            added.push(peer.add(&services::filler(next))?);
-            next += 1;
+        for family in Family::ALL {
+            let peer = self.nft_map(family);
+            let mut added = Vec::new();
+            for _ in 0..plan.iptables_changes {
+                interrupt::check()?;
+                added.push(peer.add(&services::filler(next))?);
+                next += 1;
+            }
+            println!(
+                "  one change at {n} (nftables set + map, {}): one add-element transaction {}",
+                family.label(),
+                show_ms(&added)
+            );
+            r.nft_change.insert((n, family), added);
         }
-        println!("  one change at {n} (nftables set + map): one add-element transaction {}", show_ms(&added));
-        r.nft_change.insert(n, added);
         self.agent_changes(n, plan, r)
     }
 
@@ -411,12 +460,25 @@ impl<'a> Bed<'a> {
     }
 }
 
-/// "median [min–max] ms".
+/// " (IPv6)" after the names of IPv6 figures; IPv4 ones go unmarked, as before IPv6 was measured.
+fn over(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "",
+        Family::V6 => " (IPv6)",
+    }
+}
+
+/// Connections the pod made to EXT:port over `family` in `v`'s lab at `n`, over all rounds.
+fn pod_connections(r: &Results, n: usize, v: Variant, family: Family) -> u64 {
+    r.pod_samples(family).get(&(n, v)).map_or(0, |s| s.iter().map(|c| c.connections).sum())
+}
+
 /// Connections node processes made in `v`'s lab at `n`, over all rounds.
 fn host_connections(r: &Results, n: usize, v: Variant) -> u64 {
     r.conn_host.get(&(n, v)).map_or(0, |s| s.iter().map(|c| c.connections).sum())
 }
 
+/// "median [min–max] ms".
 fn show_ms(times: &[Duration]) -> String {
     match crate::stats::Summary::of_durations(times, crate::stats::Unit::Millis) {
         Some(s) => format!("{:.1} ms [{:.1}–{:.1}]", s.median, s.min, s.max),

@@ -8,7 +8,7 @@
 //! run of a few seconds neither runs out of ports nor fills the conntrack table.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     path::Path,
     sync::{
@@ -30,8 +30,9 @@ const TICK_MS: i32 = 50;
 /// Runs with more failed connects than this fraction are broken measurements.
 const MAX_ERROR_FRACTION: f64 = 0.001;
 
-/// Accepts and closes connections on `0.0.0.0:port` in a namespace, on one thread of this
-/// process (a dedicated accept loop, so the server is not the bottleneck). Stopped on drop.
+/// Accepts and closes connections on `addr` (an unspecified address: one family's) in a
+/// namespace, on one thread of this process (a dedicated accept loop, so the server is not the
+/// bottleneck). Stopped on drop.
 pub struct Sink {
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
@@ -39,10 +40,13 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn start(netns: &Path, port: u16) -> Result<Sink> {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    pub fn start(netns: &Path, addr: SocketAddr) -> Result<Sink> {
         let listener = lab::in_netns(netns, || {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            if addr.is_ipv6() {
+                // IPv6 only: the IPv4 sink holds 0.0.0.0 on the same port, and counts apart.
+                s.set_only_v6(true)?;
+            }
             s.set_reuse_address(true)?;
             s.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
             s.listen(BACKLOG)?;

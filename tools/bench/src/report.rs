@@ -418,7 +418,35 @@ fn reading(w: &mut String, plan: &Plan, r: &Results) {
             b_peer.median
         );
     }
+    ipv6_reading(w, hi, r);
     let _ = writeln!(w);
+}
+
+/// IPv6 against IPv4 at `n`: the same ratios, so a family-specific cost shows.
+fn ipv6_reading(w: &mut String, n: usize, r: &Results) {
+    let (Some(c6), Some(peer6), Some(c4), Some(peer4)) = (
+        r.v6_ratio(n, Variant::B, Variant::C),
+        r.v6_ratio(n, Variant::B, Variant::NftMap),
+        r.conn_ratio(n, Variant::B, Variant::C),
+        r.conn_ratio(n, Variant::B, Variant::NftMap),
+    ) else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "- On IPv6 at N = {}, node-manager opened connections at {:.2}× [{:.2}–{:.2}] the floor's rate and {:.2}× [{:.2}–{:.2}] the nftables map's (its `ip6` table); on IPv4 in the same rounds {:.2}× and {:.2}×. The IPv6 floor's own rate: {} /s against {} /s on IPv4.",
+        int(n),
+        c6.median,
+        c6.min,
+        c6.max,
+        peer6.median,
+        peer6.min,
+        peer6.max,
+        c4.median,
+        peer4.median,
+        r.v6_summary(n, Variant::C, |s| s.rate).map_or("—".into(), |s| num(s.median)),
+        r.conn_summary(n, Variant::C, |s| s.rate).map_or("—".into(), |s| num(s.median))
+    );
 }
 
 /// The method, from `report/method.md`.
@@ -428,6 +456,9 @@ fn method(w: &mut String, plan: &Plan) {
         &[
             ("cluster", lab::CLUSTER_V4.to_string()),
             ("ext", lab::EXTERNAL_V4.to_string()),
+            ("cluster6", lab::CLUSTER_V6.to_string()),
+            ("ext6", lab::EXTERNAL_V6.to_string()),
+            ("pods6", lab::POD_CIDR_V6.to_string()),
             ("ips", services::FILLER_IPS.to_string()),
             ("secs", plan.conn_time.as_secs_f64().to_string()),
             ("rounds", plan.rounds.to_string()),

@@ -7,6 +7,7 @@ use crate::{
     baseline::{Backend, PerRule},
     machine::Machine,
     prog_cost::ProgCost,
+    services::Family,
     stats::{Summary, Unit, ratios},
 };
 
@@ -43,6 +44,15 @@ impl Variant {
     /// nothing masquerades a node process's connection to a cluster IP.
     pub const HOST: [Variant; 5] =
         [Variant::C, Variant::A(Backend::Legacy), Variant::A(Backend::Nft), Variant::NftMap, Variant::B];
+
+    /// The sides whose pod → EXT:port connections are also measured on IPv6 (network-node-manager
+    /// writes IPv4 rules only; its IPv6 would be ip6tables, not part of this comparison).
+    pub const V6: [Variant; 4] = [Variant::C, Variant::CMasq, Variant::NftMap, Variant::B];
+
+    /// The families this side's pod → EXT:port connections are measured in.
+    pub fn families(self) -> &'static [Family] {
+        if Variant::V6.contains(&self) { &Family::ALL } else { &[Family::V4] }
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -160,6 +170,10 @@ pub struct Results {
     /// (N, variant) → one sample per round of node process → EXT:port connections (the
     /// cluster IP for C), for the sides in [`Variant::HOST`].
     pub conn_host: BTreeMap<(usize, Variant), Vec<ConnSample>>,
+    /// (N, variant) → one sample per round of pod → EXT:port connections over IPv6 (the
+    /// cluster IPv6 address for C and C′), for the sides in [`Variant::V6`], measured right
+    /// after the side's IPv4 run.
+    pub conn_v6: BTreeMap<(usize, Variant), Vec<ConnSample>>,
     /// (N, variant) → bit/s per round.
     pub iperf: BTreeMap<(usize, Variant), Vec<f64>>,
     pub restore_apply: BTreeMap<(usize, Backend), Vec<Duration>>,
@@ -171,15 +185,30 @@ pub struct Results {
     /// N → per B round: node-manager's TC program runs and their time per connection (the
     /// kernel's BPF run-time statistics).
     pub bpf: BTreeMap<usize, Vec<crate::bpf_stats::PerConnection>>,
-    /// A′: `nft -f` of the whole table, and one `add element` transaction, per N.
-    pub nft_apply: BTreeMap<usize, Vec<Duration>>,
-    pub nft_change: BTreeMap<usize, Vec<Duration>>,
+    /// A′: `nft -f` of the whole table, and one `add element` transaction, per N and family.
+    pub nft_apply: BTreeMap<(usize, Family), Vec<Duration>>,
+    pub nft_change: BTreeMap<(usize, Family), Vec<Duration>>,
     pub prog: BTreeMap<usize, ProgCost>,
     /// Evidence that each side's traffic took the path it claims, one line each.
     pub path_checks: Vec<String>,
 }
 
 impl Results {
+    /// Pod → EXT:port connection samples of `family` (IPv4 in `conn`, IPv6 in `conn_v6`).
+    pub fn pod_samples(&self, family: Family) -> &BTreeMap<(usize, Variant), Vec<ConnSample>> {
+        match family {
+            Family::V4 => &self.conn,
+            Family::V6 => &self.conn_v6,
+        }
+    }
+
+    pub fn pod_samples_mut(&mut self, family: Family) -> &mut BTreeMap<(usize, Variant), Vec<ConnSample>> {
+        match family {
+            Family::V4 => &mut self.conn,
+            Family::V6 => &mut self.conn_v6,
+        }
+    }
+
     pub fn conn_rates(&self, n: usize, v: Variant) -> Vec<f64> {
         self.conn.get(&(n, v)).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
     }
@@ -194,27 +223,30 @@ impl Results {
     }
 
     pub fn cluster_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
-        Summary::of(&self.cluster_samples(n, v)?.iter().map(f).collect::<Vec<_>>())
+        summary_of(self.cluster_samples(n, v), f)
     }
 
     /// Per-round ratio of pod → cluster IP connections per second in `a`'s lab to `b`'s.
     pub fn cluster_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
-        let rates = |v| -> Vec<f64> {
-            self.cluster_samples(n, v).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
-        };
-        Summary::of(&ratios(&rates(a), &rates(b)))
+        rate_ratio(self.cluster_samples(n, a), self.cluster_samples(n, b))
     }
 
     pub fn host_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
-        Summary::of(&self.conn_host.get(&(n, v))?.iter().map(f).collect::<Vec<_>>())
+        summary_of(self.conn_host.get(&(n, v)), f)
     }
 
     /// Per-round ratio of host-client connections per second of `a` to `b`.
     pub fn host_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
-        let rates = |v| -> Vec<f64> {
-            self.conn_host.get(&(n, v)).map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default()
-        };
-        Summary::of(&ratios(&rates(a), &rates(b)))
+        rate_ratio(self.conn_host.get(&(n, a)), self.conn_host.get(&(n, b)))
+    }
+
+    pub fn v6_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
+        summary_of(self.conn_v6.get(&(n, v)), f)
+    }
+
+    /// Per-round ratio of IPv6 pod connections per second of `a` to `b`.
+    pub fn v6_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
+        rate_ratio(self.conn_v6.get(&(n, a)), self.conn_v6.get(&(n, b)))
     }
 
     pub fn iperf_gbit(&self, n: usize, v: Variant) -> Vec<f64> {
@@ -249,4 +281,15 @@ impl Results {
     pub fn rss_mib(&self, n: usize) -> Option<Summary> {
         Summary::of(&self.agent_start.get(&n)?.iter().map(|s| s.rss_kib as f64 / 1024.0).collect::<Vec<_>>())
     }
+}
+
+fn summary_of(samples: Option<&Vec<ConnSample>>, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
+    Summary::of(&samples?.iter().map(f).collect::<Vec<_>>())
+}
+
+/// Per-round ratio of `a`'s connections per second to `b`'s (rounds in order, back to back).
+fn rate_ratio(a: Option<&Vec<ConnSample>>, b: Option<&Vec<ConnSample>>) -> Option<Summary> {
+    let rates =
+        |s: Option<&Vec<ConnSample>>| -> Vec<f64> { s.map(|s| s.iter().map(|c| c.rate).collect()).unwrap_or_default() };
+    Summary::of(&ratios(&rates(a), &rates(b)))
 }

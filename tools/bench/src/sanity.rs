@@ -4,6 +4,7 @@
 use crate::{
     baseline::Backend,
     results::{Plan, Results, Variant},
+    services::Family,
     stats::{Summary, Unit},
 };
 
@@ -42,10 +43,22 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
             }
             p.need(format!("N = {n}, {label}: connections/s from a node process"), r.host_summary(n, v, |c| c.rate));
         }
-        for (what, m) in
-            [("nftables set + map: nft -f apply", &r.nft_apply), ("nftables set + map: add element", &r.nft_change)]
-        {
-            p.need(format!("N = {n}, {what}"), m.get(&n).and_then(|t| Summary::of_durations(t, Unit::Millis)));
+        for v in Variant::V6 {
+            let label = v.label();
+            let rounds = r.conn_v6.get(&(n, v)).map_or(0, Vec::len);
+            if rounds != plan.rounds {
+                p.push(format!("N = {n}, {label}: {rounds} IPv6 rounds of {}", plan.rounds));
+            }
+            p.need(format!("N = {n}, {label}: IPv6 connections/s"), r.v6_summary(n, v, |c| c.rate));
+            p.need(format!("N = {n}, {label}: IPv6 connect median"), r.v6_summary(n, v, |c| c.median_us));
+        }
+        for family in Family::ALL {
+            for (what, m) in [("nft -f apply", &r.nft_apply), ("add element", &r.nft_change)] {
+                p.need(
+                    format!("N = {n}, nftables set + map, {}: {what}", family.label()),
+                    m.get(&(n, family)).and_then(|t| Summary::of_durations(t, Unit::Millis)),
+                );
+            }
         }
         for backend in Backend::ALL {
             let b = backend.iptables();
@@ -150,9 +163,14 @@ mod tests {
                 if Variant::HOST.contains(&v) {
                     r.conn_host.insert((n, v), vec![c; plan.rounds]);
                 }
+                if Variant::V6.contains(&v) {
+                    r.conn_v6.insert((n, v), vec![c; plan.rounds]);
+                }
             }
-            r.nft_apply.insert(n, vec![ms]);
-            r.nft_change.insert(n, vec![ms]);
+            for family in Family::ALL {
+                r.nft_apply.insert((n, family), vec![ms]);
+                r.nft_change.insert((n, family), vec![ms]);
+            }
             for b in Backend::ALL {
                 r.restore_apply.insert((n, b), vec![ms]);
                 r.per_rule_apply.insert((n, b), PerRule { done: n, of: n, elapsed: ms, per_service_at_end: ms });
@@ -185,6 +203,9 @@ mod tests {
         r.agent_start.get_mut(&10).unwrap()[0].rss_kib = 0;
         r.conn_cluster.get_mut(&(1, Variant::B)).unwrap().pop();
         r.conn_host.remove(&(1, Variant::NftMap));
+        r.conn_v6.get_mut(&(1, Variant::B)).unwrap()[1].rate = 0.0;
+        r.conn_v6.remove(&(1, Variant::CMasq));
+        r.nft_change.remove(&(1, Family::V6));
         let p = problems(&plan, &r);
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
@@ -197,6 +218,11 @@ mod tests {
             p.iter().any(|l| l == "N = 1, A′: nftables set + map: connections/s from a node process: missing"),
             "{p:#?}"
         );
-        assert_eq!(p.len(), 8, "{p:#?}");
+        assert!(p.iter().any(|l| l.starts_with("N = 1, B: node-manager: IPv6 connections/s: not positive")), "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: 0 IPv6 rounds of 2"), "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: IPv6 connections/s: missing"), "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: IPv6 connect median: missing"), "{p:#?}");
+        assert!(p.iter().any(|l| l == "N = 1, nftables set + map, IPv6: add element: missing"), "{p:#?}");
+        assert_eq!(p.len(), 13, "{p:#?}");
     }
 }

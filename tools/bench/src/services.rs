@@ -5,9 +5,11 @@
 //!
 //! The apiserver gives every Service its own cluster IP, and the documentation ranges hold only
 //! 256 IPv4 ones: in the API the fillers are IPv6 (cluster IPs from 2001:db8:5::/108, one
-//! external IP each from 2001:db8:e:1::/64), the target IPv4. node-manager keeps both families
+//! external IP each from 2001:db8:e:1::/64), the target dual-stack (the lab's IPv4 and IPv6
+//! addresses), so the IPv6 sides talk to the same Service. node-manager keeps both families
 //! in one hash map with 16-byte keys, so the map it looks the target up in has N Services'
-//! entries either way; network-node-manager's chains get the IPv4 rules below.
+//! entries either way; network-node-manager's chains get the IPv4 rules below, the nftables
+//! peer a table per family.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -31,7 +33,32 @@ pub const NM_OUTPUT: &str = "NMANAGER_OUTPUT";
 pub const EX_CLUS_PREROUTING: &str = "NMANAGER_EX_CLUS_PREROUTING";
 pub const EX_CLUS_OUTPUT: &str = "NMANAGER_EX_CLUS_OUTPUT";
 
-/// One LoadBalancer Service with one ingress IP.
+/// An address family of the benchmark's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+    /// nftables' name of the family (its table family and address-match keyword).
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+}
+
+/// One LoadBalancer Service with one ingress IP per family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Svc {
     pub namespace: String,
@@ -76,9 +103,9 @@ pub fn services(n: usize) -> Vec<Svc> {
 }
 
 /// Entries node-manager writes for `n` Services as the API holds them: a filler's (IP, port,
-/// TCP) and its IP's ICMP echo entry; the target's two ports and its echo entry.
+/// TCP) and its IP's ICMP echo entry; per family of the target, its two ports and its echo entry.
 pub fn expected_frontends(n: usize) -> usize {
-    2 * (n - 1) + target().ports.len() + 1
+    2 * (n - 1) + target().api_families().len() * (target().ports.len() + 1)
 }
 
 impl Svc {
@@ -86,11 +113,21 @@ impl Svc {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// (cluster IP, external IP) in the API: the target's IPv4 ones, a filler's IPv6 ones.
-    pub fn api_addrs(&self) -> (IpAddr, IpAddr) {
+    /// The families the API holds the Service in: the target both, a filler IPv6.
+    pub fn api_families(&self) -> &'static [Family] {
         match self.index {
-            None => (self.cluster.into(), self.lb.into()),
-            Some(i) => {
+            None => &Family::ALL,
+            Some(_) => &[Family::V6],
+        }
+    }
+
+    /// (cluster IP, external IP) of `family`: IPv4 the addresses network-node-manager's rules
+    /// use, IPv6 the target's lab addresses or a filler's own ones from the API.
+    pub fn addrs(&self, family: Family) -> (IpAddr, IpAddr) {
+        match (family, self.index) {
+            (Family::V4, _) => (self.cluster.into(), self.lb.into()),
+            (Family::V6, None) => (lab::CLUSTER_V6.into(), lab::EXTERNAL_V6.into()),
+            (Family::V6, Some(i)) => {
                 let i = u128::try_from(i).expect("usize fits u128");
                 let cluster = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 0x100)) + i;
                 let ext = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0)) + i;
@@ -99,25 +136,38 @@ impl Svc {
         }
     }
 
-    /// The Service as YAML for `kubectl create`: the target a LoadBalancer Service (its
-    /// ingress IP set through the status subresource afterwards), a filler a ClusterIP Service
-    /// with an external IP (no status write per Service).
+    /// The external IPs the API holds, one per family of [`Svc::api_families`].
+    pub fn api_external_ips(&self) -> Vec<IpAddr> {
+        self.api_families().iter().map(|&f| self.addrs(f).1).collect()
+    }
+
+    /// The Service as YAML for `kubectl create`: the target a dual-stack LoadBalancer Service
+    /// (its ingress IPs set through the status subresource afterwards), a filler a ClusterIP
+    /// Service with an external IP (no status write per Service).
     pub fn to_api_yaml(&self) -> String {
-        let (cluster, ext) = self.api_addrs();
+        let families = self.api_families();
+        let clusters: Vec<String> = families.iter().map(|&f| format!("'{}'", self.addrs(f).0)).collect();
+        let labels: Vec<&str> = families.iter().map(|f| f.label()).collect();
+        let policy = if families.len() > 1 { "RequireDualStack" } else { "SingleStack" };
         let ports: String = self
             .ports
             .iter()
             .enumerate()
             .map(|(k, p)| format!("  - {{name: p{k}, port: {p}, protocol: TCP, targetPort: {p}}}\n"))
             .collect();
-        let (kind, family, external) = match self.index {
-            None => ("LoadBalancer\n  externalTrafficPolicy: Local", "IPv4", String::new()),
-            Some(_) => ("ClusterIP", "IPv6", format!("  externalIPs: ['{ext}']\n")),
+        let (kind, external) = match self.index {
+            None => ("LoadBalancer\n  externalTrafficPolicy: Local", String::new()),
+            Some(_) => ("ClusterIP", format!("  externalIPs: ['{}']\n", self.addrs(Family::V6).1)),
         };
         format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  type: {kind}\n  \
-             ipFamilies: [{family}]\n  clusterIP: '{cluster}'\n{external}  selector: {{app: {}}}\n  ports:\n{ports}",
-            self.name, self.namespace, self.name
+             ipFamilyPolicy: {policy}\n  ipFamilies: [{}]\n  clusterIP: {}\n  clusterIPs: [{}]\n{external}  selector: {{app: {}}}\n  ports:\n{ports}",
+            self.name,
+            self.namespace,
+            labels.join(", "),
+            clusters[0],
+            clusters.join(", "),
+            self.name
         )
     }
 
@@ -215,23 +265,31 @@ mod tests {
 
     #[test]
     fn expected_frontends_counts_icmp_per_address() {
-        assert_eq!(expected_frontends(1), 3);
-        assert_eq!(expected_frontends(2), 5);
-        assert_eq!(expected_frontends(10_000), 2 * 9_999 + 2 + 1);
+        assert_eq!(expected_frontends(1), 6);
+        assert_eq!(expected_frontends(2), 8);
+        assert_eq!(expected_frontends(10_000), 2 * 9_999 + 2 * (2 + 1));
     }
 
     #[test]
-    fn fillers_in_the_api_are_ipv6_with_their_own_addresses_and_the_target_ipv4() {
-        let (c0, e0) = filler(0).api_addrs();
+    fn fillers_in_the_api_are_ipv6_with_their_own_addresses_and_the_target_dual_stack() {
+        let (c0, e0) = filler(0).addrs(Family::V6);
         assert_eq!((c0.to_string(), e0.to_string()), ("2001:db8:5::100".into(), "2001:db8:e:1::".into()));
-        let (c, e) = filler(99_999).api_addrs();
+        let (c, e) = filler(99_999).addrs(Family::V6);
         assert_eq!((c.to_string(), e.to_string()), ("2001:db8:5::1:879f".into(), "2001:db8:e:1::1:869f".into()));
         let yaml = filler(7).to_api_yaml();
         assert!(yaml.contains("type: ClusterIP") && yaml.contains("externalIPs: ['2001:db8:e:1::7']"), "{yaml}");
         assert!(yaml.contains("{name: p0, port: 1000, protocol: TCP, targetPort: 1000}"), "{yaml}");
+        assert!(yaml.contains("ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIP: '2001:db8:5::107'"));
         let yaml = target().to_api_yaml();
-        assert!(yaml.contains("type: LoadBalancer") && yaml.contains("clusterIP: '198.51.100.10'"), "{yaml}");
+        assert!(yaml.contains("type: LoadBalancer"), "{yaml}");
+        assert!(
+            yaml.contains("ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: '198.51.100.10'\n  clusterIPs: ['198.51.100.10', '2001:db8:5::10']"),
+            "{yaml}"
+        );
         assert!(!yaml.contains("externalIPs"), "{yaml}");
+        assert_eq!(filler(7).api_external_ips(), [filler(7).addrs(Family::V6).1]);
+        let ext: Vec<String> = target().api_external_ips().iter().map(ToString::to_string).collect();
+        assert_eq!(ext, ["203.0.113.10", "2001:db8:e::10"]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use super::{A_LEGACY, A_NFT, int, ms, num, per_rule_cell, range, ratio};
 use crate::{
     baseline::Backend,
     results::{Plan, Results, Variant},
+    services::Family,
     stats::{Summary, Unit},
 };
 
@@ -31,6 +32,7 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
             ratio(r.conn_ratio(n, Variant::B, Variant::CMasq))
         );
     }
+    v6_table(w, plan, r);
     host_table(w, plan, r);
     let _ = writeln!(
         w,
@@ -100,18 +102,19 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w, "\n## Time to apply N Services from nothing (ms unless marked)\n");
     let _ = writeln!(
         w,
-        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | A′: nft -f of the set + map | B: model + map writes | B: first Service list answered → all in map | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | A′: nft -f of the set + map | A′: the same, IPv6 table | B: model + map writes | B: first Service list answered → all in map | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for n in plan.all_ns() {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             int(n),
             per_rule_cell(r, n, Backend::Legacy),
             per_rule_cell(r, n, Backend::Nft),
             range(ms(r.restore_apply.get(&(n, Backend::Legacy)))),
             range(ms(r.restore_apply.get(&(n, Backend::Nft)))),
-            range(ms(r.nft_apply.get(&n))),
+            range(ms(r.nft_apply.get(&(n, Family::V4)))),
+            range(ms(r.nft_apply.get(&(n, Family::V6)))),
             range(r.agent_start_summary(n, |s| s.sync, Unit::Millis)),
             range(r.agent_start_summary(n, |s| s.from_first_event, Unit::Millis)),
             range(r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis)),
@@ -120,18 +123,19 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w, "\n## One change at N: one more Service (ms)\n");
     let _ = writeln!(
         w,
-        "| N | A legacy, per rule | A nft, per rule | A legacy, restore --noflush | A nft, restore --noflush | A′: one add-element transaction | B: model + map diff | B: the apiserver's handling of the create | B: API write received → entry in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| N | A legacy, per rule | A nft, per rule | A legacy, restore --noflush | A nft, restore --noflush | A′: one add-element transaction | A′: the same, IPv6 table | B: model + map diff | B: the apiserver's handling of the create | B: API write received → entry in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for n in plan.all_ns() {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             int(n),
             range(ms(r.per_rule_change.get(&(n, Backend::Legacy)))),
             range(ms(r.per_rule_change.get(&(n, Backend::Nft)))),
             range(ms(r.restore_change.get(&(n, Backend::Legacy)))),
             range(ms(r.restore_change.get(&(n, Backend::Nft)))),
-            range(ms(r.nft_change.get(&n))),
+            range(ms(r.nft_change.get(&(n, Family::V4)))),
+            range(ms(r.nft_change.get(&(n, Family::V6)))),
             range(r.agent_change_summary(n, |c| c.sync, Unit::Millis)),
             range(r.agent_change_summary(n, |c| c.apiserver, Unit::Millis)),
             range(r.agent_change_summary(n, |c| c.end_to_end, Unit::Millis)),
@@ -173,6 +177,45 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w);
 }
 
+/// Pod → [EXT_V6]:port, for the sides measured on IPv6 too (the floors → the cluster IPv6
+/// address), with B's per-round ratios to them.
+fn v6_table(w: &mut String, plan: &Plan, r: &Results) {
+    if r.conn_v6.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## IPv6: pod → [{}]:port of the last-listed Service, new TCP connections per second (connect median, µs)\n",
+        lab::EXTERNAL_V6
+    );
+    let _ = writeln!(
+        w,
+        "The same rounds as the IPv4 table, each side's IPv6 run right after its IPv4 one; C and C′ connect to the cluster IP [{}], A′ DNATs in its `ip6` table, B rewrites in the same programs and map. network-node-manager writes IPv4 rules only.\n",
+        lab::CLUSTER_V6
+    );
+    let sides = Variant::V6;
+    let names: Vec<&str> = sides.iter().map(|v| v.label()).collect();
+    let _ = writeln!(w, "| N | {} | B/C | B/C′ | B/A′ |\n|---:|{}", names.join(" | "), "---:|".repeat(sides.len() + 3));
+    for &n in &plan.ns {
+        let cells: Vec<String> = sides
+            .iter()
+            .map(|&v| {
+                let med = r.v6_summary(n, v, |s| s.median_us).map_or("—".into(), |s| num(s.median));
+                format!("{} ({med})", range(r.v6_summary(n, v, |s| s.rate)))
+            })
+            .collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            ratio(r.v6_ratio(n, Variant::B, Variant::C)),
+            ratio(r.v6_ratio(n, Variant::B, Variant::CMasq)),
+            ratio(r.v6_ratio(n, Variant::B, Variant::NftMap))
+        );
+    }
+}
+
 /// Node processes → EXT:port: B's socket hook against the nat OUTPUT rules of A and A′ and the
 /// floor (a node process → the cluster IP).
 fn host_table(w: &mut String, plan: &Plan, r: &Results) {
@@ -212,6 +255,43 @@ fn host_table(w: &mut String, plan: &Plan, r: &Results) {
             ratio(r.host_ratio(n, Variant::B, Variant::NftMap)),
             ratio(r.host_ratio(n, Variant::B, A_LEGACY)),
             ratio(r.host_ratio(n, Variant::B, A_NFT))
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::ConnSample;
+
+    fn sample(rate: f64) -> ConnSample {
+        ConnSample { rate, median_us: 50.0, p99_us: 90.0, connections: 1000, errors: 0 }
+    }
+
+    #[test]
+    fn the_ipv6_table_has_a_row_per_n_with_bs_per_round_ratios() {
+        let plan = Plan { ns: vec![1_000], ..Plan::new(true) };
+        let mut r = Results::default();
+        let mut w = String::new();
+        v6_table(&mut w, &plan, &r);
+        assert_eq!(w, "", "no IPv6 figures, no table");
+        for (v, rates) in [
+            (Variant::C, [10_000.0, 8_000.0]),
+            (Variant::CMasq, [8_000.0, 8_000.0]),
+            (Variant::NftMap, [5_000.0, 4_000.0]),
+            (Variant::B, [7_000.0, 6_000.0]),
+        ] {
+            r.conn_v6.insert((1_000, v), rates.iter().map(|&x| sample(x)).collect());
+        }
+        v6_table(&mut w, &plan, &r);
+        assert!(w.contains("## IPv6: pod → [2001:db8:e::10]:port"), "{w}");
+        assert!(
+            w.contains("| N | C: no rewrite | C′: no rewrite, masqueraded | A′: nftables set + map | B: node-manager | B/C | B/C′ | B/A′ |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| 1,000 | 9,000 [8,000–10,000] (50.0) | 8,000 [8,000–8,000] (50.0) | 4,500 [4,000–5,000] (50.0) | 6,500 [6,000–7,000] (50.0) | **0.72×** [0.70–0.75] | **0.81×** [0.75–0.88] | **1.45×** [1.40–1.50] |"),
+            "{w}"
         );
     }
 }
