@@ -186,17 +186,34 @@ fn object_key(obj: &DynamicObject) -> String {
     }
 }
 
-/// A Service from its dynamic form, with only what the model reads: metadata beyond the
-/// name (managed fields, annotations such as last-applied-configuration) is dropped to keep
-/// 10,000 Services small.
+/// A Service from its dynamic form, with only what the model reads: the name, and of the spec
+/// and status the fields in [`SPEC_FIELDS`], [`PORT_FIELDS`] and [`INGRESS_FIELDS`]. The rest
+/// (other metadata, selectors, node ports, policies, ...) is never decoded: at 10,000 Services
+/// those strings were a third of the agent's memory. A field of the wrong shape is kept as it
+/// is, so that the decoder still rejects the Service naming it.
 pub fn decode_service(obj: &DynamicObject, key: &str) -> Result<Service, String> {
-    let field = |name: &str| obj.data.get(name).filter(|v| !v.is_null()).cloned();
+    let field = |name: &str| obj.data.get(name).filter(|v| !v.is_null());
     let spec = field("spec")
-        .map(serde_json::from_value)
+        .map(|spec| {
+            let mut kept = only(spec, SPEC_FIELDS);
+            if let Some(ports) = kept.get_mut("ports") {
+                *ports = each_only(ports, PORT_FIELDS);
+            }
+            serde_json::from_value(kept)
+        })
         .transpose()
         .map_err(|e| format!("Service {key}: malformed spec ({e})"))?;
     let status = field("status")
-        .map(serde_json::from_value)
+        .map(|status| {
+            let mut kept = only(status, &["loadBalancer"]);
+            if let Some(lb) = kept.get_mut("loadBalancer") {
+                *lb = only(lb, &["ingress"]);
+                if let Some(ingress) = lb.get_mut("ingress") {
+                    *ingress = each_only(ingress, INGRESS_FIELDS);
+                }
+            }
+            serde_json::from_value(kept)
+        })
         .transpose()
         .map_err(|e| format!("Service {key}: malformed status ({e})"))?;
     if obj.metadata.name.is_none() {
@@ -208,6 +225,30 @@ pub fn decode_service(obj: &DynamicObject, key: &str) -> Result<Service, String>
         ..Default::default()
     };
     Ok(Service { metadata, spec, status })
+}
+
+/// The fields of a Service's spec, of each of its ports and of each load-balancer ingress entry
+/// that the model reads.
+const SPEC_FIELDS: &[&str] = &["type", "clusterIP", "clusterIPs", "externalIPs", "ports"];
+const PORT_FIELDS: &[&str] = &["port", "protocol"];
+const INGRESS_FIELDS: &[&str] = &["ip", "ipMode"];
+
+/// An object with only `fields`; a value of another shape as it is.
+fn only(value: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(object) => serde_json::Value::Object(
+            object.iter().filter(|(k, _)| fields.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// [`only`] for each element of an array; a value of another shape as it is.
+fn each_only(value: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
+    match value {
+        serde_json::Value::Array(items) => items.iter().map(|item| only(item, fields)).collect(),
+        other => other.clone(),
+    }
 }
 
 /// The Node's pod CIDRs: `spec.podCIDRs`, or the older single `spec.podCIDR`.
@@ -429,6 +470,35 @@ mod tests {
         assert_eq!(names(&st.snapshot()), vec!["a/y"]);
         assert!(st.apply_service(Event::Delete(svc("a", "y", "203.0.113.2"))));
         assert!(st.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn decoding_keeps_what_the_model_reads_and_nothing_else() {
+        let full = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "a", "name": "x", "labels": {"app": "x"}, "uid": "u-1"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "198.51.100.1", "clusterIPs": ["198.51.100.1", "2001:db8:5::1"],
+                     "externalIPs": ["203.0.113.9"], "selector": {"app": "x"}, "sessionAffinity": "None",
+                     "ipFamilies": ["IPv4", "IPv6"], "externalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080},
+                               {"port": 53, "protocol": "UDP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.1", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]},
+                                                    {"ip": "203.0.113.2", "ipMode": "Proxy"}, {"hostname": "lb.example"}]},
+                       "conditions": [{"type": "x", "status": "True", "reason": "r", "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        let decoded = decode_service(&obj(full.clone()), "a/x").unwrap();
+        let whole: Service = serde_json::from_value(full).unwrap();
+        let opts = crate::model::Options::all();
+        assert_eq!(crate::model::desired(&[decoded.clone()], &opts), crate::model::desired(&[whole], &opts));
+        let spec = decoded.spec.unwrap();
+        assert!(spec.selector.is_none() && spec.session_affinity.is_none() && spec.external_traffic_policy.is_none());
+        assert!(
+            spec.ports.unwrap().iter().all(|p| p.name.is_none() && p.target_port.is_none() && p.node_port.is_none())
+        );
+        let status = decoded.status.unwrap();
+        assert!(status.conditions.is_none());
+        let ingress = status.load_balancer.unwrap().ingress.unwrap();
+        assert_eq!(ingress.len(), 3);
+        assert!(ingress.iter().all(|i| i.ports.is_none() && i.hostname.is_none()));
+        assert!(decoded.metadata.labels.is_none() && decoded.metadata.uid.is_none());
     }
 
     #[test]
