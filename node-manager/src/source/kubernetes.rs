@@ -487,7 +487,10 @@ mod tests {
         let decoded = decode_service(&obj(full.clone()), "a/x").unwrap();
         let whole: Service = serde_json::from_value(full).unwrap();
         let opts = crate::model::Options::all();
-        assert_eq!(crate::model::desired(std::slice::from_ref(&decoded), &opts), crate::model::desired(&[whole], &opts));
+        assert_eq!(
+            crate::model::desired(std::slice::from_ref(&decoded), &opts),
+            crate::model::desired(&[whole], &opts)
+        );
         let spec = decoded.spec.unwrap();
         assert!(spec.selector.is_none() && spec.session_affinity.is_none() && spec.external_traffic_policy.is_none());
         assert!(

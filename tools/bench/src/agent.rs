@@ -182,6 +182,11 @@ pub struct Start {
     /// The apiserver's answer to the agent's first list of Services (its audit log) → the log
     /// line of the sync that wrote the last entry.
     pub from_first_event: Duration,
+    /// Of which the list itself: the apiserver's answers to the agent's list requests for
+    /// Services before the sync (the watcher pages by 500), first → last.
+    pub listing: Duration,
+    /// How many list requests (pages) those were.
+    pub list_pages: usize,
     /// VmRSS right after that sync, KiB.
     pub rss_kib: u64,
 }
@@ -295,14 +300,22 @@ impl<'a> AgentSide<'a> {
         }
         self.frontends = Some(map);
         let api = self.api.as_ref().context("the API server")?;
-        let first_list =
-            api.first_services_list_since(started_at)?.context("the audit log has no list of Services by the agent")?;
         let synced_at = sync.at.context("the sync line has no timestamp")?;
-        let from_first_event = synced_at
-            .duration_since(first_list)
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("the sync ({synced_at}) precedes the first list ({first_list})"))?;
-        Ok(Start { end_to_end, sync: sync.elapsed, from_first_event, rss_kib })
+        let pages = api.services_lists_between(started_at, synced_at)?;
+        let (Some(&first_list), Some(&last_page)) = (pages.first(), pages.last()) else {
+            bail!("the audit log has no list of Services by the agent before its sync");
+        };
+        let since = |from: jiff::Timestamp, to: jiff::Timestamp| -> Result<Duration> {
+            to.duration_since(from).try_into().map_err(|_| anyhow::anyhow!("{to} precedes {from}"))
+        };
+        Ok(Start {
+            end_to_end,
+            sync: sync.elapsed,
+            from_first_event: since(first_list, synced_at)?,
+            listing: since(first_list, last_page)?,
+            list_pages: pages.len(),
+            rss_kib,
+        })
     }
 
     /// Creates `svc` in the API server and waits for its entry in the pinned map.
@@ -495,16 +508,17 @@ impl Api {
             .collect()
     }
 
-    /// When the apiserver completed the agent's first list of Services after `since`.
-    fn first_services_list_since(&self, since: jiff::Timestamp) -> Result<Option<jiff::Timestamp>> {
+    /// When the apiserver completed each of the agent's lists of Services (the pages of its
+    /// first list, and any relist) from `since` to `until`, in order.
+    fn services_lists_between(&self, since: jiff::Timestamp, until: jiff::Timestamp) -> Result<Vec<jiff::Timestamp>> {
         let mut times: Vec<jiff::Timestamp> = self
             .service_events("list", Some(AGENT_USER))
             .iter()
             .filter_map(|e| e["stageTimestamp"].as_str()?.parse().ok())
-            .filter(|t| *t >= since)
+            .filter(|t| *t >= since && *t <= until)
             .collect();
         times.sort();
-        Ok(times.first().copied())
+        Ok(times)
     }
 
     /// When the apiserver received the (latest) create of `svc`, and when it answered it.

@@ -188,10 +188,13 @@ impl<'a> Bed<'a> {
         let e2e: Vec<Duration> = starts.iter().map(|s| s.end_to_end).collect();
         let sync: Vec<Duration> = starts.iter().map(|s| s.sync).collect();
         let first: Vec<Duration> = starts.iter().map(|s| s.from_first_event).collect();
+        let listing: Vec<Duration> = starts.iter().map(|s| s.listing).collect();
         println!(
-            "  apply {n}, node-manager: start → synced {}, first Service list answered → synced {}, of which model + map writes {}; RSS {} MiB",
+            "  apply {n}, node-manager: start → synced {}, first Service list answered → synced {}, of which the list's {} pages {} and model + map writes {}; RSS {} MiB",
             show_ms(&e2e),
             show_ms(&first),
+            starts.last().map_or(0, |s| s.list_pages),
+            show_ms(&listing),
             show_ms(&sync),
             starts.last().map_or(0, |s| s.rss_kib / 1024)
         );
@@ -264,8 +267,18 @@ impl<'a> Bed<'a> {
             for v in order(round) {
                 interrupt::check()?;
                 let pod = self.labs.get(v).netns_path(Ns::Pod);
+                // As in the connection rounds: B's streams run with the BPF statistics on.
+                let stats = (v == Variant::B).then(bpf_stats::enable).transpose()?;
+                let before = stats.as_ref().map(|_| bpf_stats::pod_programs()).transpose()?;
+                let started = Instant::now();
                 let bps = iperf::run(&pod, target(v, Family::V4, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
                     .with_context(|| format!("N = {n}, {}", v.label()))?;
+                if let Some(before) = before
+                    && let Some(share) =
+                        bpf_stats::StreamShare::between(before, bpf_stats::pod_programs()?, started.elapsed())
+                {
+                    r.bpf_stream.entry(n).or_default().push(share);
+                }
                 println!("  round {round} {:<24} {:>8.2} Gbit/s", v.label(), bps / 1e9);
                 r.iperf.entry((n, v)).or_default().push(bps);
             }

@@ -137,6 +137,18 @@ fn per_rule_cell(r: &Results, n: usize, b: Backend) -> String {
     }
 }
 
+/// B's list pages at `n`: the time from the first answered to the last, and how many there
+/// were (the last round's count; every round lists the same N).
+fn pages_cell(r: &Results, n: usize) -> String {
+    let pages = r.agent_start.get(&n).and_then(|s| s.last()).map(|s| s.list_pages);
+    match (r.agent_start_summary(n, |s| s.listing, Unit::Millis), pages) {
+        (Some(listing), Some(pages)) => {
+            format!("{} ({} page{})", range(Some(listing)), int(pages), if pages == 1 { "" } else { "s" })
+        }
+        _ => "—".into(),
+    }
+}
+
 /// `template` with every `{key}` replaced by its value.
 fn fill(template: &str, values: &[(&str, String)]) -> String {
     values.iter().fold(template.to_owned(), |text, (key, value)| text.replace(&format!("{{{key}}}"), value))
@@ -238,9 +250,10 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
     let sync = r.agent_start_summary(n, |s| s.sync, Unit::Millis);
     let _ = writeln!(
         w,
-        "| B applies {} Services from nothing in < 100 ms, from the first Service event to the last entry in the map | first Service list answered (apiserver audit log) → all entries in the map: {} ms (agent start → all in the map: {} ms; model + map writes: {} ms) | {} |",
+        "| B applies {} Services from nothing in < 100 ms, from the first Service event to the last entry in the map | first Service list answered (apiserver audit log) → all entries in the map: {} ms, of which the list's pages, first → last answered: {} (agent start → all in the map: {} ms; model + map writes: {} ms) | {} |",
         int(n),
         range(first),
+        pages_cell(r, n),
         range(e2e),
         range(sync),
         yes(first.is_some_and(|s| s.median < 100.0))
@@ -314,6 +327,36 @@ fn bpf_time(w: &mut String, n: usize, r: &Results) {
     );
 }
 
+/// Where B's stream time goes: the programs' share of one CPU during B's iperf3 rounds, against
+/// how much slower B's stream was than C′'s (one TCP stream is bound by one CPU here).
+fn bpf_stream_time(w: &mut String, n: usize, r: &Results) {
+    let Some(samples) = r.bpf_stream.get(&n) else { return };
+    let of = |f: fn(&crate::bpf_stats::StreamShare) -> f64| Summary::of(&samples.iter().map(f).collect::<Vec<_>>());
+    let (Some(runs), Some(per_run), Some(cpu)) = (of(|s| s.runs_per_s), of(|s| s.ns_per_run), of(|s| s.cpu)) else {
+        return;
+    };
+    let Some(ratio) = r.iperf_ratio(n, Variant::B, Variant::CMasq) else { return };
+    let _ = writeln!(
+        w,
+        "- Where B's stream time goes (the kernel's BPF run-time statistics during B's iperf3 rounds at N = {}): \
+         node-manager's TC programs ran {} times a second, {} ns per run, {} % of one CPU; B's stream ran at {}× \
+         C′'s ({} % {}). One TCP stream is bound by one CPU here, so the programs' share is about what they can \
+         cost it; {}.",
+        int(n),
+        num(runs.median),
+        num(per_run.median),
+        num(cpu.median * 100.0),
+        num(ratio.median),
+        num((1.0 - ratio.median).abs() * 100.0),
+        if ratio.median < 1.0 { "slower" } else { "faster" },
+        if 1.0 - ratio.median > cpu.median * 1.5 {
+            "the rest of the gap is outside them (the rewritten skb's conntrack and NAT, masquerading) or noise"
+        } else {
+            "the gap is within what the programs take, or within noise"
+        }
+    );
+}
+
 /// What the figures say, computed from them.
 fn reading(w: &mut String, plan: &Plan, r: &Results) {
     let (Some(&lo), Some(&hi)) = (plan.ns.iter().min(), plan.ns.iter().max()) else { return };
@@ -350,6 +393,7 @@ fn reading(w: &mut String, plan: &Plan, r: &Results) {
         );
     }
     bpf_time(w, hi, r);
+    bpf_stream_time(w, hi, r);
     let _ = writeln!(
         w,
         "- Connection rates compare whole connections — the socket, the handshake, the close — most of \

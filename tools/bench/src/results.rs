@@ -185,6 +185,8 @@ pub struct Results {
     /// N → per B round: node-manager's TC program runs and their time per connection (the
     /// kernel's BPF run-time statistics).
     pub bpf: BTreeMap<usize, Vec<crate::bpf_stats::PerConnection>>,
+    /// N → per B stream (iperf3) round: the TC programs' runs, time per run and CPU share.
+    pub bpf_stream: BTreeMap<usize, Vec<crate::bpf_stats::StreamShare>>,
     /// A′: `nft -f` of the whole table, and one `add element` transaction, per N and family.
     pub nft_apply: BTreeMap<(usize, Family), Vec<Duration>>,
     pub nft_change: BTreeMap<(usize, Family), Vec<Duration>>,

@@ -27,6 +27,13 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
                 p.push(format!("N = {n}, {label}: {iperf_rounds} iperf3 rounds of {}", plan.iperf_rounds));
             }
         }
+        // B's rounds ran with the BPF statistics on: where its time goes needs them.
+        if r.bpf.get(&n).is_none_or(Vec::is_empty) {
+            p.push(format!("N = {n}, node-manager: no BPF statistics from its connection rounds"));
+        }
+        if r.bpf_stream.get(&n).is_none_or(Vec::is_empty) {
+            p.push(format!("N = {n}, node-manager: no BPF statistics from its stream rounds"));
+        }
         for v in Variant::TO_CLUSTER {
             let label = v.label();
             let rounds = r.conn_cluster.get(&(n, v)).map_or(0, Vec::len);
@@ -136,6 +143,7 @@ mod tests {
     use crate::{
         agent::{Change, Start},
         baseline::PerRule,
+        bpf_stats::{PerConnection, StreamShare},
         prog_cost::ProgCost,
         results::ConnSample,
     };
@@ -167,6 +175,8 @@ mod tests {
                     r.conn_v6.insert((n, v), vec![c; plan.rounds]);
                 }
             }
+            r.bpf.insert(n, vec![PerConnection { runs: 4.0, ns: 2_000.0 }]);
+            r.bpf_stream.insert(n, vec![StreamShare { runs_per_s: 100_000.0, ns_per_run: 300.0, cpu: 0.03 }]);
             for family in Family::ALL {
                 r.nft_apply.insert((n, family), vec![ms]);
                 r.nft_change.insert((n, family), vec![ms]);
@@ -179,8 +189,17 @@ mod tests {
             }
         }
         for n in plan.all_ns() {
-            r.agent_start
-                .insert(n, vec![Start { end_to_end: ms * 10, sync: ms, from_first_event: ms * 2, rss_kib: 20_000 }]);
+            r.agent_start.insert(
+                n,
+                vec![Start {
+                    end_to_end: ms * 10,
+                    sync: ms,
+                    from_first_event: ms * 2,
+                    listing: ms,
+                    list_pages: 2,
+                    rss_kib: 20_000,
+                }],
+            );
             r.agent_change.insert(n, vec![Change { end_to_end: ms, sync: ms / 2, apiserver: ms / 4 }]);
             r.prog.insert(n, ProgCost { hit: s(300.0), miss: s(140.0), empty: s(40.0), not_pod: s(200.0) });
         }
@@ -206,7 +225,9 @@ mod tests {
         r.conn_v6.get_mut(&(1, Variant::B)).unwrap()[1].rate = 0.0;
         r.conn_v6.remove(&(1, Variant::CMasq));
         r.nft_change.remove(&(1, Family::V6));
+        r.bpf_stream.remove(&1);
         let p = problems(&plan, &r);
+        assert!(p.iter().any(|l| l == "N = 1, node-manager: no BPF statistics from its stream rounds"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, C: no rewrite: connections/s: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l.starts_with("N = 10: per-packet hit < miss")), "{p:#?}");
@@ -223,6 +244,6 @@ mod tests {
         assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: IPv6 connections/s: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: IPv6 connect median: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, nftables set + map, IPv6: add element: missing"), "{p:#?}");
-        assert_eq!(p.len(), 13, "{p:#?}");
+        assert_eq!(p.len(), 14, "{p:#?}");
     }
 }

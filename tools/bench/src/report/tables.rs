@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{A_LEGACY, A_NFT, int, ms, num, per_rule_cell, range, ratio};
+use super::{A_LEGACY, A_NFT, int, ms, num, pages_cell, per_rule_cell, range, ratio};
 use crate::{
     baseline::Backend,
     results::{Plan, Results, Variant},
@@ -102,12 +102,12 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
     let _ = writeln!(w, "\n## Time to apply N Services from nothing (ms unless marked)\n");
     let _ = writeln!(
         w,
-        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | A′: nft -f of the set + map | A′: the same, IPv6 table | B: model + map writes | B: first Service list answered → all in map | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| N | A legacy, one exec per rule (nnm's way) | A nft, one exec per rule | A legacy, iptables-restore | A nft, iptables-restore | A′: nft -f of the set + map | A′: the same, IPv6 table | B: model + map writes | B: first Service list answered → all in map | B: of which the list's pages, first → last answered | B: agent start → all in map |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for n in plan.all_ns() {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             int(n),
             per_rule_cell(r, n, Backend::Legacy),
             per_rule_cell(r, n, Backend::Nft),
@@ -117,6 +117,7 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
             range(ms(r.nft_apply.get(&(n, Family::V6)))),
             range(r.agent_start_summary(n, |s| s.sync, Unit::Millis)),
             range(r.agent_start_summary(n, |s| s.from_first_event, Unit::Millis)),
+            pages_cell(r, n),
             range(r.agent_start_summary(n, |s| s.end_to_end, Unit::Millis)),
         );
     }
