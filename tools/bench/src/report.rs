@@ -188,6 +188,7 @@ fn markdown(plan: &Plan, r: &Results, meta: &Meta, charts: &[(&str, String)]) ->
         let _ = writeln!(w);
     }
     w.push_str(include_str!("report/per_packet_changes.md"));
+    w.push_str(include_str!("report/agent_costs.md"));
     w.push_str(include_str!("report/charts.md"));
     for (file, title) in charts {
         let _ = writeln!(w, "![{title}]({CHARTS_DIR}/{file})\n");
