@@ -7,6 +7,7 @@ use crate::{
     baseline::Backend,
     plot::{self, Chart, Point, Series},
     results::{Plan, Results, Variant},
+    services::Family,
     stats::{Summary, Unit},
 };
 
@@ -27,12 +28,15 @@ pub(super) fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'stat
         (Variant::NftMap, plot::PURPLE),
         (Variant::B, plot::BLUE),
     ];
-    let per_variant = |f: &dyn Fn(usize, Variant) -> Option<Summary>| -> Vec<Series> {
+    // The sides of `among` (all when None), each with its colour.
+    let per_variant_of = |among: Option<&[Variant]>, f: &dyn Fn(usize, Variant) -> Option<Summary>| -> Vec<Series> {
         colors
             .iter()
+            .filter(|(v, _)| among.is_none_or(|a| a.contains(v)))
             .map(|&(v, c)| series(v.label(), c, plan.ns.iter().filter_map(|&n| pt(n, f(n, v))).collect()))
             .collect()
     };
+    let per_variant = |f: &dyn Fn(usize, Variant) -> Option<Summary>| per_variant_of(None, f);
     let mut out = vec![
         (
             "connections.png",
@@ -41,6 +45,24 @@ pub(super) fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'stat
                 x_label: "Services (N)",
                 y_label: "connections / s",
                 series: per_variant(&|n, v| r.conn_summary(n, v, |s| s.rate)),
+            },
+        ),
+        (
+            "connections_ipv6.png",
+            Chart {
+                title: "IPv6: new TCP connections per second, pod → [EXT_V6]:port",
+                x_label: "Services (N)",
+                y_label: "connections / s",
+                series: per_variant_of(Some(&Variant::V6), &|n, v| r.v6_summary(n, v, |s| s.rate)),
+            },
+        ),
+        (
+            "connections_host.png",
+            Chart {
+                title: "Host-network clients: a node process → EXT:port",
+                x_label: "Services (N)",
+                y_label: "connections / s",
+                series: per_variant_of(Some(&Variant::HOST), &|n, v| r.host_summary(n, v, |s| s.rate)),
             },
         ),
         (
@@ -98,6 +120,9 @@ pub(super) fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'stat
     let ms_points = |m: &std::collections::BTreeMap<(usize, Backend), Vec<Duration>>, b: Backend| -> Vec<Point> {
         plan.ns.iter().filter_map(|&n| pt(n, ms(m.get(&(n, b))))).collect()
     };
+    let nft_points = |m: &std::collections::BTreeMap<(usize, Family), Vec<Duration>>, f: Family| -> Vec<Point> {
+        plan.ns.iter().filter_map(|&n| pt(n, ms(m.get(&(n, f))))).collect()
+    };
     let all = plan.all_ns();
     out.push((
         "apply.png",
@@ -110,6 +135,8 @@ pub(super) fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'stat
                 series("A nft, one exec per rule", plot::ORANGE, per_rule(Backend::Nft)),
                 series("A legacy, iptables-restore", plot::PURPLE, ms_points(&r.restore_apply, Backend::Legacy)),
                 series("A nft, iptables-restore", plot::BROWN, ms_points(&r.restore_apply, Backend::Nft)),
+                series("A′, nft -f of the set + map", plot::GREEN, nft_points(&r.nft_apply, Family::V4)),
+                series("A′, the same, IPv6 table", plot::GREY, nft_points(&r.nft_apply, Family::V6)),
                 series(
                     "B, agent start → all in map",
                     plot::TEAL,
@@ -140,6 +167,8 @@ pub(super) fn charts(plan: &Plan, r: &Results) -> Vec<(&'static str, Chart<'stat
                     ms_points(&r.restore_change, Backend::Legacy),
                 ),
                 series("A nft, iptables-restore --noflush", plot::BROWN, ms_points(&r.restore_change, Backend::Nft)),
+                series("A′, one add-element transaction", plot::GREEN, nft_points(&r.nft_change, Family::V4)),
+                series("A′, the same, IPv6 table", plot::GREY, nft_points(&r.nft_change, Family::V6)),
                 series(
                     "B, API write → entry in map",
                     plot::TEAL,
