@@ -78,6 +78,56 @@ impl Options {
     }
 }
 
+/// A Service as the model reads it, and nothing more. The sources convert each Service version
+/// once, when it arrives: k8s-openapi's `Service` is about 840 bytes inline however few of its
+/// fields are set, and the agent holds every Service of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `namespace/name`.
+    pub name: String,
+    /// No spec, or `type: ExternalName`: no frontends.
+    pub no_frontends: bool,
+    /// `spec.clusterIPs` (dual-stack), or else `spec.clusterIP`, as written.
+    pub cluster_ips: Vec<String>,
+    /// `spec.externalIPs`, as written.
+    pub external_ips: Vec<String>,
+    /// `status.loadBalancer.ingress[].ip`, as written, of the entries the model serves: an
+    /// entry in `ipMode: Proxy` must reach the load balancer (PROXY protocol, TLS, ...), and
+    /// kube-proxy does not short-circuit it either; a hostname-only entry (e.g. AWS ELB) has
+    /// nothing to rewrite.
+    pub ingress_ips: Vec<String>,
+    /// `spec.ports[]`: the port and the protocol as written (none means TCP).
+    pub ports: Vec<(i32, Option<String>)>,
+}
+
+impl From<&Service> for ServiceInfo {
+    fn from(svc: &Service) -> ServiceInfo {
+        let name = service_name(svc);
+        let Some(spec) = svc.spec.as_ref().filter(|spec| spec.type_.as_deref() != Some("ExternalName")) else {
+            return ServiceInfo { name, no_frontends: true, ..ServiceInfo::default() };
+        };
+        let cluster_ips = spec
+            .cluster_ips
+            .clone()
+            .filter(|ips| !ips.is_empty())
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]));
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+        ServiceInfo {
+            name,
+            no_frontends: false,
+            cluster_ips: cluster_ips.unwrap_or_default(),
+            external_ips: spec.external_ips.clone().unwrap_or_default(),
+            ingress_ips: ingress
+                .into_iter()
+                .flatten()
+                .filter(|entry| entry.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|entry| entry.ip.clone().filter(|ip| !ip.is_empty()))
+                .collect(),
+            ports: spec.ports.iter().flatten().map(|p| (p.port, p.protocol.clone())).collect(),
+        }
+    }
+}
+
 pub fn service_name(svc: &Service) -> String {
     format!(
         "{}/{}",
@@ -89,12 +139,13 @@ pub fn service_name(svc: &Service) -> String {
 /// Computes the desired frontends. Conflicts (two Services claiming the same address, port
 /// and protocol) go to the Service whose `namespace/name` sorts first, with a warning naming
 /// both, so every agent in the cluster picks the same winner.
-pub fn desired<S: std::borrow::Borrow<Service>>(services: &[S], opts: &Options) -> Desired {
+pub fn desired<S: std::borrow::Borrow<ServiceInfo>>(services: &[S], opts: &Options) -> Desired {
     let mut out = Desired::default();
-    let mut sorted: Vec<(String, &Service)> = services.iter().map(|s| (service_name(s.borrow()), s.borrow())).collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    for (owner, svc) in sorted {
-        for (frontend, cluster_ip) in service_frontends(svc, &owner, opts, &mut out.warnings) {
+    let mut sorted: Vec<&ServiceInfo> = services.iter().map(|s| s.borrow()).collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for svc in sorted {
+        let owner = &svc.name;
+        for (frontend, cluster_ip) in service_frontends(svc, opts, &mut out.warnings) {
             match out.frontends.entry(frontend) {
                 Entry::Vacant(v) => {
                     v.insert(Target { cluster_ip, owner: owner.clone() });
@@ -103,7 +154,7 @@ pub fn desired<S: std::borrow::Borrow<Service>>(services: &[S], opts: &Options) 
                     let winner = &o.get().owner;
                     // Several Services sharing one LB IP on different ports is normal (MetalLB's
                     // allow-shared-ip); only the echo entry overlaps then, so it is not a conflict.
-                    if frontend.protocol != Protocol::IcmpEcho && winner != &owner {
+                    if frontend.protocol != Protocol::IcmpEcho && winner != owner {
                         out.warnings.push(format!(
                             "{owner}: frontend {frontend} is also claimed by {winner}; {winner} wins (sorts first)"
                         ));
@@ -116,28 +167,19 @@ pub fn desired<S: std::borrow::Borrow<Service>>(services: &[S], opts: &Options) 
 }
 
 /// The frontends of one Service, with the cluster IP of each one's family.
-fn service_frontends(
-    svc: &Service,
-    owner: &str,
-    opts: &Options,
-    warnings: &mut Vec<String>,
-) -> Vec<(FrontendAddr, IpAddr)> {
-    let Some(spec) = svc.spec.as_ref() else {
-        return Vec::new();
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
+fn service_frontends(svc: &ServiceInfo, opts: &Options, warnings: &mut Vec<String>) -> Vec<(FrontendAddr, IpAddr)> {
+    let owner = &svc.name;
+    if svc.no_frontends {
         return Vec::new();
     }
-    // Cluster IPs by family: spec.clusterIPs (dual-stack), falling back to spec.clusterIP.
+    // Cluster IPs by family.
     let mut cluster_v4 = None;
     let mut cluster_v6 = None;
-    let cluster_ips =
-        spec.cluster_ips.clone().filter(|ips| !ips.is_empty()).or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]));
-    let cluster_ips = cluster_ips.unwrap_or_default();
+    let cluster_ips = &svc.cluster_ips;
     if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| ip == "None" || ip.is_empty()) {
         return Vec::new(); // headless, or not allocated yet
     }
-    for text in &cluster_ips {
+    for text in cluster_ips {
         match text.parse::<IpAddr>() {
             Ok(ip @ IpAddr::V4(_)) => {
                 cluster_v4.get_or_insert(ip);
@@ -158,38 +200,27 @@ fn service_frontends(
         }
         Err(_) => warnings.push(format!("{owner}: {origin} {text:?} is not an IP address; skipped")),
     };
-    for ip in spec.external_ips.iter().flatten() {
+    for ip in &svc.external_ips {
         add_external(ip, "spec.externalIPs entry", warnings);
     }
-    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-    for entry in ingress.into_iter().flatten() {
-        // ipMode Proxy: the load balancer must see the traffic (PROXY protocol, TLS, ...);
-        // kube-proxy does not short-circuit it either.
-        if entry.ip_mode.as_deref() == Some("Proxy") {
-            continue;
-        }
-        match entry.ip.as_deref() {
-            Some(ip) if !ip.is_empty() => add_external(ip, "status.loadBalancer.ingress ip", warnings),
-            _ => {} // hostname-only ingress (e.g. AWS ELB): nothing to rewrite
-        }
+    for ip in &svc.ingress_ips {
+        add_external(ip, "status.loadBalancer.ingress ip", warnings);
     }
 
     let mut ports: Vec<(u16, Protocol)> = Vec::new();
-    for port in spec.ports.iter().flatten() {
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+    for &(port, ref protocol) in &svc.ports {
+        let protocol = match protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                warnings.push(format!(
-                    "{owner}: port {} protocol {other} is not supported by the datapath; skipped",
-                    port.port
-                ));
+                warnings
+                    .push(format!("{owner}: port {port} protocol {other} is not supported by the datapath; skipped"));
                 continue;
             }
         };
-        match u16::try_from(port.port) {
+        match u16::try_from(port) {
             Ok(p) if p != 0 => ports.push((p, protocol)),
-            _ => warnings.push(format!("{owner}: port {} is out of range; skipped", port.port)),
+            _ => warnings.push(format!("{owner}: port {port} is out of range; skipped")),
         }
     }
 
@@ -229,11 +260,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn svc(v: serde_json::Value) -> Service {
-        serde_json::from_value(v).expect("valid Service JSON")
+    fn svc(v: serde_json::Value) -> ServiceInfo {
+        ServiceInfo::from(&serde_json::from_value::<Service>(v).expect("valid Service JSON"))
     }
 
-    fn lb(ns: &str, name: &str, cluster: &[&str], ingress: &[&str], ports: &[(u16, &str)]) -> Service {
+    fn lb(ns: &str, name: &str, cluster: &[&str], ingress: &[&str], ports: &[(u16, &str)]) -> ServiceInfo {
         svc(json!({
             "metadata": {"namespace": ns, "name": name},
             "spec": {

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,6 +15,7 @@ use serde::Deserialize as _;
 use tokio::sync::watch;
 
 use super::Snapshot;
+use crate::model::ServiceInfo;
 
 /// Parses the file content. `last_good` maps `namespace/name` to the last version of each
 /// object that parsed, and is updated.
@@ -55,15 +57,15 @@ pub fn parse(text: &str, last_good: &mut HashMap<String, Service>) -> Result<Sna
                 let key = crate::model::service_name(&svc);
                 if !seen.insert(key.clone()) {
                     snapshot.warnings.push(format!("{key}: listed twice; the later copy is used"));
-                    snapshot.services.retain(|s| crate::model::service_name(s) != key);
+                    snapshot.services.retain(|s| s.name != key);
                 }
-                last_good.insert(key, svc.clone());
-                snapshot.services.push(svc.into());
+                snapshot.services.push(Arc::new(ServiceInfo::from(&svc)));
+                last_good.insert(key, svc);
             }
             Err(e) => match last_good.get(&name) {
                 Some(previous) if seen.insert(name.clone()) => {
                     snapshot.warnings.push(format!("{name}: malformed ({e}); keeping its last good version"));
-                    snapshot.services.push(previous.clone().into());
+                    snapshot.services.push(Arc::new(ServiceInfo::from(previous)));
                 }
                 _ => snapshot.warnings.push(format!("{name}: malformed ({e}); skipped")),
             },
@@ -138,7 +140,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.1}]}}
 "#;
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.services.iter().map(|s| crate::model::service_name(s)).collect()
+        s.services.iter().map(|s| s.name.clone()).collect()
     }
 
     #[test]

@@ -27,6 +27,7 @@ use kube::{
 use tokio::{sync::watch, time::Instant};
 
 use super::Snapshot;
+use crate::model::ServiceInfo;
 
 /// Bursts of events are published at most this often; a lone event goes out at once.
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -189,8 +190,9 @@ fn object_key(obj: &DynamicObject) -> String {
 /// A Service from its dynamic form, with only what the model reads: the name, and of the spec
 /// and status the fields in [`SPEC_FIELDS`], [`PORT_FIELDS`] and [`INGRESS_FIELDS`]. The rest
 /// (other metadata, selectors, node ports, policies, ...) is never decoded: at 10,000 Services
-/// those strings were a third of the agent's memory. A field of the wrong shape is kept as it
-/// is, so that the decoder still rejects the Service naming it.
+/// those strings were about a quarter of the agent's live heap. A field of the wrong shape is
+/// kept as it is, so that the decoder still rejects the Service naming it. The store keeps the
+/// result as a [`ServiceInfo`], smaller still.
 pub fn decode_service(obj: &DynamicObject, key: &str) -> Result<Service, String> {
     let field = |name: &str| obj.data.get(name).filter(|v| !v.is_null());
     let spec = field("spec")
@@ -267,7 +269,7 @@ pub fn decode_node_pod_cidrs(obj: &DynamicObject, key: &str) -> Result<Vec<IpNet
 /// Services and the Node folded together; pure, so the tests can drive it with events.
 pub struct State {
     node_name: String,
-    services: Fold<Arc<Service>>,
+    services: Fold<Arc<ServiceInfo>>,
     node: Fold<Vec<IpNet>>,
 }
 
@@ -275,7 +277,7 @@ impl State {
     pub fn new(node_name: &str) -> State {
         State {
             node_name: node_name.to_owned(),
-            services: Fold::new(|o, key| decode_service(o, key).map(Arc::new)),
+            services: Fold::new(|o, key| decode_service(o, key).map(|svc| Arc::new(ServiceInfo::from(&svc)))),
             node: Fold::new(decode_node_pod_cidrs),
         }
     }
@@ -427,7 +429,7 @@ mod tests {
     }
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.services.iter().map(|s| crate::model::service_name(s)).collect()
+        s.services.iter().map(|s| s.name.clone()).collect()
     }
 
     fn synced_state() -> State {
@@ -453,7 +455,11 @@ mod tests {
         assert_eq!(s.node_pod_cidrs.unwrap().len(), 2);
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         // Only what the model reads is kept.
-        assert!(s.services[0].metadata.managed_fields.is_none() && s.services[0].metadata.annotations.is_none());
+        let kept = &s.services[0];
+        assert_eq!(
+            (kept.cluster_ips.as_slice(), kept.ingress_ips.as_slice()),
+            (&["198.51.100.1".to_owned()][..], &["203.0.113.1".to_owned()][..])
+        );
     }
 
     #[test]
@@ -488,8 +494,8 @@ mod tests {
         let whole: Service = serde_json::from_value(full).unwrap();
         let opts = crate::model::Options::all();
         assert_eq!(
-            crate::model::desired(std::slice::from_ref(&decoded), &opts),
-            crate::model::desired(&[whole], &opts)
+            crate::model::desired(&[ServiceInfo::from(&decoded)], &opts),
+            crate::model::desired(&[ServiceInfo::from(&whole)], &opts)
         );
         let spec = decoded.spec.unwrap();
         assert!(spec.selector.is_none() && spec.session_affinity.is_none() && spec.external_traffic_policy.is_none());

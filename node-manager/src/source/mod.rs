@@ -7,13 +7,14 @@ pub mod kubernetes;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
+
+use crate::model::ServiceInfo;
 
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Shared with the source's store: publishing a snapshot of 10,000 Services copies
-    /// pointers, not Services.
-    pub services: Vec<Arc<Service>>,
+    /// pointers, not Services. Each holds only what the model reads.
+    pub services: Vec<Arc<ServiceInfo>>,
     /// The Node's spec.podCIDRs, when the source knows them.
     pub node_pod_cidrs: Option<Vec<IpNet>>,
     /// Per-object problems found while reading (each names the object).
