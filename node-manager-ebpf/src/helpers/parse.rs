@@ -21,7 +21,10 @@
 use aya_ebpf::programs::TcContext;
 use node_manager_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped, v4_mapped};
 
-use crate::helpers::{bytes::read, headers::*};
+use crate::helpers::{
+    bytes::{load, read},
+    headers::*,
+};
 
 /// Whether the skb is a GSO aggregate (the kernel segments it later): only those may carry a
 /// zero IP length.
@@ -159,7 +162,7 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
         if proto == PROTO_TCP {
             payload_len = after_header;
         } else if proto == IPV6_NEXTHDR_HOP {
-            let Some(hop) = read::<[u8; IPV6_JUMBO_HOP_LEN]>(ctx, l4_off) else {
+            let Some(hop) = read::<[u8; IPV6_JUMBO_HOP_LEN]>(ctx, ETH_HLEN + IPV6_HLEN) else {
                 return Parsed::Unparsed;
             };
             // Next header TCP, header length 0 (8 bytes), the Jumbo Payload option (type 0xC2,
@@ -176,7 +179,7 @@ fn parse_ipv6(ctx: &TcContext, direction: Direction) -> Parsed {
     }
     let (mut frag, mut frag_id) = (Frag::Whole, 0);
     if proto == IPV6_NEXTHDR_FRAGMENT {
-        let Some(fh) = read::<[u8; IPV6_FRAG_HLEN]>(ctx, l4_off) else {
+        let Some(fh) = load::<[u8; IPV6_FRAG_HLEN]>(ctx, l4_off) else {
             return Parsed::Unparsed;
         };
         if payload_len < IPV6_FRAG_HLEN {
@@ -259,6 +262,14 @@ struct L4 {
     daddr: [u8; 16],
 }
 
+/// The transport header's first bytes: read in place for IPv4, whose transport header is always
+/// at the same offset (no options are parsed), and through [`load`] for IPv6, whose offset
+/// depends on the extension headers.
+#[inline(always)]
+fn transport<T: Copy>(ctx: &TcContext, v6: bool, l4_off: usize) -> Option<T> {
+    if v6 { load::<T>(ctx, l4_off) } else { read::<T>(ctx, ETH_HLEN + IPV4_HLEN) }
+}
+
 #[inline(always)]
 fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
     let L4 { v6, frag, frag_id, proto, icmp_proto, echo_type, off: l4_off, len: l4_len, saddr, daddr } = l4;
@@ -274,18 +285,18 @@ fn parse_l4(ctx: &TcContext, direction: Direction, l4: L4) -> Parsed {
     // The whole header the rewrite touches must be inside the IP payload and the skb.
     let (min_len, sport, dport, tcp_flags) = if proto == PROTO_TCP {
         // Ports through the flags byte.
-        let Some(head) = read::<[u8; TCP_FLAGS_OFF + 1]>(ctx, l4_off) else {
+        let Some(head) = transport::<[u8; TCP_FLAGS_OFF + 1]>(ctx, v6, l4_off) else {
             return Parsed::Unparsed;
         };
         let (sport, dport) = (u16::from_ne_bytes([head[0], head[1]]), u16::from_ne_bytes([head[2], head[3]]));
         (TCP_HLEN, sport, dport, head[TCP_FLAGS_OFF])
     } else if proto == PROTO_UDP {
-        let Some(ports) = read::<[u16; 2]>(ctx, l4_off) else {
+        let Some(ports) = transport::<[u16; 2]>(ctx, v6, l4_off) else {
             return Parsed::Unparsed;
         };
         (UDP_HLEN, ports[0], ports[1], 0)
     } else if proto == icmp_proto {
-        let Some(icmp) = read::<[u8; ICMP_HLEN]>(ctx, l4_off) else {
+        let Some(icmp) = transport::<[u8; ICMP_HLEN]>(ctx, v6, l4_off) else {
             return Parsed::Unparsed;
         };
         if icmp[0] != echo_type || icmp[1] != 0 {
