@@ -25,7 +25,7 @@ use node_manager_common::{Counter, Frontend, FrontendKey, map_names};
 use serde_json::Value;
 
 use crate::{
-    interrupt,
+    etcd_fill, interrupt,
     services::{self, Family},
 };
 
@@ -240,12 +240,14 @@ impl<'a> AgentSide<'a> {
 
     /// The apiserver (started at the first call) holding this lab's Node and exactly `svcs`
     /// (created and deleted by diff with what it held).
-    pub fn serve(&mut self, svcs: &[services::Svc]) -> Result<()> {
+    /// Fillers numbered `api_fillers` and up that the apiserver lacks are written straight to
+    /// etcd ([`crate::etcd_fill`]); the rest are created through the API.
+    pub fn serve(&mut self, svcs: &[services::Svc], api_fillers: usize) -> Result<()> {
         self.stop_and_clean()?;
         if self.api.is_none() {
             self.api = Some(Api::start(self.lab, &self.scratch.dir)?);
         }
-        self.api.as_mut().context("the API server")?.hold(svcs)
+        self.api.as_mut().context("the API server")?.hold(svcs, api_fillers)
     }
 
     /// Removes any datapath, starts the agent and waits for its first sync, which must hold
@@ -430,8 +432,9 @@ impl Api {
         Ok(Api { _bridge: bridge, cluster, kubeconfig, held: Default::default() })
     }
 
-    /// Creates what `svcs` has and the apiserver not, deletes what it holds beyond `svcs`.
-    fn hold(&mut self, svcs: &[services::Svc]) -> Result<()> {
+    /// Creates what `svcs` has and the apiserver not (fillers from `api_fillers` up in etcd,
+    /// the others through the API), deletes what it holds beyond `svcs`.
+    fn hold(&mut self, svcs: &[services::Svc], api_fillers: usize) -> Result<()> {
         let wanted: std::collections::BTreeSet<String> = svcs.iter().map(services::Svc::key).collect();
         let extra: Vec<String> = self.held.difference(&wanted).cloned().collect();
         let mut by_namespace: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
@@ -449,7 +452,34 @@ impl Api {
         for key in &extra {
             self.held.remove(key);
         }
-        let missing: Vec<&services::Svc> = svcs.iter().filter(|s| !self.held.contains(&s.key())).collect();
+        let (missing, to_etcd): (Vec<&services::Svc>, Vec<&services::Svc>) = svcs
+            .iter()
+            .filter(|s| !self.held.contains(&s.key()))
+            .partition(|s| s.index.is_none_or(|i| i < api_fillers));
+        self.create(&missing)?;
+        if !to_etcd.is_empty() {
+            etcd_fill::write(&self.cluster.etcd_url, &to_etcd)?;
+            self.held.extend(to_etcd.iter().map(|s| s.key()));
+            self.check_written(to_etcd[0])?;
+        }
+        Ok(())
+    }
+
+    /// A filler written to etcd, read back through the API, against filler 0 as the API made it.
+    fn check_written(&self, written: &services::Svc) -> Result<()> {
+        let created = services::filler(0);
+        if !self.held.contains(&created.key()) {
+            bail!("filler 0 must be created through the API to compare the fillers written to etcd with");
+        }
+        let get = |s: &services::Svc| -> Result<Value> {
+            let json = self.cluster.kubectl_ok(&["get", "service", "-n", &s.namespace, &s.name, "-o", "json"])?;
+            serde_json::from_str(&json).with_context(|| format!("kubectl get service {}", s.key()))
+        };
+        etcd_fill::check_same_as_api(&get(written)?, &get(&created)?)
+    }
+
+    /// `kubectl create` of `missing`, CREATORS at a time, and the target's ingress IPs.
+    fn create(&mut self, missing: &[&services::Svc]) -> Result<()> {
         if missing.is_empty() {
             return Ok(());
         }
@@ -460,7 +490,7 @@ impl Api {
         }
         let inputs: Vec<&str> = inputs.iter().map(String::as_str).filter(|i| !i.is_empty()).collect();
         self.cluster.kubectl_stdin_parallel(&["create", "-f", "-", "-o", "name"], &inputs)?;
-        for svc in &missing {
+        for svc in missing {
             if svc.index.is_none() {
                 let ips: Vec<String> = svc.api_external_ips().iter().map(ToString::to_string).collect();
                 self.cluster.set_lb_ips(

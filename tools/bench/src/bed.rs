@@ -156,7 +156,7 @@ impl<'a> Bed<'a> {
             println!("  apply {n}, nftables set + map, {} (nft -f): {}", family.label(), show_ms(&times));
             r.nft_apply.insert((n, family), times);
         }
-        self.agent_starts(n, &svcs, plan, r)?;
+        self.agent_starts(n, &svcs, usize::MAX, plan, r)?;
         self.traffic(n, plan, r)?;
         self.check_paths(n, r)?;
         self.changes(n, plan, r)?;
@@ -177,12 +177,21 @@ impl<'a> Bed<'a> {
     pub fn measure_agent_only(&mut self, n: usize, plan: &Plan, r: &mut Results) -> Result<()> {
         println!("\nN = {n} (node-manager only)");
         let svcs = services::services(n);
-        self.agent_starts(n, &svcs, plan, r)?;
+        self.agent_starts(n, &svcs, plan.api_fillers(), plan, r)?;
         self.agent_changes(n, plan, r)
     }
 
-    fn agent_starts(&mut self, n: usize, svcs: &[services::Svc], plan: &Plan, r: &mut Results) -> Result<()> {
-        self.agent.serve(svcs)?;
+    /// The agent's first sync from nothing, `plan.apply_rounds` times, with `svcs` in the API
+    /// (fillers from `api_fillers` up written to etcd, see [`AgentSide::serve`]).
+    fn agent_starts(
+        &mut self,
+        n: usize,
+        svcs: &[services::Svc],
+        api_fillers: usize,
+        plan: &Plan,
+        r: &mut Results,
+    ) -> Result<()> {
+        self.agent.serve(svcs, api_fillers)?;
         let want = services::expected_frontends(n);
         let starts = (0..plan.apply_rounds).map(|_| self.agent.start_from_nothing(want)).collect::<Result<Vec<_>>>()?;
         let e2e: Vec<Duration> = starts.iter().map(|s| s.end_to_end).collect();
@@ -289,122 +298,89 @@ impl<'a> Bed<'a> {
     /// Evidence that A's connections went through its rules and B's through the agent, and
     /// that every side's reached the endpoint.
     fn check_paths(&self, n: usize, r: &mut Results) -> Result<()> {
+        let at = int(n);
         for v in Variant::ALL {
             for &family in v.families() {
                 let samples = &r.pod_samples(family)[&(n, v)];
                 let made: u64 = samples.iter().map(|c| c.connections).sum();
                 let failed: u64 = samples.iter().map(|c| c.errors).sum();
                 let accepted = self.labs.accepted(v, family);
-                r.path_checks.push(format!(
-                    "N = {}, {}{}: {} connections made, {failed} failed; the endpoint's sink has accepted {} in all",
-                    int(n),
+                let line = format!(
+                    "N = {at}, {}{}: {} connections made, {failed} failed; the endpoint's sink has accepted {} in all",
                     v.label(),
                     over(family),
                     int(made as usize),
                     int(accepted as usize)
-                ));
-                anyhow::ensure!(
-                    accepted > 0,
-                    "{}{} at N = {n}: the endpoint accepted nothing",
-                    v.label(),
-                    over(family)
                 );
+                path_check(r, line, accepted > 0)?;
             }
         }
         for backend in Backend::ALL {
-            let packets = self.baseline(backend).target_dnat_packets(n, EX_CLUS_PREROUTING)?;
+            let (a, ipt) = (self.baseline(backend), backend.iptables());
+            let packets = a.target_dnat_packets(n, EX_CLUS_PREROUTING)?;
             let conns: u64 = r.conn[&(n, Variant::A(backend))].iter().map(|c| c.connections).sum();
-            r.path_checks.push(format!(
-                "N = {}, {}: the target's DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
-                int(n),
-                backend.iptables(),
+            let line = format!(
+                "N = {at}, {ipt}: the target's DNAT rule counted {} new connections (the loop made {}, plus iperf3's)",
                 int(packets as usize),
                 int(conns as usize)
-            ));
-            anyhow::ensure!(
-                packets >= conns,
-                "A ({}) at N = {n}: DNAT counted {packets} < {conns}",
-                backend.iptables()
             );
-            let entered = self.baseline(backend).chain_entries()?;
+            path_check(r, line, packets >= conns)?;
+            let entered = a.chain_entries()?;
             let to_cluster: u64 =
                 r.conn_cluster.get(&(n, Variant::A(backend))).map_or(0, |s| s.iter().map(|c| c.connections).sum());
-            r.path_checks.push(format!(
-                "N = {}, {}: {} new connections entered its chain (the loops made {} to the LB IP and {} to the cluster IP, plus iperf3's)",
-                int(n),
-                backend.iptables(),
+            let line = format!(
+                "N = {at}, {ipt}: {} new connections entered its chain (the loops made {} to the LB IP and {} to the cluster IP, plus iperf3's)",
                 int(entered as usize),
                 int(conns as usize),
                 int(to_cluster as usize)
-            ));
-            anyhow::ensure!(
-                entered >= conns + to_cluster,
-                "A ({}) at N = {n}: {entered} connections entered the chain < {} made",
-                backend.iptables(),
-                conns + to_cluster
             );
-        }
-        for backend in Backend::ALL {
-            let packets = self.baseline(backend).target_dnat_packets(n, EX_CLUS_OUTPUT)?;
+            path_check(r, line, entered >= conns + to_cluster)?;
+            let packets = a.target_dnat_packets(n, EX_CLUS_OUTPUT)?;
             let conns = host_connections(r, n, Variant::A(backend));
-            r.path_checks.push(format!(
-                "N = {}, {}: the target's OUTPUT DNAT rule counted {} new connections (node processes made {})",
-                int(n),
-                backend.iptables(),
+            let line = format!(
+                "N = {at}, {ipt}: the target's OUTPUT DNAT rule counted {} new connections (node processes made {})",
                 int(packets as usize),
                 int(conns as usize)
-            ));
-            anyhow::ensure!(
-                packets >= conns,
-                "A ({}) at N = {n}: OUTPUT DNAT counted {packets} < {conns}",
-                backend.iptables()
             );
+            path_check(r, line, packets >= conns)?;
         }
         let peer_out = self.nft_map(Family::V4).dnat_packets("out")?;
         let conns = host_connections(r, n, Variant::NftMap);
-        r.path_checks.push(format!(
-            "N = {}, nftables set + map: its output DNAT rule counted {} new connections (node processes made {})",
-            int(n),
+        let line = format!(
+            "N = {at}, nftables set + map: its output DNAT rule counted {} new connections (node processes made {})",
             int(peer_out as usize),
             int(conns as usize)
-        ));
-        anyhow::ensure!(peer_out >= conns, "A′ at N = {n}: output DNAT counted {peer_out} < {conns}");
+        );
+        path_check(r, line, peer_out >= conns)?;
         let hooked = self.agent.counter("sock_connect_v4")?;
         let conns = host_connections(r, n, Variant::B);
-        r.path_checks.push(format!(
-            "N = {}, node-manager: its connect4 socket hook rewrote {} connects (node processes made {})",
-            int(n),
+        let line = format!(
+            "N = {at}, node-manager: its connect4 socket hook rewrote {} connects (node processes made {})",
             int(hooked as usize),
             int(conns as usize)
-        ));
-        anyhow::ensure!(hooked >= conns, "B at N = {n}: connect4 rewrote {hooked} < {conns} connections");
+        );
+        path_check(r, line, hooked >= conns)?;
         for family in Family::ALL {
             // iperf3 runs on IPv4 only.
             let iperf = if family == Family::V4 { ", plus iperf3's" } else { "" };
             let peer = self.nft_map(family).dnat_packets("pre")?;
             let conns = pod_connections(r, n, Variant::NftMap, family);
-            r.path_checks.push(format!(
-                "N = {}, nftables set + map{}: its DNAT rule counted {} new connections (the loop made {}{iperf})",
-                int(n),
+            let line = format!(
+                "N = {at}, nftables set + map{}: its DNAT rule counted {} new connections (the loop made {}{iperf})",
                 over(family),
                 int(peer as usize),
                 int(conns as usize)
-            ));
-            anyhow::ensure!(peer >= conns, "A′{} at N = {n}: DNAT counted {peer} < {conns}", over(family));
+            );
+            path_check(r, line, peer >= conns)?;
             let rewrites = self.agent.rewrites(family)?;
             let conns = pod_connections(r, n, Variant::B, family);
-            r.path_checks.push(format!(
-                "N = {}, node-manager{}: the pod ingress program rewrote {} packets (the loop made {} connections of 3 packets each{iperf})",
-                int(n),
+            let line = format!(
+                "N = {at}, node-manager{}: the pod ingress program rewrote {} packets (the loop made {} connections of 3 packets each{iperf})",
                 over(family),
                 int(rewrites as usize),
                 int(conns as usize)
-            ));
-            anyhow::ensure!(
-                rewrites >= 3 * conns,
-                "B{} at N = {n}: {rewrites} rewrites < 3 × {conns} connections",
-                over(family)
             );
+            path_check(r, line, rewrites >= 3 * conns)?;
         }
         Ok(())
     }
@@ -471,6 +447,16 @@ impl<'a> Bed<'a> {
         r.agent_change.insert(n, changes);
         Ok(())
     }
+}
+
+/// Records a path check's line for the report; fails the run with it when `ok` is false (the
+/// traffic did not take the path its side is meant to measure).
+fn path_check(r: &mut Results, line: String, ok: bool) -> Result<()> {
+    if !ok {
+        anyhow::bail!("path check failed: {line}");
+    }
+    r.path_checks.push(line);
+    Ok(())
 }
 
 /// " (IPv6)" after the names of IPv6 figures; IPv4 ones go unmarked, as before IPv6 was measured.

@@ -10,6 +10,7 @@ mod baseline;
 mod bed;
 mod bpf_stats;
 mod conn;
+mod etcd_fill;
 mod host;
 mod interrupt;
 mod iperf;

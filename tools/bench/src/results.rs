@@ -130,6 +130,13 @@ impl Plan {
         }
     }
 
+    /// Fillers numbered below this are created through the API; node-manager-only phases
+    /// beyond the side-by-side N write the rest straight to etcd (see [`crate::etcd_fill`]: the
+    /// apiserver's own creates cost O(N) each).
+    pub fn api_fillers(&self) -> usize {
+        self.ns.iter().copied().max().unwrap_or(1).max(1)
+    }
+
     /// Every N the agent and the per-packet cost are measured at.
     pub fn all_ns(&self) -> Vec<usize> {
         self.ns.iter().chain(&self.map_only).copied().collect()

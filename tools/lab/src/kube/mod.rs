@@ -162,6 +162,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub apiserver_port: u16,
+    /// etcd's client URL (plain HTTP on loopback).
+    pub etcd_url: String,
     etcd: Proc,
     apiserver: Proc,
     /// The second apiserver ([`Options::standby_apiserver`]) and its port.
@@ -204,6 +206,7 @@ impl Cluster {
             dir: dir.clone(),
             bin: bin.clone(),
             apiserver_port,
+            etcd_url: etcd_url.clone(),
             etcd: Proc {
                 name: "etcd",
                 program: bin.join("etcd"),
