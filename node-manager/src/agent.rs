@@ -181,6 +181,8 @@ struct Agent {
     drop_invalid: Option<DropInvalid>,
     matcher: Matcher,
     snapshot: Option<Snapshot>,
+    /// The desired frontends of the last snapshot, updated per changed Service.
+    model: model::Model,
     /// Interfaces this process attached to (re-attached once at start to take over).
     attached: BTreeSet<Iface>,
     /// Warnings already logged, so a resync does not repeat them.
@@ -202,8 +204,14 @@ impl Agent {
         telemetry: Arc<Telemetry>,
     ) -> Result<Agent> {
         let matcher = Matcher::new(&cfg.pod_interfaces)?;
+        let model = model::Model::new(model::Options {
+            external_ip_allow: cfg.external_ip_allow.clone(),
+            ipv4: cfg.ipv4,
+            ipv6: cfg.ipv6,
+        });
         Ok(Agent {
             cfg,
+            model,
             datapath,
             drop_invalid,
             matcher,
@@ -259,14 +267,15 @@ impl Agent {
     /// `full`: read the maps and repair drift; otherwise diff against what was last written.
     fn sync_maps(&mut self, snapshot: Snapshot, full: bool) {
         self.report_once(&snapshot.warnings);
-        let opts = model::Options {
-            external_ip_allow: self.cfg.external_ip_allow.clone(),
-            ipv4: self.cfg.ipv4,
-            ipv6: self.cfg.ipv6,
-        };
         let started = Instant::now();
-        let desired = model::desired(&snapshot.services, &opts);
-        self.report_once(&desired.warnings);
+        // A full resync rebuilds the model from scratch (as the first sync does); an event
+        // recomputes only the Services that changed.
+        let update = if full || !self.synced {
+            self.model.rebuild(&snapshot.services)
+        } else {
+            self.model.update(&snapshot.services)
+        };
+        self.report_once(&update.warnings);
         let pod_cidrs = plan::pod_cidrs(
             self.cfg.pod_cidrs_override.as_deref(),
             snapshot.node_pod_cidrs.as_deref(),
@@ -279,9 +288,9 @@ impl Agent {
             ]);
         }
         let synced = if full {
-            self.datapath.sync_frontends(&desired.frontends)
+            self.datapath.sync_frontends(self.model.frontends())
         } else {
-            self.datapath.sync_frontends_incremental(&desired.frontends)
+            self.datapath.sync_frontend_changes(&update.changed, self.model.frontends())
         };
         let took = started.elapsed();
         self.telemetry.reconciled("maps", took, synced.is_ok());
@@ -302,7 +311,7 @@ impl Agent {
         }
         match synced {
             Ok(synced) => tracing::info!(
-                frontends = desired.frontends.len(),
+                frontends = self.model.frontends().len(),
                 added = synced.stats.added,
                 changed = synced.stats.changed,
                 removed = synced.stats.removed,

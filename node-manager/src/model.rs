@@ -15,6 +15,9 @@ use std::{
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 
+mod incremental;
+pub use incremental::{Model, Update};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,

@@ -369,6 +369,64 @@ fn frontend_removal_by_diff_stops_the_rewrite() {
     assert_untouched(&ingress(&mut dp, &input), &input, "after the frontend was removed");
 }
 
+/// The agent's event path: `Model::update` names the frontends one Service change touched,
+/// and `sync_frontend_changes` writes those and nothing else (an entry removed behind the
+/// agent's back stays removed until the full resync, which reads the map and repairs it).
+#[test]
+fn a_service_change_writes_only_its_frontends_and_the_full_sync_repairs_the_rest() {
+    use std::sync::Arc;
+
+    use node_manager::model::{Model, Options, ServiceInfo};
+    let svc = |name: &str, ext: &str, cluster: &str, port: i32| {
+        Arc::new(ServiceInfo {
+            name: name.into(),
+            cluster_ips: vec![cluster.into()],
+            ingress_ips: vec![ext.into()],
+            ports: vec![(port, None)],
+            ..ServiceInfo::default()
+        })
+    };
+    let mut dp = Datapath::load_unpinned().expect("load the eBPF object (run as root)");
+    dp.sync_pod_cidrs(&["192.0.2.0/25".parse().unwrap()].into()).unwrap();
+    let web = svc("lab/web", EXT4, CLUSTER4, 8080);
+    let other = svc("lab/other", "203.0.113.11", "198.51.100.11", 80);
+    let mut model = Model::new(Options::all());
+    model.rebuild(&[web.clone(), other.clone()]);
+    dp.sync_frontends(model.frontends()).unwrap();
+    assert_eq!(model.frontends().len(), 4, "a port and an echo entry each");
+
+    // Behind the agent's back: web's echo entry goes.
+    let fd = dp.map_fd(node_manager_common::map_names::FRONTENDS).unwrap();
+    let mut map: aya::maps::HashMap<_, node_manager_common::FrontendKey, node_manager_common::Frontend> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(aya::maps::MapData::from_fd(fd).unwrap())).unwrap();
+    let echo = node_manager::kernel::maps::frontend_key(&FrontendAddr {
+        addr: EXT4.parse().unwrap(),
+        port: 0,
+        protocol: Protocol::IcmpEcho,
+    });
+    map.remove(&echo).unwrap();
+
+    // other moves to another address: its two old entries go, two new ones come.
+    let moved = svc("lab/other", "203.0.113.12", "198.51.100.11", 80);
+    let update = model.update(&[web.clone(), moved.clone()]);
+    assert_eq!(update.changed.len(), 4, "{update:?}");
+    let synced = dp.sync_frontend_changes(&update.changed, model.frontends()).unwrap();
+    assert_eq!((synced.stats.added, synced.stats.removed, synced.stats.changed), (2, 2, 0));
+    let to_new = frame(&Spec::tcp(POD4, 40000, "203.0.113.12", 80));
+    assert_eq!(
+        ingress(&mut dp, &to_new).out,
+        expect(&Spec::tcp(POD4, 40000, "203.0.113.12", 80), POD4, "198.51.100.11")
+    );
+    let to_old = frame(&Spec::tcp(POD4, 40000, "203.0.113.11", 80));
+    assert_untouched(&ingress(&mut dp, &to_old), &to_old, "the moved Service's old address");
+    assert!(map.get(&echo, 0).is_err(), "the event path wrote an entry it was not told about");
+
+    // The full resync reads the map and puts web's echo entry back.
+    let repaired = dp.sync_frontends(model.frontends()).unwrap();
+    assert_eq!((repaired.stats.added, repaired.stats.unchanged), (1, 3));
+    assert!(map.get(&echo, 0).is_ok());
+}
+
 /// Shortest frame BPF_PROG_TEST_RUN accepts: Ethernet plus the IP header of its ethertype.
 fn min_kernel_len(frame: &[u8]) -> usize {
     match frame.get(12..14) {

@@ -392,12 +392,71 @@ impl Datapath {
         self.write_frontends(desired, (have, have_owners))
     }
 
-    /// Like `sync_frontends`, but diffs against what this process last wrote instead of
-    /// reading the whole map (10,000 entries are 20,000 syscalls): for event-driven updates.
-    /// Falls back to the full sync when the last write is unknown or failed.
-    pub fn sync_frontends_incremental(&mut self, desired: &BTreeMap<FrontendAddr, Target>) -> Result<FrontendsSynced> {
-        let Some(have) = self.written.take() else { return self.sync_frontends(desired) };
-        self.write_frontends(desired, have)
+    /// Writes only the frontends an update changed (`changed`, from `model::Model::update`)
+    /// over what this process last wrote: one Service change costs its own entries, not a diff
+    /// of all of them. Falls back to the diff of everything in `desired` when the last write is
+    /// unknown, or when the maps would not hold all of `desired` after (an entry that did not
+    /// fit before may fit now that another is gone).
+    pub fn sync_frontend_changes(
+        &mut self,
+        changed: &BTreeMap<FrontendAddr, Option<Target>>,
+        desired: &BTreeMap<FrontendAddr, Target>,
+    ) -> Result<FrontendsSynced> {
+        let Some((mut frontends, mut owners)) = self.written.take() else { return self.sync_frontends(desired) };
+        let mut stats = SyncStats::default();
+        let mut written = Vec::with_capacity(changed.len());
+        {
+            let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
+            for (f, target) in changed {
+                let key = maps::frontend_key(f);
+                match target {
+                    None => match map.remove(&key) {
+                        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                            stats.removed += usize::from(frontends.remove(&key).is_some());
+                        }
+                        Err(e) => return Err(e).with_context(|| format!("removing frontend {f}")),
+                    },
+                    Some(t) => {
+                        let value = Frontend { cluster_addr: maps::addr16(t.cluster_ip) };
+                        match map.insert(key, value, 0) {
+                            Ok(()) => {
+                                match frontends.insert(key, value) {
+                                    Some(_) => stats.changed += 1,
+                                    None => stats.added += 1,
+                                }
+                                written.push((key, Owner::new(&t.owner)));
+                            }
+                            Err(e) if maps::is_map_full(&e) => {}
+                            Err(e) => return Err(e).with_context(|| format!("writing frontend {f}")),
+                        }
+                    }
+                }
+            }
+        }
+        let mut owner_map = self.owners_mut()?;
+        for (f, target) in changed {
+            if target.is_none() {
+                let key = maps::frontend_key(f);
+                match owner_map.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                        owners.remove(&key);
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("removing the owner of {f}")),
+                }
+            }
+        }
+        for (key, owner) in written {
+            owner_map
+                .insert(key, owner, 0)
+                .with_context(|| format!("writing the owner of {:?}", maps::frontend_addr(&key)))?;
+            owners.insert(key, owner);
+        }
+        if frontends.len() != desired.len() {
+            return self.write_frontends(desired, (frontends, owners));
+        }
+        stats.unchanged = desired.len().saturating_sub(stats.added + stats.changed);
+        self.written = Some((frontends, owners));
+        Ok(FrontendsSynced { stats, not_fitting_services: Vec::new() })
     }
 
     /// Writes `desired` over what the maps hold (`have`); remembers what they hold after.

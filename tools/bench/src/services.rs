@@ -5,7 +5,8 @@
 //!
 //! The apiserver gives every Service its own cluster IP, and the documentation ranges hold only
 //! 256 IPv4 ones: in the API the fillers are IPv6 (cluster IPs from 2001:db8:5::/108, one
-//! external IP each from 2001:db8:e:1::/64), the target dual-stack (the lab's IPv4 and IPv6
+//! external IP each of 240 in 2001:db8:e:1::/64, shared as the IPv4 ones are, with its own
+//! port), the target dual-stack (the lab's IPv4 and IPv6
 //! addresses), so the IPv6 sides talk to the same Service. node-manager keeps both families
 //! in one hash map with 16-byte keys, so the map it looks the target up in has N Services'
 //! entries either way; network-node-manager's chains get the IPv4 rules below, the nftables
@@ -103,9 +104,10 @@ pub fn services(n: usize) -> Vec<Svc> {
 }
 
 /// Entries node-manager writes for `n` Services as the API holds them: a filler's (IP, port,
-/// TCP) and its IP's ICMP echo entry; per family of the target, its two ports and its echo entry.
+/// TCP), an ICMP echo entry per filler IP (shared by the fillers on it); per family of the
+/// target, its two ports and its echo entry.
 pub fn expected_frontends(n: usize) -> usize {
-    2 * (n - 1) + target().api_families().len() * (target().ports.len() + 1)
+    (n - 1) + (n - 1).min(FILLER_IPS) + target().api_families().len() * (target().ports.len() + 1)
 }
 
 impl Svc {
@@ -130,7 +132,11 @@ impl Svc {
             (Family::V6, Some(i)) => {
                 let i = u128::try_from(i).expect("usize fits u128");
                 let cluster = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 0x100)) + i;
-                let ext = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0)) + i;
+                // The external IPs are shared as the IPv4 ones are (the port tells the
+                // fillers apart), so the map holds N + 245 entries, not 2N: at 100,000 a
+                // distinct address each would need 200,004, past FRONTENDS_MAX (131,072).
+                let shared = i % u128::try_from(FILLER_IPS).expect("usize fits u128");
+                let ext = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0)) + shared;
                 (Ipv6Addr::from(cluster).into(), Ipv6Addr::from(ext).into())
             }
         }
@@ -267,15 +273,16 @@ mod tests {
     fn expected_frontends_counts_icmp_per_address() {
         assert_eq!(expected_frontends(1), 6);
         assert_eq!(expected_frontends(2), 8);
-        assert_eq!(expected_frontends(10_000), 2 * 9_999 + 2 * (2 + 1));
+        assert_eq!(expected_frontends(241), 2 * 240 + 2 * (2 + 1));
+        assert_eq!(expected_frontends(10_000), 9_999 + 240 + 2 * (2 + 1));
     }
 
     #[test]
-    fn fillers_in_the_api_are_ipv6_with_their_own_addresses_and_the_target_dual_stack() {
+    fn fillers_in_the_api_are_ipv6_with_their_own_cluster_ips_and_the_target_dual_stack() {
         let (c0, e0) = filler(0).addrs(Family::V6);
         assert_eq!((c0.to_string(), e0.to_string()), ("2001:db8:5::100".into(), "2001:db8:e:1::".into()));
         let (c, e) = filler(99_999).addrs(Family::V6);
-        assert_eq!((c.to_string(), e.to_string()), ("2001:db8:5::1:879f".into(), "2001:db8:e:1::1:869f".into()));
+        assert_eq!((c.to_string(), e.to_string()), ("2001:db8:5::1:879f".into(), "2001:db8:e:1::9f".into()));
         let yaml = filler(7).to_api_yaml();
         assert!(yaml.contains("type: ClusterIP") && yaml.contains("externalIPs: ['2001:db8:e:1::7']"), "{yaml}");
         assert!(yaml.contains("{name: p0, port: 1000, protocol: TCP, targetPort: 1000}"), "{yaml}");

@@ -1,0 +1,341 @@
+//! The desired frontends kept up to date one changed Service at a time.
+//!
+//! Every agent holds every Service of the cluster and sees every change: rebuilding all of
+//! them per change (`desired`) costs each agent O(N) CPU per Service change, cluster-wide
+//! O(nodes × N). Here a change costs its own Service's frontends: the snapshot's Services are
+//! compared with the last ones by pointer (the sources share one `Arc` per Service version),
+//! and only those that differ are recomputed. The answer is the same as `desired` on the same
+//! Services (tested against it on random sequences of changes); the periodic resync still
+//! rebuilds from scratch.
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, HashSet},
+    hash::{Hash, Hasher},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use super::{FrontendAddr, Options, Protocol, ServiceInfo, Target, service_frontends};
+
+/// What one update changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Frontends whose target changed: the new target, or `None` when no Service claims them
+    /// any more. Frontends not listed are as before.
+    pub changed: BTreeMap<FrontendAddr, Option<Target>>,
+    /// Problems found in the Services recomputed (each names its Service), and conflicts.
+    pub warnings: Vec<String>,
+}
+
+/// The model: every Service as last seen, and the winner of every frontend.
+#[derive(Debug)]
+pub struct Model {
+    opts: Options,
+    services: HashSet<ByName>,
+    /// The frontends and who won each: equal to `desired(services).frontends`.
+    frontends: BTreeMap<FrontendAddr, Target>,
+    /// For a frontend claimed by more than one Service, the others (name → their cluster IP).
+    losers: BTreeMap<FrontendAddr, BTreeMap<String, IpAddr>>,
+}
+
+impl Model {
+    pub fn new(opts: Options) -> Model {
+        Model { opts, services: HashSet::new(), frontends: BTreeMap::new(), losers: BTreeMap::new() }
+    }
+
+    /// The desired frontends.
+    pub fn frontends(&self) -> &BTreeMap<FrontendAddr, Target> {
+        &self.frontends
+    }
+
+    /// Forgets everything and takes `services` from scratch (every warning is reported again).
+    pub fn rebuild(&mut self, services: &[Arc<ServiceInfo>]) -> Update {
+        let before = std::mem::take(&mut self.frontends);
+        self.services.clear();
+        self.losers.clear();
+        let mut sorted: Vec<&Arc<ServiceInfo>> = services.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut warnings = Vec::new();
+        for svc in sorted {
+            self.claim_all(svc, &mut warnings);
+            self.services.replace(ByName(svc.clone()));
+        }
+        let mut changed: BTreeMap<FrontendAddr, Option<Target>> = BTreeMap::new();
+        for (f, old) in &before {
+            if self.frontends.get(f) != Some(old) {
+                changed.insert(*f, self.frontends.get(f).cloned());
+            }
+        }
+        for (f, new) in &self.frontends {
+            if !before.contains_key(f) {
+                changed.insert(*f, Some(new.clone()));
+            }
+        }
+        Update { changed, warnings }
+    }
+
+    /// Brings the model to `services` (names unique, as a source publishes them), recomputing
+    /// only the Services that are new, gone, or not the same `Arc` as before.
+    pub fn update(&mut self, services: &[Arc<ServiceInfo>]) -> Update {
+        let mut touched: BTreeMap<FrontendAddr, Option<Target>> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut changes: Vec<(Option<Arc<ServiceInfo>>, Option<&Arc<ServiceInfo>>)> = Vec::new();
+        let names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        for gone in self.services.iter().filter(|s| !names.contains(s.0.name.as_str())) {
+            changes.push((Some(gone.0.clone()), None));
+        }
+        for svc in services {
+            match self.services.get(svc.name.as_str()) {
+                Some(known) if Arc::ptr_eq(&known.0, svc) => {}
+                known => changes.push((known.map(|k| k.0.clone()), Some(svc))),
+            }
+        }
+        // Withdraw every old claim first, then make the new ones: a Service that moves a
+        // frontend to another never sees its own old claim.
+        for (old, _) in &changes {
+            if let Some(old) = old {
+                for (f, _) in service_frontends(old, &self.opts, &mut Vec::new()) {
+                    touched.entry(f).or_insert_with(|| self.frontends.get(&f).cloned());
+                    self.withdraw(&f, &old.name);
+                }
+                self.services.remove(old.name.as_str());
+            }
+        }
+        for (_, new) in &changes {
+            if let Some(new) = new {
+                for (f, cluster_ip) in service_frontends(new, &self.opts, &mut warnings) {
+                    touched.entry(f).or_insert_with(|| self.frontends.get(&f).cloned());
+                    self.claim(f, &new.name, cluster_ip, &mut warnings);
+                }
+                self.services.replace(ByName((*new).clone()));
+            }
+        }
+        touched.retain(|f, before| {
+            let now = self.frontends.get(f);
+            if now == before.as_ref() {
+                return false;
+            }
+            *before = now.cloned();
+            true
+        });
+        Update { changed: touched, warnings }
+    }
+
+    fn claim_all(&mut self, svc: &ServiceInfo, warnings: &mut Vec<String>) {
+        for (f, cluster_ip) in service_frontends(svc, &self.opts, warnings) {
+            self.claim(f, &svc.name, cluster_ip, warnings);
+        }
+    }
+
+    /// `owner` claims `f`: the Service whose name sorts first holds it.
+    fn claim(&mut self, f: FrontendAddr, owner: &str, cluster_ip: IpAddr, warnings: &mut Vec<String>) {
+        let Some(current) = self.frontends.get_mut(&f) else {
+            self.frontends.insert(f, Target { cluster_ip, owner: owner.to_owned() });
+            return;
+        };
+        if current.owner == owner {
+            return; // the same Service twice (one address as external IP and ingress IP)
+        }
+        let (winner, loser, loser_ip) = if owner < current.owner.as_str() {
+            let demoted = std::mem::replace(current, Target { cluster_ip, owner: owner.to_owned() });
+            (owner.to_owned(), demoted.owner, demoted.cluster_ip)
+        } else {
+            (current.owner.clone(), owner.to_owned(), cluster_ip)
+        };
+        // Several Services sharing one LB IP on different ports is normal (MetalLB's
+        // allow-shared-ip); only the echo entry overlaps then, so it is not a conflict.
+        if f.protocol != Protocol::IcmpEcho {
+            warnings.push(format!("{loser}: frontend {f} is also claimed by {winner}; {winner} wins (sorts first)"));
+        }
+        self.losers.entry(f).or_default().insert(loser, loser_ip);
+    }
+
+    /// `owner` no longer claims `f`: the next Service in name order takes it, if any.
+    fn withdraw(&mut self, f: &FrontendAddr, owner: &str) {
+        match self.frontends.get(f) {
+            Some(current) if current.owner == owner => {
+                let next = self.losers.get_mut(f).and_then(|l| l.pop_first());
+                if self.losers.get(f).is_some_and(BTreeMap::is_empty) {
+                    self.losers.remove(f);
+                }
+                match next {
+                    Some((owner, cluster_ip)) => self.frontends.insert(*f, Target { cluster_ip, owner }),
+                    None => self.frontends.remove(f),
+                };
+            }
+            _ => {
+                if let Some(losers) = self.losers.get_mut(f) {
+                    losers.remove(owner);
+                    if losers.is_empty() {
+                        self.losers.remove(f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A Service in the model's set, found by its `namespace/name` (no second copy of the name).
+#[derive(Debug)]
+struct ByName(Arc<ServiceInfo>);
+
+impl Borrow<str> for ByName {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
+}
+
+impl Hash for ByName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that lookups by `&str` find it.
+        self.0.name.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ByName {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for ByName {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::desired;
+
+    /// A small deterministic generator (the tests must not depend on a seed crate's changes).
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A random Service from a small space, so that Services collide on addresses and ports.
+    fn random_service(rng: &mut Rng, name: &str) -> ServiceInfo {
+        let ext = |rng: &mut Rng| match rng.below(3) {
+            0 => format!("203.0.113.{}", rng.below(3)),
+            1 => format!("2001:db8::{}", rng.below(3)),
+            _ => ["bad", "", "203.0.113.300"][rng.below(3) as usize].to_owned(),
+        };
+        let cluster = match rng.below(5) {
+            0 => vec![],
+            1 => vec!["None".to_owned()],
+            2 => vec![format!("198.51.100.{}", rng.below(5))],
+            3 => vec![format!("2001:db8:5::{}", rng.below(5))],
+            _ => vec![format!("198.51.100.{}", rng.below(5)), format!("2001:db8:5::{}", rng.below(5))],
+        };
+        let protocols = [None, Some("TCP"), Some("UDP"), Some("SCTP")];
+        ServiceInfo {
+            name: name.to_owned(),
+            no_frontends: rng.below(10) == 0,
+            cluster_ips: cluster,
+            external_ips: (0..rng.below(3)).map(|_| ext(rng)).collect(),
+            ingress_ips: (0..rng.below(3)).map(|_| ext(rng)).collect(),
+            ports: (0..rng.below(3))
+                .map(|_| {
+                    let port = [80, 443, 0, 70_000][rng.below(4) as usize];
+                    (port, protocols[rng.below(4) as usize].map(str::to_owned))
+                })
+                .collect(),
+        }
+    }
+
+    fn diff(before: &BTreeMap<FrontendAddr, Target>, after: &BTreeMap<FrontendAddr, Target>) -> Update {
+        let mut changed = BTreeMap::new();
+        for f in before.keys().chain(after.keys()) {
+            if before.get(f) != after.get(f) {
+                changed.insert(*f, after.get(f).cloned());
+            }
+        }
+        Update { changed, warnings: Vec::new() }
+    }
+
+    #[test]
+    fn every_update_equals_the_rebuild_from_scratch_and_reports_exactly_what_changed() {
+        for (seed, opts) in [
+            (1, Options::all()),
+            (2, Options { ipv6: false, ..Options::all() }),
+            (3, Options { external_ip_allow: Some(vec!["203.0.113.0/31".parse().unwrap()]), ..Options::all() }),
+        ] {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+            let mut model = Model::new(opts.clone());
+            let mut services: Vec<Arc<ServiceInfo>> = Vec::new();
+            let mut before = BTreeMap::new();
+            for step in 0..3_000 {
+                // Add, change or remove one to three Services of twelve names.
+                for _ in 0..=rng.below(3) {
+                    let name = format!("ns/svc-{}", rng.below(12));
+                    services.retain(|s| s.name != name);
+                    if rng.below(4) != 0 {
+                        services.push(Arc::new(random_service(&mut rng, &name)));
+                    }
+                }
+                // Sometimes the same Services in another order, sometimes an unchanged copy.
+                if rng.below(5) == 0 {
+                    services.reverse();
+                }
+                if rng.below(7) == 0
+                    && let Some(s) = services.first_mut()
+                {
+                    *s = Arc::new((**s).clone());
+                }
+                let update = model.update(&services);
+                let want = desired(&services, &opts);
+                assert_eq!(model.frontends(), &want.frontends, "seed {seed} step {step}: {services:#?}");
+                assert_eq!(update.changed, diff(&before, &want.frontends).changed, "seed {seed} step {step}");
+                before = want.frontends;
+            }
+        }
+    }
+
+    #[test]
+    fn a_rebuild_reports_every_warning_as_desired_does() {
+        let mut rng = Rng(7);
+        let services: Vec<Arc<ServiceInfo>> =
+            (0..40).map(|k| Arc::new(random_service(&mut rng, &format!("ns/svc-{k:02}")))).collect();
+        let mut model = Model::new(Options::all());
+        let update = model.rebuild(&services);
+        let want = desired(&services, &Options::all());
+        assert_eq!(model.frontends(), &want.frontends);
+        assert_eq!(update.warnings, want.warnings);
+        assert_eq!(update.changed.len(), want.frontends.len());
+        // A second rebuild of the same Services changes nothing.
+        assert!(model.rebuild(&services).changed.is_empty());
+    }
+
+    #[test]
+    fn a_change_recomputes_only_its_service_and_a_conflict_is_reported_when_it_arises() {
+        let lb = |name: &str, ext: &str, cluster: &str| {
+            Arc::new(ServiceInfo {
+                name: name.to_owned(),
+                cluster_ips: vec![cluster.to_owned()],
+                ingress_ips: vec![ext.to_owned()],
+                ports: vec![(80, None)],
+                ..ServiceInfo::default()
+            })
+        };
+        let mut model = Model::new(Options::all());
+        let (a, b) = (lb("ns/a", "203.0.113.1", "198.51.100.1"), lb("ns/b", "203.0.113.2", "198.51.100.2"));
+        model.update(&[a.clone(), b.clone()]);
+        // b takes a's address: b loses (a sorts first), and says so.
+        let b2 = lb("ns/b", "203.0.113.1", "198.51.100.2");
+        let update = model.update(&[a.clone(), b2.clone()]);
+        assert_eq!(
+            update.warnings,
+            ["ns/b: frontend 203.0.113.1:80/TCP is also claimed by ns/a; ns/a wins (sorts first)"]
+        );
+        assert_eq!(update.changed.len(), 2, "b's old port and echo entries go: {update:?}");
+        assert!(update.changed.values().all(Option::is_none));
+        // a goes: b takes over a's frontends.
+        let update = model.update(&[b2]);
+        assert_eq!(update.changed.len(), 2);
+        assert!(update.changed.values().all(|t| t.as_ref().is_some_and(|t| t.owner == "ns/b")));
+        assert!(update.warnings.is_empty());
+    }
+}
