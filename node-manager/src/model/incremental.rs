@@ -27,6 +27,9 @@ pub struct Update {
     pub warnings: Vec<String>,
 }
 
+/// A Service that changed: its last version (none if new), its version now (none if gone).
+type Change<'a> = (Option<Arc<ServiceInfo>>, Option<&'a Arc<ServiceInfo>>);
+
 /// The model: every Service as last seen, and the winner of every frontend.
 #[derive(Debug)]
 pub struct Model {
@@ -79,7 +82,7 @@ impl Model {
     pub fn update(&mut self, services: &[Arc<ServiceInfo>]) -> Update {
         let mut touched: BTreeMap<FrontendAddr, Option<Target>> = BTreeMap::new();
         let mut warnings = Vec::new();
-        let mut changes: Vec<(Option<Arc<ServiceInfo>>, Option<&Arc<ServiceInfo>>)> = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
         let names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         for gone in self.services.iter().filter(|s| !names.contains(s.0.name.as_str())) {
             changes.push((Some(gone.0.clone()), None));
