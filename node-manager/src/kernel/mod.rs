@@ -403,58 +403,23 @@ impl Datapath {
         desired: &BTreeMap<FrontendAddr, Target>,
     ) -> Result<FrontendsSynced> {
         let Some((mut frontends, mut owners)) = self.written.take() else { return self.sync_frontends(desired) };
-        let mut stats = SyncStats::default();
-        let mut written = Vec::with_capacity(changed.len());
-        {
-            let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-            for (f, target) in changed {
-                let key = maps::frontend_key(f);
-                match target {
-                    None => match map.remove(&key) {
-                        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
-                            stats.removed += usize::from(frontends.remove(&key).is_some());
-                        }
-                        Err(e) => return Err(e).with_context(|| format!("removing frontend {f}")),
-                    },
-                    Some(t) => {
-                        let value = Frontend { cluster_addr: maps::addr16(t.cluster_ip) };
-                        match map.insert(key, value, 0) {
-                            Ok(()) => {
-                                match frontends.insert(key, value) {
-                                    Some(_) => stats.changed += 1,
-                                    None => stats.added += 1,
-                                }
-                                written.push((key, Owner::new(&t.owner)));
-                            }
-                            Err(e) if maps::is_map_full(&e) => {}
-                            Err(e) => return Err(e).with_context(|| format!("writing frontend {f}")),
-                        }
-                    }
-                }
-            }
-        }
-        let mut owner_map = self.owners_mut()?;
-        for (f, target) in changed {
-            if target.is_none() {
-                let key = maps::frontend_key(f);
-                match owner_map.remove(&key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
-                        owners.remove(&key);
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("removing the owner of {f}")),
-                }
-            }
-        }
-        for (key, owner) in written {
-            owner_map
-                .insert(key, owner, 0)
-                .with_context(|| format!("writing the owner of {:?}", maps::frontend_addr(&key)))?;
-            owners.insert(key, owner);
-        }
-        if frontends.len() != desired.len() {
+        // The same diff as a full sync, on the changed keys only: what they held comes out of
+        // what was written, what they hold after goes back in.
+        let keys: Vec<FrontendKey> = changed.keys().map(maps::frontend_key).collect();
+        let have = (
+            keys.iter().filter_map(|k| frontends.remove_entry(k)).collect(),
+            keys.iter().filter_map(|k| owners.remove_entry(k)).collect(),
+        );
+        let want: BTreeMap<FrontendAddr, Target> = changed.iter().filter_map(|(f, t)| Some((*f, t.clone()?))).collect();
+        let synced = self.write_frontends(&want, have)?;
+        let Some((now_frontends, now_owners)) = self.written.take() else { return self.sync_frontends(desired) };
+        frontends.extend(now_frontends);
+        owners.extend(now_owners);
+        if !synced.not_fitting_services.is_empty() || frontends.len() != desired.len() {
             return self.write_frontends(desired, (frontends, owners));
         }
-        stats.unchanged = desired.len().saturating_sub(stats.added + stats.changed);
+        let mut stats = synced.stats;
+        stats.unchanged = desired.len() - stats.added - stats.changed;
         self.written = Some((frontends, owners));
         Ok(FrontendsSynced { stats, not_fitting_services: Vec::new() })
     }

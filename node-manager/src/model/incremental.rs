@@ -63,18 +63,7 @@ impl Model {
             self.claim_all(svc, &mut warnings);
             self.services.replace(ByName(svc.clone()));
         }
-        let mut changed: BTreeMap<FrontendAddr, Option<Target>> = BTreeMap::new();
-        for (f, old) in &before {
-            if self.frontends.get(f) != Some(old) {
-                changed.insert(*f, self.frontends.get(f).cloned());
-            }
-        }
-        for (f, new) in &self.frontends {
-            if !before.contains_key(f) {
-                changed.insert(*f, Some(new.clone()));
-            }
-        }
-        Update { changed, warnings }
+        Update { changed: diff(&before, &self.frontends), warnings }
     }
 
     /// Brings the model to `services` (names unique, as a source publishes them), recomputing
@@ -178,6 +167,19 @@ impl Model {
     }
 }
 
+/// The frontends whose target differs between `before` and `after`, with the one in `after`.
+fn diff(
+    before: &BTreeMap<FrontendAddr, Target>,
+    after: &BTreeMap<FrontendAddr, Target>,
+) -> BTreeMap<FrontendAddr, Option<Target>> {
+    before
+        .keys()
+        .chain(after.keys())
+        .filter(|f| before.get(f) != after.get(f))
+        .map(|f| (*f, after.get(f).cloned()))
+        .collect()
+}
+
 /// A Service in the model's set, found by its `namespace/name` (no second copy of the name).
 #[derive(Debug)]
 struct ByName(Arc<ServiceInfo>);
@@ -249,16 +251,6 @@ mod tests {
         }
     }
 
-    fn diff(before: &BTreeMap<FrontendAddr, Target>, after: &BTreeMap<FrontendAddr, Target>) -> Update {
-        let mut changed = BTreeMap::new();
-        for f in before.keys().chain(after.keys()) {
-            if before.get(f) != after.get(f) {
-                changed.insert(*f, after.get(f).cloned());
-            }
-        }
-        Update { changed, warnings: Vec::new() }
-    }
-
     #[test]
     fn every_update_equals_the_rebuild_from_scratch_and_reports_exactly_what_changed() {
         for (seed, opts) in [
@@ -291,7 +283,7 @@ mod tests {
                 let update = model.update(&services);
                 let want = desired(&services, &opts);
                 assert_eq!(model.frontends(), &want.frontends, "seed {seed} step {step}: {services:#?}");
-                assert_eq!(update.changed, diff(&before, &want.frontends).changed, "seed {seed} step {step}");
+                assert_eq!(update.changed, diff(&before, &want.frontends), "seed {seed} step {step}");
                 before = want.frontends;
             }
         }
