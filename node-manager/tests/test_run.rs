@@ -427,6 +427,63 @@ fn a_service_change_writes_only_its_frontends_and_the_full_sync_repairs_the_rest
     assert!(map.get(&echo, 0).is_ok());
 }
 
+/// The owner entries follow the frontend's winner through the event path (the agent remembers
+/// them as digests, not bytes), and a full sync repairs one changed behind the agent's back.
+#[test]
+fn owner_entries_follow_the_winner_and_the_full_sync_repairs_a_changed_one() {
+    use std::sync::Arc;
+
+    use node_manager::model::{Model, Options, ServiceInfo};
+    use node_manager_common::{FrontendKey, Owner, map_names};
+    let svc = |name: &str, cluster: &str| {
+        Arc::new(ServiceInfo {
+            name: name.into(),
+            cluster_ips: vec![cluster.into()],
+            ingress_ips: vec![EXT4.into()],
+            ports: vec![(8080, None)],
+            ..ServiceInfo::default()
+        })
+    };
+    let mut dp = Datapath::load_unpinned().expect("load the eBPF object (run as root)");
+    dp.sync_pod_cidrs(&["192.0.2.0/25".parse().unwrap()].into()).unwrap();
+    let fd = dp.map_fd(map_names::OWNERS).unwrap();
+    let mut owners: aya::maps::HashMap<_, FrontendKey, Owner> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(aya::maps::MapData::from_fd(fd).unwrap())).unwrap();
+    let key = node_manager::kernel::maps::frontend_key(&FrontendAddr {
+        addr: EXT4.parse().unwrap(),
+        port: 8080,
+        protocol: Protocol::Tcp,
+    });
+    let owner_of = |owners: &aya::maps::HashMap<_, FrontendKey, Owner>| {
+        owners.get(&key, 0).map(|o| o.as_str().unwrap_or("<not UTF-8>").to_owned()).ok()
+    };
+
+    let web = svc("lab/web", CLUSTER4);
+    let mut model = Model::new(Options::all());
+    model.rebuild(&[web.clone()]);
+    dp.sync_frontends(model.frontends()).unwrap();
+    assert_eq!(owner_of(&owners).as_deref(), Some("lab/web"));
+
+    // A Service whose name sorts first claims the same frontend: it wins, both entries change.
+    let first = svc("lab/a-web", "198.51.100.20");
+    let update = model.update(&[web.clone(), first.clone()]);
+    let synced = dp.sync_frontend_changes(&update.changed, model.frontends()).unwrap();
+    assert_eq!(synced.stats.changed, 2, "the port and the echo entry: {synced:?}");
+    assert_eq!(owner_of(&owners).as_deref(), Some("lab/a-web"));
+    let to_ext = frame(&Spec::tcp(POD4, 40000, EXT4, 8080));
+    assert_eq!(ingress(&mut dp, &to_ext).out, expect(&Spec::tcp(POD4, 40000, EXT4, 8080), POD4, "198.51.100.20"));
+
+    // It goes again: the owner entry returns to the runner-up.
+    let update = model.update(std::slice::from_ref(&web));
+    dp.sync_frontend_changes(&update.changed, model.frontends()).unwrap();
+    assert_eq!(owner_of(&owners).as_deref(), Some("lab/web"));
+
+    // Behind the agent's back the owner entry changes; the full sync reads it and writes it back.
+    owners.insert(key, Owner::new("someone/else"), 0).unwrap();
+    dp.sync_frontends(model.frontends()).unwrap();
+    assert_eq!(owner_of(&owners).as_deref(), Some("lab/web"));
+}
+
 /// Shortest frame BPF_PROG_TEST_RUN accepts: Ethernet plus the IP header of its ethertype.
 fn min_kernel_len(frame: &[u8]) -> usize {
     match frame.get(12..14) {

@@ -174,10 +174,8 @@ fn flow_map_of(key: &node_manager_common::FlowKey) -> &'static str {
     if key.proto == node_manager_common::PROTO_TCP { map_names::FLOWS } else { map_names::FLOWS_DGRAM }
 }
 
-type Written = (
-    BTreeMap<node_manager_common::FrontendKey, node_manager_common::Frontend>,
-    BTreeMap<node_manager_common::FrontendKey, node_manager_common::Owner>,
-);
+/// The frontend entries and (digests of) the owner entries this process wrote.
+type Written = (BTreeMap<FrontendKey, Frontend>, BTreeMap<FrontendKey, maps::OwnerDigest>);
 
 impl Datapath {
     /// Loads the programs with their maps pinned under `<bpffs>/node-manager/v<N>/maps`,
@@ -388,7 +386,7 @@ impl Datapath {
         self.written = None;
         let map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
         let have = maps::read_frontends(&map)?;
-        let have_owners = maps::read_hash(&self.owners_mut()?, map_names::OWNERS)?;
+        let have_owners = maps::read_hash_as(&self.owners_mut()?, map_names::OWNERS, maps::OwnerDigest::of)?;
         self.write_frontends(desired, (have, have_owners))
     }
 
@@ -425,23 +423,22 @@ impl Datapath {
     }
 
     /// Writes `desired` over what the maps hold (`have`); remembers what they hold after.
-    fn write_frontends(
-        &mut self,
-        desired: &BTreeMap<FrontendAddr, Target>,
-        have: (BTreeMap<FrontendKey, Frontend>, BTreeMap<FrontendKey, Owner>),
-    ) -> Result<FrontendsSynced> {
-        let mut want = (maps::frontend_entries(desired), maps::owner_entries(desired));
+    fn write_frontends(&mut self, desired: &BTreeMap<FrontendAddr, Target>, have: Written) -> Result<FrontendsSynced> {
         let mut map = maps::frontends_of(self.map_mut(map_names::FRONTENDS)?)?;
-        let frontends = maps::sync_frontends_from(&mut map, have.0, &want.0)?;
+        let frontends = maps::sync_frontends_from(&mut map, have.0, &maps::frontend_entries(desired))?;
         // An owner only for a frontend that is in the map (both maps have the same capacity).
-        for key in &frontends.not_fitting {
-            want.1.remove(key);
-        }
+        let not_fitting: BTreeSet<FrontendKey> = frontends.not_fitting.iter().copied().collect();
+        let want_owners = maps::owners_wanted(desired, &not_fitting);
         let mut owners = self.owners_mut()?;
-        let owners =
-            maps::sync_hash_from(&mut owners, have.1, &want.1, |k| format!("owner of {:?}", maps::frontend_addr(k)))?;
-        let not_fitting = frontends
-            .not_fitting
+        let owners = maps::sync_hash_from(
+            &mut owners,
+            have.1,
+            &want_owners,
+            |(digest, _)| *digest,
+            |(_, name)| Owner::new(name),
+            |k| format!("owner of {:?}", maps::frontend_addr(k)),
+        )?;
+        let not_fitting = not_fitting
             .iter()
             .filter_map(|k| desired.get(&maps::frontend_addr(k)?))
             .map(|t| t.owner.clone())
