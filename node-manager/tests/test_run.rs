@@ -460,7 +460,7 @@ fn owner_entries_follow_the_winner_and_the_full_sync_repairs_a_changed_one() {
 
     let web = svc("lab/web", CLUSTER4);
     let mut model = Model::new(Options::all());
-    model.rebuild(&[web.clone()]);
+    model.rebuild(std::slice::from_ref(&web));
     dp.sync_frontends(model.frontends()).unwrap();
     assert_eq!(owner_of(&owners).as_deref(), Some("lab/web"));
 
