@@ -120,7 +120,11 @@ fn ten_thousand_valid_services_apply_and_each_of_a_thousand_malformed_ones_is_re
     let want = valid_frontends(VALID + 2);
     let deadline = Instant::now() + Duration::from_secs(15);
     while pinned_frontends(&scratch.bpffs) != want {
-        assert!(Instant::now() < deadline, "the corrected Service was not applied, or the broken one's entry was lost");
+        assert!(
+            Instant::now() < deadline,
+            "the corrected Service was not applied, or the broken one's entry was lost:\n{}",
+            tail(&agent.log())
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(3));

@@ -3,8 +3,10 @@
 //! snapshot is published only once both initial lists are complete (so the agent never sweeps
 //! map entries on a partial list), then after every change, at most once per `coalesce`.
 //!
-//! Objects are watched as `DynamicObject`s and decoded one by one: a Service the typed client
-//! could not decode would otherwise fail the whole list, and with it every other Service.
+//! Services are watched as [`WatchedService`]s (their names, and the raw text of their spec and
+//! status) and decoded one by one: a Service the typed client could not decode would otherwise
+//! fail the whole list, and with it every other Service. The Node is watched as a
+//! `DynamicObject`, for the same reason.
 //! A relist (after 410 Gone or a restarted API server) fills a buffer that replaces the store
 //! only when complete, so entries stay in force meanwhile.
 use std::{
@@ -19,8 +21,8 @@ use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
-    Api, Client,
-    api::{ApiResource, DynamicObject},
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, ObjectMeta},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -113,22 +115,22 @@ struct Entry<T> {
     warning: Option<String>,
 }
 
-/// The watcher events of one kind folded into the current set of objects.
+/// The watcher events of one kind (objects `O`) folded into the current set of objects.
 #[derive(Debug)]
-struct Fold<T> {
+struct Fold<O, T> {
     current: BTreeMap<String, Entry<T>>,
     /// Objects of a list in progress (between `Init` and `InitDone`).
     relist: Option<BTreeMap<String, Entry<T>>>,
     synced: bool,
-    decode: fn(&DynamicObject, &str) -> Result<T, String>,
+    decode: fn(&O, &str) -> Result<T, String>,
 }
 
-impl<T: Clone> Fold<T> {
-    fn new(decode: fn(&DynamicObject, &str) -> Result<T, String>) -> Self {
+impl<O: Resource<DynamicType = impl Sized>, T: Clone> Fold<O, T> {
+    fn new(decode: fn(&O, &str) -> Result<T, String>) -> Self {
         Fold { current: BTreeMap::new(), relist: None, synced: false, decode }
     }
 
-    fn entry(&self, obj: &DynamicObject, previous: Option<&Entry<T>>) -> (String, Entry<T>) {
+    fn entry(&self, obj: &O, previous: Option<&Entry<T>>) -> (String, Entry<T>) {
         let key = object_key(obj);
         let entry = match (self.decode)(obj, &key) {
             Ok(value) => Entry { value: Some(value), warning: None },
@@ -143,7 +145,7 @@ impl<T: Clone> Fold<T> {
     }
 
     /// Applies one event; returns whether the published state may have changed.
-    fn apply(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+    fn apply(&mut self, event: watcher::Event<O>) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -180,77 +182,161 @@ impl<T: Clone> Fold<T> {
     }
 }
 
-fn object_key(obj: &DynamicObject) -> String {
-    match &obj.metadata.namespace {
-        Some(ns) => format!("{ns}/{}", obj.metadata.name.as_deref().unwrap_or("<unnamed>")),
-        None => obj.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+fn object_key<O: Resource>(obj: &O) -> String {
+    let meta = obj.meta();
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{}", meta.name.as_deref().unwrap_or("<unnamed>")),
+        None => meta.name.clone().unwrap_or_else(|| "<unnamed>".into()),
     }
 }
 
-/// A Service from its dynamic form, with only what the model reads: the name, and of the spec
-/// and status the fields in [`SPEC_FIELDS`], [`PORT_FIELDS`] and [`INGRESS_FIELDS`]. The rest
-/// (other metadata, selectors, node ports, policies, ...) is never decoded: at 10,000 Services
-/// those strings were about a quarter of the agent's live heap. A field of the wrong shape is
-/// kept as it is, so that the decoder still rejects the Service naming it. The store keeps the
-/// result as a [`ServiceInfo`], smaller still.
-pub fn decode_service(obj: &DynamicObject, key: &str) -> Result<Service, String> {
-    let field = |name: &str| obj.data.get(name).filter(|v| !v.is_null());
-    let spec = field("spec")
-        .map(|spec| {
-            let mut kept = only(spec, SPEC_FIELDS);
-            if let Some(ports) = kept.get_mut("ports") {
-                *ports = each_only(ports, PORT_FIELDS);
-            }
-            serde_json::from_value(kept)
-        })
+/// A Service as the watcher decodes it: of its metadata the name, namespace and resource
+/// version (not the managed fields, labels, annotations, ...), and its spec and status as JSON
+/// values, each decoded later by [`decode_service`]. At 10,000 Services, decoding whole objects
+/// (as `DynamicObject`s) took about half of each list page's round trip, and its short-lived
+/// trees were scattered between the long-lived entries the agent keeps. (Not `RawValue`: a
+/// watch event is an internally buffered, tagged enum, which `RawValue` cannot come from.)
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct WatchedService {
+    #[serde(deserialize_with = "names_only")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: serde_json::Value,
+    #[serde(default)]
+    status: serde_json::Value,
+}
+
+impl Resource for WatchedService {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "Service".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "services".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The metadata fields the agent and the watcher read; the others are skipped unparsed.
+fn names_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Names {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+    }
+    let names = Option::<Names>::deserialize(d)?;
+    Ok(names.map_or_else(ObjectMeta::default, |n| ObjectMeta {
+        name: n.name,
+        namespace: n.namespace,
+        resource_version: n.resource_version,
+        ..ObjectMeta::default()
+    }))
+}
+
+use serde::Deserialize as _;
+
+/// Of a Service's spec, its ports and its load-balancer ingress entries, the fields the model
+/// reads ([`ServiceInfo`]); the others are skipped unparsed. A read field of the wrong shape
+/// fails the decode of that Service, naming it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecFields {
+    #[serde(rename = "type")]
+    type_: Option<String>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    cluster_ips: Option<Vec<String>>,
+    #[serde(rename = "externalIPs")]
+    external_ips: Option<Vec<String>>,
+    ports: Option<Vec<PortFields>>,
+}
+
+#[derive(serde::Deserialize)]
+struct PortFields {
+    port: i32,
+    protocol: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusFields {
+    load_balancer: Option<LoadBalancerFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct LoadBalancerFields {
+    ingress: Option<Vec<IngressFields>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IngressFields {
+    ip: Option<String>,
+    ip_mode: Option<String>,
+}
+
+/// A watched Service as a k8s-openapi `Service` holding only what the model reads (the name,
+/// and the fields of [`SpecFields`] and [`StatusFields`]), so that one conversion
+/// (`ServiceInfo::from`) serves every source.
+pub fn decode_service(obj: &WatchedService, key: &str) -> Result<Service, String> {
+    use k8s_openapi::api::core::v1 as core;
+    fn present(v: &serde_json::Value) -> Option<&serde_json::Value> {
+        Some(v).filter(|v| !v.is_null())
+    }
+    let spec = present(&obj.spec)
+        .map(SpecFields::deserialize)
         .transpose()
         .map_err(|e| format!("Service {key}: malformed spec ({e})"))?;
-    let status = field("status")
-        .map(|status| {
-            let mut kept = only(status, &["loadBalancer"]);
-            if let Some(lb) = kept.get_mut("loadBalancer") {
-                *lb = only(lb, &["ingress"]);
-                if let Some(ingress) = lb.get_mut("ingress") {
-                    *ingress = each_only(ingress, INGRESS_FIELDS);
-                }
-            }
-            serde_json::from_value(kept)
-        })
+    let status = present(&obj.status)
+        .map(StatusFields::deserialize)
         .transpose()
         .map_err(|e| format!("Service {key}: malformed status ({e})"))?;
     if obj.metadata.name.is_none() {
         return Err(format!("Service {key}: no metadata.name"));
     }
-    let metadata = kube::api::ObjectMeta {
-        name: obj.metadata.name.clone(),
-        namespace: obj.metadata.namespace.clone(),
+    let metadata =
+        ObjectMeta { name: obj.metadata.name.clone(), namespace: obj.metadata.namespace.clone(), ..Default::default() };
+    let spec = spec.map(|s| core::ServiceSpec {
+        type_: s.type_,
+        cluster_ip: s.cluster_ip,
+        cluster_ips: s.cluster_ips,
+        external_ips: s.external_ips,
+        ports: s.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| core::ServicePort { port: p.port, protocol: p.protocol, ..Default::default() })
+                .collect()
+        }),
         ..Default::default()
-    };
+    });
+    let status = status.map(|s| core::ServiceStatus {
+        load_balancer: s.load_balancer.map(|lb| core::LoadBalancerStatus {
+            ingress: lb.ingress.map(|ingress| {
+                ingress
+                    .into_iter()
+                    .map(|i| core::LoadBalancerIngress { ip: i.ip, ip_mode: i.ip_mode, ..Default::default() })
+                    .collect()
+            }),
+        }),
+        ..Default::default()
+    });
     Ok(Service { metadata, spec, status })
-}
-
-/// The fields of a Service's spec, of each of its ports and of each load-balancer ingress entry
-/// that the model reads.
-const SPEC_FIELDS: &[&str] = &["type", "clusterIP", "clusterIPs", "externalIPs", "ports"];
-const PORT_FIELDS: &[&str] = &["port", "protocol"];
-const INGRESS_FIELDS: &[&str] = &["ip", "ipMode"];
-
-/// An object with only `fields`; a value of another shape as it is.
-fn only(value: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
-    match value {
-        serde_json::Value::Object(object) => serde_json::Value::Object(
-            object.iter().filter(|(k, _)| fields.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
-/// [`only`] for each element of an array; a value of another shape as it is.
-fn each_only(value: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
-    match value {
-        serde_json::Value::Array(items) => items.iter().map(|item| only(item, fields)).collect(),
-        other => other.clone(),
-    }
 }
 
 /// The Node's pod CIDRs: `spec.podCIDRs`, or the older single `spec.podCIDR`.
@@ -269,8 +355,8 @@ pub fn decode_node_pod_cidrs(obj: &DynamicObject, key: &str) -> Result<Vec<IpNet
 /// Services and the Node folded together; pure, so the tests can drive it with events.
 pub struct State {
     node_name: String,
-    services: Fold<Arc<ServiceInfo>>,
-    node: Fold<Vec<IpNet>>,
+    services: Fold<WatchedService, Arc<ServiceInfo>>,
+    node: Fold<DynamicObject, Vec<IpNet>>,
 }
 
 impl State {
@@ -282,7 +368,7 @@ impl State {
         }
     }
 
-    pub fn apply_service(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+    pub fn apply_service(&mut self, event: watcher::Event<WatchedService>) -> bool {
         self.services.apply(event)
     }
 
@@ -316,7 +402,7 @@ impl State {
 }
 
 enum Kind {
-    Service(watcher::Result<watcher::Event<DynamicObject>>),
+    Service(watcher::Result<watcher::Event<WatchedService>>),
     Node(watcher::Result<watcher::Event<DynamicObject>>),
 }
 
@@ -327,12 +413,10 @@ enum Kind {
 /// relists consistently for the same reason). Seen in the real-apiserver test as a Service that
 /// never reached the map.
 fn watch_streams(client: &Client, node_name: &str) -> futures::stream::BoxStream<'static, Kind> {
-    let services: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
+    let services: Api<WatchedService> = Api::all(client.clone());
     let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Node>(&()));
     let strip = |o: &mut DynamicObject| o.metadata.managed_fields = None;
-    let service_events = watcher(services, watcher::Config::default())
-        .default_backoff()
-        .map(move |e| Kind::Service(e.map(|e| e.modify(strip))));
+    let service_events = watcher(services, watcher::Config::default()).default_backoff().map(Kind::Service);
     let node_events = watcher(nodes, watcher::Config::default().fields(&format!("metadata.name={node_name}")))
         .default_backoff()
         .map(move |e| Kind::Node(e.map(|e| e.modify(strip))));
@@ -364,12 +448,12 @@ pub async fn watch(
             event = events.next() => {
                 let Some(event) = event else { return };
                 let (kind, result) = match event {
-                    Kind::Service(r) => ("Service", r),
-                    Kind::Node(r) => ("Node", r),
+                    Kind::Service(r) => ("Service", r.map(|e| state.apply_service(e))),
+                    Kind::Node(r) => ("Node", r.map(|e| state.apply_node(e))),
                 };
                 match result {
-                    Ok(event) => {
-                        dirty |= if kind == "Service" { state.apply_service(event) } else { state.apply_node(event) };
+                    Ok(changed) => {
+                        dirty |= changed;
                         if state.synced() { readiness.set(ReadyState::Ready) }
                     }
                     Err(e) => {
@@ -416,12 +500,20 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn svc(ns: &str, name: &str, ip: &str) -> DynamicObject {
-        obj(json!({"apiVersion": "v1", "kind": "Service",
+    fn watched(v: serde_json::Value) -> WatchedService {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn svc(ns: &str, name: &str, ip: &str) -> WatchedService {
+        watched(svc_json(ns, name, ip))
+    }
+
+    fn svc_json(ns: &str, name: &str, ip: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"namespace": ns, "name": name, "resourceVersion": "1",
                          "managedFields": [{"manager": "kubectl"}], "annotations": {"a": "b"}},
             "spec": {"type": "LoadBalancer", "clusterIP": "198.51.100.1", "ports": [{"port": 80}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}))
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}})
     }
 
     fn node(name: &str, cidrs: serde_json::Value) -> DynamicObject {
@@ -490,7 +582,7 @@ mod tests {
             "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.1", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]},
                                                     {"ip": "203.0.113.2", "ipMode": "Proxy"}, {"hostname": "lb.example"}]},
                        "conditions": [{"type": "x", "status": "True", "reason": "r", "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-        let decoded = decode_service(&obj(full.clone()), "a/x").unwrap();
+        let decoded = decode_service(&watched(full.clone()), "a/x").unwrap();
         let whole: Service = serde_json::from_value(full).unwrap();
         let opts = crate::model::Options::all();
         assert_eq!(
@@ -510,24 +602,55 @@ mod tests {
         assert!(decoded.metadata.labels.is_none() && decoded.metadata.uid.is_none());
     }
 
+    /// A list page decodes whatever shape a Service's spec or status has (each is checked when
+    /// its Service is decoded), and never parses the fields the agent does not read.
+    #[test]
+    fn a_list_page_decodes_with_malformed_services_in_it() {
+        let mut bad_spec = svc_json("a", "bad-spec", "203.0.113.2");
+        bad_spec["spec"] = json!({"ports": "8080", "selector": 7});
+        let mut bad_status = svc_json("a", "bad-status", "203.0.113.3");
+        bad_status["status"] = json!("nope");
+        let mut odd_meta = svc_json("a", "odd-meta", "203.0.113.4");
+        odd_meta["metadata"]["labels"] = json!(["not", "a", "map"]);
+        odd_meta["metadata"]["managedFields"] = json!({"not": "a list"});
+        let page = json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {"resourceVersion": "9"},
+            "items": [svc_json("a", "good", "203.0.113.1"), bad_spec, bad_status, odd_meta]});
+        let list: kube::core::ObjectList<WatchedService> = serde_json::from_value(page).unwrap();
+        let decoded: Vec<Result<Service, String>> =
+            list.items.iter().map(|s| decode_service(s, &object_key(s))).collect();
+        assert!(decoded[0].is_ok() && decoded[3].is_ok(), "{decoded:?}");
+        assert!(decoded[1].as_ref().is_err_and(|e| e.contains("a/bad-spec") && e.contains("spec")), "{decoded:?}");
+        assert!(decoded[2].as_ref().is_err_and(|e| e.contains("a/bad-status") && e.contains("status")), "{decoded:?}");
+        assert_eq!(list.items[3].metadata.resource_version.as_deref(), Some("1"));
+        // A watch event (a tagged enum, decoded from a buffer) carries the same objects.
+        let event = json!({"type": "MODIFIED", "object": list.items.len().to_string()});
+        assert!(serde_json::from_value::<kube::core::WatchEvent<WatchedService>>(event).is_err());
+        let event = json!({"type": "MODIFIED", "object": svc_json("a", "bad-spec", "203.0.113.2")
+            .as_object().cloned().map(|mut o| { o["spec"] = json!({"ports": "8080"}); o })});
+        match serde_json::from_value::<kube::core::WatchEvent<WatchedService>>(event).unwrap() {
+            kube::core::WatchEvent::Modified(s) => assert!(decode_service(&s, "a/bad-spec").is_err()),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn malformed_objects_are_skipped_or_keep_their_last_good_version_with_a_warning() {
         let mut st = synced_state();
-        let mut bad = svc("a", "x", "203.0.113.1");
-        bad.data["spec"]["ports"] = json!([{"port": "eighty"}]);
-        st.apply_service(Event::Apply(bad.clone()));
+        let mut bad = svc_json("a", "x", "203.0.113.1");
+        bad["spec"]["ports"] = json!([{"port": "eighty"}]);
+        st.apply_service(Event::Apply(watched(bad.clone())));
         let s = st.snapshot();
         assert_eq!(names(&s), vec!["a/x"], "the last good version stays");
         assert!(s.warnings[0].contains("a/x") && s.warnings[0].contains("last good"), "{:?}", s.warnings);
-        bad.metadata.name = Some("new".into());
-        st.apply_service(Event::Apply(bad));
+        bad["metadata"]["name"] = json!("new");
+        st.apply_service(Event::Apply(watched(bad)));
         let s = st.snapshot();
         assert_eq!(names(&s), vec!["a/x"]);
         assert!(s.warnings.iter().any(|w| w.contains("a/new") && w.ends_with("skipped")), "{:?}", s.warnings);
         // A status of the wrong shape, and a Node whose CIDR is garbage.
-        let mut odd = svc("b", "z", "203.0.113.3");
-        odd.data["status"] = json!({"loadBalancer": {"ingress": "nope"}});
-        st.apply_service(Event::Apply(odd));
+        let mut odd = svc_json("b", "z", "203.0.113.3");
+        odd["status"] = json!({"loadBalancer": {"ingress": "nope"}});
+        st.apply_service(Event::Apply(watched(odd)));
         st.apply_node(Event::Apply(node("n1", json!(["not-a-cidr"]))));
         let s = st.snapshot();
         assert!(s.warnings.iter().any(|w| w.contains("b/z") && w.contains("status")), "{:?}", s.warnings);
