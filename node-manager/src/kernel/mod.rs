@@ -441,7 +441,7 @@ impl Datapath {
         let not_fitting = not_fitting
             .iter()
             .filter_map(|k| desired.get(&maps::frontend_addr(k)?))
-            .map(|t| t.owner.clone())
+            .map(|t| t.owner.to_string())
             .collect::<BTreeSet<String>>();
         self.written = Some((frontends.now, owners.now));
         Ok(FrontendsSynced { stats: frontends.stats, not_fitting_services: not_fitting.into_iter().collect() })

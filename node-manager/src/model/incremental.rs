@@ -15,6 +15,8 @@ use std::{
     sync::Arc,
 };
 
+use compact_str::CompactString;
+
 use super::{FrontendAddr, Options, Protocol, ServiceInfo, Target, service_frontends};
 
 /// What one update changed.
@@ -38,7 +40,7 @@ pub struct Model {
     /// The frontends and who won each: equal to `desired(services).frontends`.
     frontends: BTreeMap<FrontendAddr, Target>,
     /// For a frontend claimed by more than one Service, the others (name → their cluster IP).
-    losers: BTreeMap<FrontendAddr, BTreeMap<String, IpAddr>>,
+    losers: BTreeMap<FrontendAddr, BTreeMap<CompactString, IpAddr>>,
 }
 
 impl Model {
@@ -122,17 +124,17 @@ impl Model {
     /// `owner` claims `f`: the Service whose name sorts first holds it.
     fn claim(&mut self, f: FrontendAddr, owner: &str, cluster_ip: IpAddr, warnings: &mut Vec<String>) {
         let Some(current) = self.frontends.get_mut(&f) else {
-            self.frontends.insert(f, Target { cluster_ip, owner: owner.to_owned() });
+            self.frontends.insert(f, Target { cluster_ip, owner: owner.into() });
             return;
         };
         if current.owner == owner {
             return; // the same Service twice (one address as external IP and ingress IP)
         }
         let (winner, loser, loser_ip) = if owner < current.owner.as_str() {
-            let demoted = std::mem::replace(current, Target { cluster_ip, owner: owner.to_owned() });
-            (owner.to_owned(), demoted.owner, demoted.cluster_ip)
+            let demoted = std::mem::replace(current, Target { cluster_ip, owner: owner.into() });
+            (owner.into(), demoted.owner, demoted.cluster_ip)
         } else {
-            (current.owner.clone(), owner.to_owned(), cluster_ip)
+            (current.owner.clone(), owner.into(), cluster_ip)
         };
         // Several Services sharing one LB IP on different ports is normal (MetalLB's
         // allow-shared-ip); only the echo entry overlaps then, so it is not a conflict.
@@ -224,20 +226,20 @@ mod tests {
     /// A random Service from a small space, so that Services collide on addresses and ports.
     fn random_service(rng: &mut Rng, name: &str) -> ServiceInfo {
         let ext = |rng: &mut Rng| match rng.below(3) {
-            0 => format!("203.0.113.{}", rng.below(3)),
-            1 => format!("2001:db8::{}", rng.below(3)),
-            _ => ["bad", "", "203.0.113.300"][rng.below(3) as usize].to_owned(),
+            0 => format!("203.0.113.{}", rng.below(3)).into(),
+            1 => format!("2001:db8::{}", rng.below(3)).into(),
+            _ => CompactString::from(["bad", "", "203.0.113.300"][rng.below(3) as usize]),
         };
         let cluster = match rng.below(5) {
             0 => vec![],
-            1 => vec!["None".to_owned()],
-            2 => vec![format!("198.51.100.{}", rng.below(5))],
-            3 => vec![format!("2001:db8:5::{}", rng.below(5))],
-            _ => vec![format!("198.51.100.{}", rng.below(5)), format!("2001:db8:5::{}", rng.below(5))],
+            1 => vec!["None".into()],
+            2 => vec![format!("198.51.100.{}", rng.below(5)).into()],
+            3 => vec![format!("2001:db8:5::{}", rng.below(5)).into()],
+            _ => vec![format!("198.51.100.{}", rng.below(5)).into(), format!("2001:db8:5::{}", rng.below(5)).into()],
         };
         let protocols = [None, Some("TCP"), Some("UDP"), Some("SCTP")];
         ServiceInfo {
-            name: name.to_owned(),
+            name: name.into(),
             no_frontends: rng.below(10) == 0,
             cluster_ips: cluster,
             external_ips: (0..rng.below(3)).map(|_| ext(rng)).collect(),
@@ -245,7 +247,7 @@ mod tests {
             ports: (0..rng.below(3))
                 .map(|_| {
                     let port = [80, 443, 0, 70_000][rng.below(4) as usize];
-                    (port, protocols[rng.below(4) as usize].map(str::to_owned))
+                    (port, protocols[rng.below(4) as usize].map(CompactString::from))
                 })
                 .collect(),
         }
@@ -308,9 +310,9 @@ mod tests {
     fn a_change_recomputes_only_its_service_and_a_conflict_is_reported_when_it_arises() {
         let lb = |name: &str, ext: &str, cluster: &str| {
             Arc::new(ServiceInfo {
-                name: name.to_owned(),
-                cluster_ips: vec![cluster.to_owned()],
-                ingress_ips: vec![ext.to_owned()],
+                name: name.into(),
+                cluster_ips: vec![cluster.into()],
+                ingress_ips: vec![ext.into()],
                 ports: vec![(80, None)],
                 ..ServiceInfo::default()
             })

@@ -140,7 +140,7 @@ status: {loadBalancer: {ingress: [{ip: 203.0.113.1}]}}
 "#;
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.services.iter().map(|s| s.name.clone()).collect()
+        s.services.iter().map(|s| s.name.to_string()).collect()
     }
 
     #[test]

@@ -521,7 +521,7 @@ mod tests {
     }
 
     fn names(s: &Snapshot) -> Vec<String> {
-        s.services.iter().map(|s| s.name.clone()).collect()
+        s.services.iter().map(|s| s.name.to_string()).collect()
     }
 
     fn synced_state() -> State {
@@ -550,7 +550,7 @@ mod tests {
         let kept = &s.services[0];
         assert_eq!(
             (kept.cluster_ips.as_slice(), kept.ingress_ips.as_slice()),
-            (&["198.51.100.1".to_owned()][..], &["203.0.113.1".to_owned()][..])
+            (&["198.51.100.1".into()][..], &["203.0.113.1".into()][..])
         );
     }
 
