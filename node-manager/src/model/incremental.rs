@@ -7,13 +7,7 @@
 //! and only those that differ are recomputed. The answer is the same as `desired` on the same
 //! Services (tested against it on random sequences of changes); the periodic resync still
 //! rebuilds from scratch.
-use std::{
-    borrow::Borrow,
-    collections::{BTreeMap, HashSet},
-    hash::{Hash, Hasher},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{cmp::Ordering, collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use compact_str::CompactString;
 
@@ -36,7 +30,9 @@ type Change<'a> = (Option<Arc<ServiceInfo>>, Option<&'a Arc<ServiceInfo>>);
 #[derive(Debug)]
 pub struct Model {
     opts: Options,
-    services: HashSet<ByName>,
+    /// Sorted by name (unique): an update walks it beside the snapshot's Services, equally
+    /// sorted, so an unchanged Service costs one pointer comparison (no hashing of its name).
+    services: Vec<Arc<ServiceInfo>>,
     /// The frontends and who won each: equal to `desired(services).frontends`.
     frontends: BTreeMap<FrontendAddr, Target>,
     /// For a frontend claimed by more than one Service, the others (name → their cluster IP).
@@ -45,7 +41,7 @@ pub struct Model {
 
 impl Model {
     pub fn new(opts: Options) -> Model {
-        Model { opts, services: HashSet::new(), frontends: BTreeMap::new(), losers: BTreeMap::new() }
+        Model { opts, services: Vec::new(), frontends: BTreeMap::new(), losers: BTreeMap::new() }
     }
 
     /// The desired frontends.
@@ -56,14 +52,12 @@ impl Model {
     /// Forgets everything and takes `services` from scratch (every warning is reported again).
     pub fn rebuild(&mut self, services: &[Arc<ServiceInfo>]) -> Update {
         let before = std::mem::take(&mut self.frontends);
-        self.services.clear();
         self.losers.clear();
-        let mut sorted: Vec<&Arc<ServiceInfo>> = services.iter().collect();
-        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        self.services = by_name(services).into_iter().cloned().collect();
         let mut warnings = Vec::new();
-        for svc in sorted {
-            self.claim_all(svc, &mut warnings);
-            self.services.replace(ByName(svc.clone()));
+        for svc in std::mem::take(&mut self.services) {
+            self.claim_all(&svc, &mut warnings);
+            self.services.push(svc);
         }
         Update { changed: diff(&before, &self.frontends), warnings }
     }
@@ -73,15 +67,24 @@ impl Model {
     pub fn update(&mut self, services: &[Arc<ServiceInfo>]) -> Update {
         let mut touched: BTreeMap<FrontendAddr, Option<Target>> = BTreeMap::new();
         let mut warnings = Vec::new();
+        let now = by_name(services);
+        // Both lists sorted by name: one merge finds what is new, gone or changed.
         let mut changes: Vec<Change> = Vec::new();
-        let names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        for gone in self.services.iter().filter(|s| !names.contains(s.0.name.as_str())) {
-            changes.push((Some(gone.0.clone()), None));
-        }
-        for svc in services {
-            match self.services.get(svc.name.as_str()) {
-                Some(known) if Arc::ptr_eq(&known.0, svc) => {}
-                known => changes.push((known.map(|k| k.0.clone()), Some(svc))),
+        let (mut old, mut new) = (self.services.iter().peekable(), now.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) if Arc::ptr_eq(o, n) => {
+                    old.next();
+                    new.next();
+                }
+                (Some(o), Some(n)) => match o.name.cmp(&n.name) {
+                    Ordering::Equal => changes.push((old.next().cloned(), new.next().copied())),
+                    Ordering::Less => changes.push((old.next().cloned(), None)),
+                    Ordering::Greater => changes.push((None, new.next().copied())),
+                },
+                (Some(_), None) => changes.push((old.next().cloned(), None)),
+                (None, Some(_)) => changes.push((None, new.next().copied())),
+                (None, None) => break,
             }
         }
         // Withdraw every old claim first, then make the new ones: a Service that moves a
@@ -92,7 +95,6 @@ impl Model {
                     touched.entry(f).or_insert_with(|| self.frontends.get(&f).cloned());
                     self.withdraw(&f, &old.name);
                 }
-                self.services.remove(old.name.as_str());
             }
         }
         for (_, new) in &changes {
@@ -101,8 +103,10 @@ impl Model {
                     touched.entry(f).or_insert_with(|| self.frontends.get(&f).cloned());
                     self.claim(f, &new.name, cluster_ip, &mut warnings);
                 }
-                self.services.replace(ByName((*new).clone()));
             }
+        }
+        if !changes.is_empty() {
+            self.services = now.into_iter().cloned().collect();
         }
         touched.retain(|f, before| {
             let now = self.frontends.get(f);
@@ -182,30 +186,15 @@ fn diff(
         .collect()
 }
 
-/// A Service in the model's set, found by its `namespace/name` (no second copy of the name).
-#[derive(Debug)]
-struct ByName(Arc<ServiceInfo>);
-
-impl Borrow<str> for ByName {
-    fn borrow(&self) -> &str {
-        &self.0.name
+/// `services` in name order: as they are when a source lists them from a store kept sorted
+/// (then only checked), else sorted here.
+fn by_name(services: &[Arc<ServiceInfo>]) -> Vec<&Arc<ServiceInfo>> {
+    let mut sorted: Vec<&Arc<ServiceInfo>> = services.iter().collect();
+    if !sorted.is_sorted_by(|a, b| a.name <= b.name) {
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
     }
+    sorted
 }
-
-impl Hash for ByName {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // As `str` hashes, so that lookups by `&str` find it.
-        self.0.name.as_str().hash(state);
-    }
-}
-
-impl PartialEq for ByName {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.name == other.0.name
-    }
-}
-
-impl Eq for ByName {}
 
 #[cfg(test)]
 mod tests {
