@@ -22,6 +22,8 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub mod map_names {
     pub const FRONTENDS: &str = "NM_FRONTENDS";
     pub const POD_CIDRS: &str = "NM_POD_CIDRS";
+    /// The same pod CIDRs as the programs test them (see [`super::PodNets`]).
+    pub const POD_NETS: &str = "NM_POD_NETS";
     /// Rewritten TCP flows, and UDP/ICMP echo ones apart (so that a flood of short datagram
     /// flows cannot evict an idle TCP connection's entry).
     pub const FLOWS: &str = "NM_FLOWS";
@@ -41,9 +43,10 @@ pub mod map_names {
     /// Programs the TC programs tail-call (a BPF_MAP_TYPE_PROG_ARRAY, filled by the agent at
     /// load): slot [`super::TAIL_CALL_ICMP_ERROR`].
     pub const TAIL_CALLS: &str = "NM_TAIL_CALLS";
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         FRONTENDS,
         POD_CIDRS,
+        POD_NETS,
         FLOWS,
         FLOWS_DGRAM,
         FRAGS,
@@ -211,6 +214,30 @@ pub struct SockRev {
     pub external_addr: [u8; 16],
 }
 
+/// This node's pod CIDRs as the TC programs test a pod packet's source: up to
+/// [`POD_NETS_INLINE`] prefixes as (network, mask) pairs compared in a loop, which costs less
+/// than a walk of the `NM_POD_CIDRS` trie; with more prefixes than that, `count` is
+/// [`POD_NETS_USE_TRIE`] and the programs walk the trie (which the agent keeps filled either way).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodNets {
+    pub count: u32,
+    pub pad: u32,
+    pub nets: [PodNet; POD_NETS_INLINE],
+}
+
+/// A prefix as two halves of its 16-byte (IPv4-mapped for IPv4) network address and mask, each
+/// half the native-endian `u64` of its 8 bytes as they lie in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodNet {
+    pub addr: [u64; 2],
+    pub mask: [u64; 2],
+}
+
+pub const POD_NETS_INLINE: usize = 8;
+pub const POD_NETS_USE_TRIE: u32 = u32::MAX;
+
 /// Runtime settings of the datapath, in a one-entry array so the agent can change them live.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -283,6 +310,7 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragTarget {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for PodNets {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRev {}
     unsafe impl aya::Pod for Counter {}
@@ -298,6 +326,7 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 16);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 16 + 16 + 4 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<FragTarget>() == 16);
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 4);
+const _: () = assert!(core::mem::size_of::<PodNets>() == 4 + 4 + POD_NETS_INLINE * 32);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 8 + 16 + 2 + 6);
 const _: () = assert!(core::mem::size_of::<SockRev>() == 16);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);

@@ -484,6 +484,64 @@ fn owner_entries_follow_the_winner_and_the_full_sync_repairs_a_changed_one() {
     assert_eq!(owner_of(&owners).as_deref(), Some("lab/web"));
 }
 
+/// The programs tell a pod's packet by its source: up to `POD_NETS_INLINE` CIDRs by a loop over
+/// `NM_POD_NETS`, more by the `NM_POD_CIDRS` trie; both ways give the same answer, at every
+/// prefix length, in both families, and follow a change of the CIDRs.
+#[test]
+fn pod_sources_are_told_by_the_loop_and_by_the_trie_alike() {
+    use node_manager_common::{POD_NETS_INLINE, POD_NETS_USE_TRIE, PodNets, map_names};
+    let mut dp = datapath();
+    let fd = dp.map_fd(map_names::POD_NETS).unwrap();
+    let nets: aya::maps::Array<_, PodNets> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(aya::maps::MapData::from_fd(fd).unwrap())).unwrap();
+    let rewritten = |dp: &mut Datapath, src: &str| {
+        let (ext, cluster) = if src.contains(':') { (EXT6, CLUSTER6) } else { (EXT4, CLUSTER4) };
+        let spec = Spec::tcp(src, 40000, ext, 8080);
+        let r = ingress(dp, &frame(&spec));
+        if r.out == expect(&spec, src, cluster) {
+            true
+        } else {
+            assert_untouched(&r, &frame(&spec), &format!("from {src}"));
+            false
+        }
+    };
+    // Sources and whether they are pods' under `few` (the /25, a /32, the IPv6 /64, a /0 of
+    // nothing else).
+    let few: BTreeSet<ipnet::IpNet> =
+        ["192.0.2.0/25", "192.0.2.200/32", "2001:db8:1::/64"].iter().map(|c| c.parse().unwrap()).collect();
+    let cases = [
+        (POD4, true),
+        ("192.0.2.127", true),
+        ("192.0.2.128", false),
+        ("192.0.2.200", true),
+        ("192.0.2.201", false),
+        ("198.51.100.7", false),
+        (POD6, true),
+        ("2001:db8:1:0:ffff:ffff:ffff:ffff", true),
+        ("2001:db8:2::10", false),
+        // The IPv4-mapped form of a pod's address, sent as IPv6, is not that pod.
+        ("::ffff:192.0.2.10", false),
+    ];
+    // The same CIDRs plus enough others that the loop's form cannot hold them.
+    let mut many = few.clone();
+    for i in 0..POD_NETS_INLINE {
+        many.insert(format!("2001:db8:10{i}::/48").parse().unwrap());
+    }
+    for (cidrs, inline) in [(&few, true), (&many, false), (&few, true)] {
+        dp.sync_pod_cidrs(cidrs).unwrap();
+        let count = nets.get(&0, 0).unwrap().count;
+        assert_eq!(count == POD_NETS_USE_TRIE, !inline, "{} CIDRs: count {count}", cidrs.len());
+        for (src, pod) in cases {
+            assert_eq!(rewritten(&mut dp, src), pod, "{src} with {} CIDRs", cidrs.len());
+        }
+    }
+    // Every IPv4 address is a pod's under 0.0.0.0/0, no IPv6 one; no CIDR: nothing is.
+    dp.sync_pod_cidrs(&["0.0.0.0/0".parse().unwrap()].into()).unwrap();
+    assert!(rewritten(&mut dp, "198.51.100.7") && !rewritten(&mut dp, POD6));
+    dp.sync_pod_cidrs(&BTreeSet::new()).unwrap();
+    assert!(!rewritten(&mut dp, POD4) && !rewritten(&mut dp, POD6));
+}
+
 /// Shortest frame BPF_PROG_TEST_RUN accepts: Ethernet plus the IP header of its ethertype.
 fn min_kernel_len(frame: &[u8]) -> usize {
     match frame.get(12..14) {

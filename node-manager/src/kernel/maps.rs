@@ -13,8 +13,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use node_manager_common::{
-    Counter, CounterIndex, DatapathConfig, Frontend, FrontendKey, Owner, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP, map_names, v4_mapped,
+    Counter, CounterIndex, DatapathConfig, Frontend, FrontendKey, Owner, POD_NETS_INLINE, POD_NETS_USE_TRIE,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PodNet, PodNets, map_names, v4_mapped,
 };
 
 use crate::model::{FrontendAddr, Protocol, Target};
@@ -274,6 +274,41 @@ pub fn sync_pod_cidrs(map: &mut Map, desired: &BTreeSet<IpNet>) -> Result<SyncSt
         }
     }
     Ok(stats)
+}
+
+/// The pod CIDRs as the programs' loop reads them (`PodNets`): each as its network and mask
+/// in the 16-byte form; more than fit, and the programs are told to walk the trie instead.
+pub fn pod_nets(desired: &BTreeSet<IpNet>) -> PodNets {
+    let mut out = PodNets::default();
+    if desired.len() > POD_NETS_INLINE {
+        out.count = POD_NETS_USE_TRIE;
+        return out;
+    }
+    for (slot, net) in out.nets.iter_mut().zip(desired) {
+        let key = cidr_key(net);
+        let mask = u128::MAX.checked_shl(128 - key.prefix_len()).unwrap_or(0).to_be_bytes();
+        let network: [u8; 16] = std::array::from_fn(|i| key.data()[i] & mask[i]);
+        let halves = |b: [u8; 16]| {
+            [
+                u64::from_ne_bytes(b[..8].try_into().expect("8 bytes")),
+                u64::from_ne_bytes(b[8..].try_into().expect("8 bytes")),
+            ]
+        };
+        *slot = PodNet { addr: halves(network), mask: halves(mask) };
+    }
+    out.count = desired.len() as u32;
+    out
+}
+
+/// Writes the pod CIDRs' loop form (one value: a reader sees the old or the new set, or for
+/// the moment of the write a mix of the two; the CIDRs of a node do not change in its life).
+pub fn write_pod_nets(map: &mut Map, desired: &BTreeSet<IpNet>) -> Result<()> {
+    let mut array: Array<&mut MapData, PodNets> = Array::try_from(map).context("NM_POD_NETS has an unexpected type")?;
+    let want = pod_nets(desired);
+    if array.get(&0, 0).ok() != Some(want) {
+        array.set(0, want, 0).context("writing NM_POD_NETS")?;
+    }
+    Ok(())
 }
 
 pub fn write_config(map: &mut Map, config: DatapathConfig) -> Result<()> {

@@ -454,8 +454,12 @@ impl Datapath {
         aya::maps::HashMap::try_from(self.map_mut(map_names::OWNERS)?).context("NM_OWNERS has an unexpected type")
     }
 
+    /// The trie first, then the loop's form: while the loop's form says "use the trie" (more
+    /// CIDRs than it holds) the trie is already complete.
     pub fn sync_pod_cidrs(&mut self, desired: &BTreeSet<IpNet>) -> Result<SyncStats> {
-        maps::sync_pod_cidrs(self.map_mut(map_names::POD_CIDRS)?, desired)
+        let stats = maps::sync_pod_cidrs(self.map_mut(map_names::POD_CIDRS)?, desired)?;
+        maps::write_pod_nets(self.map_mut(map_names::POD_NETS)?, desired)?;
+        Ok(stats)
     }
 
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {

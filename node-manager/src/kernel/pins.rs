@@ -20,7 +20,7 @@ use aya::maps::{MapInfo, MapType};
 use node_manager_common::{
     COUNTERS_LEN, CT_COUNTERS_LEN, Counter, CtConfig, DatapathConfig, FLOWS_DGRAM_MAX, FLOWS_MAX, FRAGS_MAX,
     FRONTENDS_MAX, Flow, FlowKey, FragKey, FragTarget, Frontend, FrontendKey, LAYOUT_VERSION, OWNERS_MAX, Owner,
-    POD_CIDRS_MAX, SOCK_REV_MAX, SockRev, SockRevKey, TAIL_CALLS_LEN, map_names,
+    POD_CIDRS_MAX, PodNets, SOCK_REV_MAX, SockRev, SockRevKey, TAIL_CALLS_LEN, map_names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -138,6 +138,7 @@ pub fn expected_layout(name: &str) -> Option<Layout> {
     Some(match name {
         map_names::FRONTENDS => l(MapType::Hash, size_of::<FrontendKey>(), size_of::<Frontend>(), FRONTENDS_MAX),
         map_names::POD_CIDRS => l(MapType::LpmTrie, 4 + 16, 1, POD_CIDRS_MAX),
+        map_names::POD_NETS => l(MapType::Array, 4, size_of::<PodNets>(), 1),
         map_names::FLOWS => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_MAX),
         map_names::FLOWS_DGRAM => l(MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), FLOWS_DGRAM_MAX),
         map_names::FRAGS => l(MapType::LruHash, size_of::<FragKey>(), size_of::<FragTarget>(), FRAGS_MAX),
