@@ -1,8 +1,8 @@
 //! Per-packet cost of the pod ingress program (BPF_PROG_TEST_RUN) for a hit and a miss at N
 //! frontends, side by side with an empty TC program (the floor: what entering any program
 //! costs), and a frontend hit from a source outside the pod CIDRs (the program stops after the
-//! pod-CIDR trie walk). The four split a hit's time into where it goes: entering a program
-//! (empty), parsing and the frontend hash lookup (miss − empty), the pod-CIDR trie walk
+//! pod-CIDR test). The four split a hit's time into where it goes: entering a program
+//! (empty), parsing and the frontend hash lookup (miss − empty), the pod-CIDR test
 //! (not-pod − miss), and the rewrite with its checksums, the mark and the flow lookup
 //! (hit − not-pod).
 //!
@@ -39,19 +39,19 @@ pub struct ProgCost {
     pub hit: Summary,
     pub miss: Summary,
     pub empty: Summary,
-    /// A frontend hit from outside the pod CIDRs: parse, frontend lookup, pod-CIDR trie walk.
+    /// A frontend hit from outside the pod CIDRs: parse, frontend lookup, pod-CIDR test.
     pub not_pod: Summary,
 }
 
 impl ProgCost {
     /// Where a hit's time goes (medians, ns): entering a program, parse + frontend lookup,
-    /// the pod-CIDR trie walk, the rewrite + flow.
+    /// the pod-CIDR test, the rewrite + flow.
     pub fn breakdown(&self) -> [(&'static str, f64); 4] {
         let (e, m, p, h) = (self.empty.median, self.miss.median, self.not_pod.median, self.hit.median);
         [
             ("entering a TC program", e),
             ("parsing and the frontend hash lookup", m - e),
-            ("the pod-CIDR trie walk", p - m),
+            ("the pod-CIDR test (the masks of NM_POD_NETS)", p - m),
             ("the rewrite (address, IP and L4 checksums, mark) and the flow lookup", h - p),
         ]
     }
