@@ -145,10 +145,15 @@ impl Owner {
         out
     }
 
+    /// The name's bytes, up to the first NUL.
+    pub fn name_bytes(&self) -> &[u8] {
+        let len = self.service.iter().position(|&b| b == 0).unwrap_or(self.service.len());
+        &self.service[..len]
+    }
+
     /// The name up to the first NUL; `None` if it is not UTF-8.
     pub fn as_str(&self) -> Option<&str> {
-        let len = self.service.iter().position(|&b| b == 0).unwrap_or(self.service.len());
-        core::str::from_utf8(&self.service[..len]).ok()
+        core::str::from_utf8(self.name_bytes()).ok()
     }
 }
 

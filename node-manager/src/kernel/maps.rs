@@ -143,9 +143,8 @@ impl OwnerDigest {
     /// The name up to the first NUL, hashed (what `Owner::as_str` reads).
     pub fn of(owner: &Owner) -> OwnerDigest {
         use std::hash::{Hash as _, Hasher as _};
-        let len = owner.service.iter().position(|&b| b == 0).unwrap_or(owner.service.len());
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        owner.service[..len].hash(&mut hasher);
+        owner.name_bytes().hash(&mut hasher);
         OwnerDigest(hasher.finish())
     }
 }

@@ -53,12 +53,12 @@ impl Model {
     pub fn rebuild(&mut self, services: &[Arc<ServiceInfo>]) -> Update {
         let before = std::mem::take(&mut self.frontends);
         self.losers.clear();
-        self.services = by_name(services).into_iter().cloned().collect();
+        let sorted: Vec<Arc<ServiceInfo>> = by_name(services).into_iter().cloned().collect();
         let mut warnings = Vec::new();
-        for svc in std::mem::take(&mut self.services) {
-            self.claim_all(&svc, &mut warnings);
-            self.services.push(svc);
+        for svc in &sorted {
+            self.claim_all(svc, &mut warnings);
         }
+        self.services = sorted;
         Update { changed: diff(&before, &self.frontends), warnings }
     }
 
