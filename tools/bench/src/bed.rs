@@ -242,6 +242,23 @@ impl<'a> Bed<'a> {
                     );
                     r.pod_samples_mut(family).entry((n, v)).or_default().push(ConnSample::of(&run));
                 }
+                if v == Variant::B {
+                    // The same pod, its process below B's hooked cgroup: served at `connect()`.
+                    let rewrites_before = self.agent.rewrites(Family::V4)?;
+                    let run = {
+                        let _inside = InCgroup::enter(self.agent.cgroup())?;
+                        conn::connect_loop(&pod, target(v, Family::V4, CONN_PORT), plan.conn_time)
+                            .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?
+                    };
+                    *r.socket_tc_rewrites.entry(n).or_default() += self.agent.rewrites(Family::V4)? - rewrites_before;
+                    println!(
+                        "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (pod below the hooked cgroup)",
+                        v.label(),
+                        run.rate(),
+                        run.median_us()
+                    );
+                    r.conn_socket.entry(n).or_default().push(ConnSample::of(&run));
+                }
                 if Variant::TO_CLUSTER.contains(&v) {
                     let run = conn::connect_loop(&pod, target(Variant::C, Family::V4, CONN_PORT), plan.conn_time)
                         .with_context(|| format!("N = {n}, {}, to the cluster IP", v.label()))?;
@@ -290,6 +307,21 @@ impl<'a> Bed<'a> {
                 }
                 println!("  round {round} {:<24} {:>8.2} Gbit/s", v.label(), bps / 1e9);
                 r.iperf.entry((n, v)).or_default().push(bps);
+                if v == Variant::B {
+                    let rewrites_before = self.agent.rewrites(Family::V4)?;
+                    let bps = {
+                        let _inside = InCgroup::enter(self.agent.cgroup())?;
+                        iperf::run(&pod, target(v, Family::V4, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
+                            .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?
+                    };
+                    *r.socket_tc_rewrites.entry(n).or_default() += self.agent.rewrites(Family::V4)? - rewrites_before;
+                    println!(
+                        "  round {round} {:<24} {:>8.2} Gbit/s  (pod below the hooked cgroup)",
+                        v.label(),
+                        bps / 1e9
+                    );
+                    r.iperf_socket.entry(n).or_default().push(bps);
+                }
             }
         }
         Ok(())
@@ -354,12 +386,19 @@ impl<'a> Bed<'a> {
         path_check(r, line, peer_out >= conns)?;
         let hooked = self.agent.counter("sock_connect_v4")?;
         let conns = host_connections(r, n, Variant::B);
+        let socket_conns: u64 = r.conn_socket.get(&n).map_or(0, |s| s.iter().map(|c| c.connections).sum());
         let line = format!(
-            "N = {at}, node-manager: its connect4 socket hook rewrote {} connects (node processes made {})",
+            "N = {at}, node-manager: its connect4 socket hook rewrote {} connects (node processes made {}, the pod below the hooked cgroup {}, plus iperf3's)",
             int(hooked as usize),
-            int(conns as usize)
+            int(conns as usize),
+            int(socket_conns as usize)
         );
-        path_check(r, line, hooked >= conns)?;
+        path_check(r, line, hooked >= conns + socket_conns)?;
+        let in_flight = r.socket_tc_rewrites.get(&n).copied().unwrap_or(0);
+        let line = format!(
+            "N = {at}, node-manager: while the pod ran below the hooked cgroup, the pod ingress program rewrote {in_flight} packets (its connections left the pod addressed to the cluster IP)"
+        );
+        path_check(r, line, in_flight == 0)?;
         for family in Family::ALL {
             // iperf3 runs on IPv4 only.
             let iperf = if family == Family::V4 { ", plus iperf3's" } else { "" };

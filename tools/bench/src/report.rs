@@ -177,6 +177,7 @@ fn markdown(plan: &Plan, r: &Results, meta: &Meta, charts: &[(&str, String)]) ->
     );
     let w = &mut o;
     targets(w, plan, r);
+    peer_targets(w, plan, r);
     reading(w, plan, r);
     method(w, plan);
     tables(w, plan, r);
@@ -293,6 +294,110 @@ fn targets(w: &mut String, plan: &Plan, r: &Results) {
         );
     }
     let _ = writeln!(w);
+}
+
+/// The targets of the comparison with the strongest peer (the nftables map) and the floor,
+/// each for both ways node-manager serves a pod: in flight by the TC programs (a pod outside
+/// the hooked cgroup) and at the socket (below it: the DaemonSet's default).
+fn peer_targets(w: &mut String, plan: &Plan, r: &Results) {
+    let Some(&n) = plan.ns.iter().max() else { return };
+    let yes = |ok: bool| if ok { "yes" } else { "**no**" };
+    let at_least = |s: Option<Summary>, floor: f64| s.is_some_and(|s| s.median >= floor);
+    let _ = writeln!(
+        w,
+        "## Targets against the nftables map and the floors, at N = {}
+",
+        int(n)
+    );
+    let _ = writeln!(
+        w,
+        "Each figure for both of node-manager's pod paths: **TC** (the pod's process outside the hooked cgroup: rewritten in flight, masqueraded, as network-node-manager's rules did) and **socket** (below it, as every pod is under the DaemonSet's default `--cgroup-path`: rewritten at `connect()`, not masqueraded). Per-round ratios, median [min–max].\n"
+    );
+    let _ = writeln!(w, "| target | TC path | met | socket path | met |\n|---|---|---|---|---|");
+    // `floor` None: shown for reference, not a target.
+    let conn = |label: &str, tc: Option<Summary>, socket: Option<Summary>, floor: Option<f64>, w: &mut String| {
+        let met = |s: Option<Summary>| floor.map_or("", |f| yes(at_least(s, f)));
+        let _ = writeln!(w, "| {label} | {} | {} | {} | {} |", ratio(tc), met(tc), ratio(socket), met(socket));
+    };
+    conn(
+        "new connections, B / C′ (the floor with masquerading) ≥ 0.99×",
+        r.conn_ratio(n, Variant::B, Variant::CMasq),
+        r.socket_ratio(n, Variant::CMasq),
+        Some(0.99),
+        w,
+    );
+    conn(
+        "new connections, B / A′ (the nftables map) ≥ 1.25×",
+        r.conn_ratio(n, Variant::B, Variant::NftMap),
+        r.socket_ratio(n, Variant::NftMap),
+        Some(1.25),
+        w,
+    );
+    let ceiling = r.conn_ratio(n, Variant::C, Variant::NftMap);
+    conn(
+        "(not a target) the ceiling of that ratio: C / A′ — no path opens connections faster than no rewrite and no masquerading",
+        ceiling,
+        ceiling,
+        None,
+        w,
+    );
+    conn(
+        "(not a target) new connections, B / C (the floor without masquerading)",
+        r.conn_ratio(n, Variant::B, Variant::C),
+        r.socket_ratio(n, Variant::C),
+        None,
+        w,
+    );
+    conn(
+        "one stream, B / C′ ≥ 0.99×",
+        r.iperf_ratio(n, Variant::B, Variant::CMasq),
+        r.socket_iperf_ratio(n, Variant::CMasq),
+        Some(0.99),
+        w,
+    );
+    let cluster = r.cluster_ratio(n, Variant::B, Variant::C);
+    let _ = writeln!(
+        w,
+        "| every connection to a cluster IP (the miss path), B / C ≥ 0.99× | {} | {} | the same programs (a pod's packets to a cluster IP are misses on either path) | |",
+        ratio(cluster),
+        yes(at_least(cluster, 0.99))
+    );
+    let ns = plan.all_ns();
+    let costs: Vec<&crate::prog_cost::ProgCost> = ns.iter().filter_map(|n| r.prog.get(n)).collect();
+    if let (Some(lo), Some(hi)) =
+        (costs.iter().map(|c| c.hit.median).reduce(f64::min), costs.iter().map(|c| c.hit.median).reduce(f64::max))
+    {
+        let hits: Vec<String> = costs.iter().map(|c| format!("{:.0}", c.hit.median)).collect();
+        let misses: Vec<String> = costs.iter().map(|c| format!("{:.0}", c.miss.median)).collect();
+        let spread = hi / lo - 1.0;
+        let miss_max = costs.iter().map(|c| c.miss.median).fold(0.0, f64::max);
+        let _ = writeln!(
+            w,
+            "| per-packet, pod ingress, frontend hit ≤ 150 ns, flat {} → {} within 5 % | {} ns (spread {:.1} %) | {} | not per packet: one `connect4` run per connection | |",
+            int(ns[0]),
+            int(*ns.last().unwrap_or(&ns[0])),
+            hits.join(" / "),
+            spread * 100.0,
+            yes(hi <= 150.0 && spread <= 0.05)
+        );
+        let _ = writeln!(
+            w,
+            "| per-packet, miss ≤ 80 ns | {} ns | {} | the same program | |",
+            misses.join(" / "),
+            yes(miss_max <= 80.0)
+        );
+    }
+    let n_big = ns.iter().copied().max().unwrap_or(n);
+    let (rss, rss_big) = (r.rss_mib(n), r.rss_mib(n_big));
+    let _ = writeln!(
+        w,
+        "| agent VmRSS after the first sync < 48 MiB at {} and < 128 MiB at {} | {} MiB / {} MiB | {} | the same agent | |\n",
+        int(n),
+        int(n_big),
+        range(rss),
+        range(rss_big),
+        yes(rss.is_some_and(|s| s.median < 48.0) && rss_big.is_some_and(|s| s.median < 128.0))
+    );
 }
 
 /// Where B's connection time goes: its programs' share, from the kernel's BPF run-time

@@ -183,6 +183,15 @@ pub struct Results {
     pub conn_v6: BTreeMap<(usize, Variant), Vec<ConnSample>>,
     /// (N, variant) → bit/s per round.
     pub iperf: BTreeMap<(usize, Variant), Vec<f64>>,
+    /// N → one sample per round of pod → EXT:port connections from a pod process below B's
+    /// hooked cgroup (the DaemonSet's default: every pod's processes are below the cgroup root
+    /// it hooks), served at `connect()` by the socket hook; measured right after B's own run.
+    pub conn_socket: BTreeMap<usize, Vec<ConnSample>>,
+    /// N → bit/s per round of the same pod's iperf3 stream from below B's hooked cgroup.
+    pub iperf_socket: BTreeMap<usize, Vec<f64>>,
+    /// N → packets the pod ingress program rewrote while the pod ran below the hooked cgroup
+    /// (0 when those connections took the socket path only).
+    pub socket_tc_rewrites: BTreeMap<usize, u64>,
     pub restore_apply: BTreeMap<(usize, Backend), Vec<Duration>>,
     pub per_rule_apply: BTreeMap<(usize, Backend), PerRule>,
     pub agent_start: BTreeMap<usize, Vec<Start>>,
@@ -247,6 +256,25 @@ impl Results {
     /// Per-round ratio of host-client connections per second of `a` to `b`.
     pub fn host_ratio(&self, n: usize, a: Variant, b: Variant) -> Option<Summary> {
         rate_ratio(self.conn_host.get(&(n, a)), self.conn_host.get(&(n, b)))
+    }
+
+    pub fn socket_summary(&self, n: usize, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {
+        summary_of(self.conn_socket.get(&n), f)
+    }
+
+    /// Per-round ratio of the socket-served pod's connections per second to `b`'s pod →
+    /// EXT:port (C and C′: → the cluster IP) in the same round.
+    pub fn socket_ratio(&self, n: usize, b: Variant) -> Option<Summary> {
+        rate_ratio(self.conn_socket.get(&n), self.conn.get(&(n, b)))
+    }
+
+    pub fn socket_iperf_gbit(&self, n: usize) -> Vec<f64> {
+        self.iperf_socket.get(&n).map(|s| s.iter().map(|b| b / 1e9).collect()).unwrap_or_default()
+    }
+
+    /// Per-round ratio of the socket-served pod's stream to `b`'s.
+    pub fn socket_iperf_ratio(&self, n: usize, b: Variant) -> Option<Summary> {
+        Summary::of(&ratios(&self.socket_iperf_gbit(n), &self.iperf_gbit(n, b)))
     }
 
     pub fn v6_summary(&self, n: usize, v: Variant, f: impl Fn(&ConnSample) -> f64) -> Option<Summary> {

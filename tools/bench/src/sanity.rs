@@ -50,6 +50,23 @@ pub fn problems(plan: &Plan, r: &Results) -> Vec<String> {
             }
             p.need(format!("N = {n}, {label}: connections/s from a node process"), r.host_summary(n, v, |c| c.rate));
         }
+        // B's pod again, below its hooked cgroup: served at the socket.
+        let rounds = r.conn_socket.get(&n).map_or(0, Vec::len);
+        if rounds != plan.rounds {
+            p.push(format!(
+                "N = {n}, node-manager: {rounds} rounds of the pod below the hooked cgroup of {}",
+                plan.rounds
+            ));
+        }
+        p.need(format!("N = {n}, node-manager: connections/s at the socket"), r.socket_summary(n, |c| c.rate));
+        let rounds = r.iperf_socket.get(&n).map_or(0, Vec::len);
+        if rounds != plan.iperf_rounds {
+            p.push(format!(
+                "N = {n}, node-manager: {rounds} iperf3 rounds of the pod below the hooked cgroup of {}",
+                plan.iperf_rounds
+            ));
+        }
+        p.need(format!("N = {n}, node-manager: throughput at the socket"), Summary::of(&r.socket_iperf_gbit(n)));
         for v in Variant::V6 {
             let label = v.label();
             let rounds = r.conn_v6.get(&(n, v)).map_or(0, Vec::len);
@@ -175,6 +192,9 @@ mod tests {
                     r.conn_v6.insert((n, v), vec![c; plan.rounds]);
                 }
             }
+            let c = ConnSample { rate: 1e4, median_us: 40.0, p99_us: 80.0, connections: 5000, errors: 0 };
+            r.conn_socket.insert(n, vec![c; plan.rounds]);
+            r.iperf_socket.insert(n, vec![1e10; plan.iperf_rounds]);
             r.bpf.insert(n, vec![PerConnection { runs: 4.0, ns: 2_000.0 }]);
             r.bpf_stream.insert(n, vec![StreamShare { runs_per_s: 100_000.0, ns_per_run: 300.0, cpu: 0.03 }]);
             for family in Family::ALL {
@@ -226,6 +246,8 @@ mod tests {
         r.conn_v6.remove(&(1, Variant::CMasq));
         r.nft_change.remove(&(1, Family::V6));
         r.bpf_stream.remove(&1);
+        r.conn_socket.get_mut(&1).unwrap().pop();
+        r.iperf_socket.remove(&1);
         let p = problems(&plan, &r);
         assert!(p.iter().any(|l| l == "N = 1, node-manager: no BPF statistics from its stream rounds"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, B: node-manager: throughput: missing"), "{p:#?}");
@@ -244,6 +266,15 @@ mod tests {
         assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: IPv6 connections/s: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, C′: no rewrite, masqueraded: IPv6 connect median: missing"), "{p:#?}");
         assert!(p.iter().any(|l| l == "N = 1, nftables set + map, IPv6: add element: missing"), "{p:#?}");
-        assert_eq!(p.len(), 14, "{p:#?}");
+        assert!(
+            p.iter().any(|l| l == "N = 1, node-manager: 1 rounds of the pod below the hooked cgroup of 2"),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter().any(|l| l == "N = 1, node-manager: 0 iperf3 rounds of the pod below the hooked cgroup of 2"),
+            "{p:#?}"
+        );
+        assert!(p.iter().any(|l| l == "N = 1, node-manager: throughput at the socket: missing"), "{p:#?}");
+        assert_eq!(p.len(), 17, "{p:#?}");
     }
 }

@@ -33,6 +33,7 @@ pub(super) fn tables(w: &mut String, plan: &Plan, r: &Results) {
         );
     }
     v6_table(w, plan, r);
+    socket_table(w, plan, r);
     host_table(w, plan, r);
     let _ = writeln!(
         w,
@@ -219,6 +220,53 @@ fn v6_table(w: &mut String, plan: &Plan, r: &Results) {
 
 /// Node processes → EXT:port: B's socket hook against the nat OUTPUT rules of A and A′ and the
 /// floor (a node process → the cluster IP).
+/// B's pod with its process below the hooked cgroup, as every pod is under the DaemonSet's
+/// default `--cgroup-path` (the cgroup root): served at `connect()`, against the same round's
+/// pod sides.
+fn socket_table(w: &mut String, plan: &Plan, r: &Results) {
+    if r.conn_socket.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## Pods served at the socket (the DaemonSet's default): pod → EXT:port, new TCP connections per second (connect median, µs) and one stream (Gbit/s)\n"
+    );
+    let _ = writeln!(
+        w,
+        "The same pod as B's above, its process moved below B's hooked cgroup for a run right after B's own in each round: the cgroup `connect4` hook puts the cluster IP in, the pod's packets leave it addressed to the cluster IP (the TC programs see a miss), nothing masquerades them and no flow is remembered — the path every pod takes under the DaemonSet's default `--cgroup-path` (the cgroup root). The backend sees the pod's own address, as C's does (C′ and A′ masquerade, as B's TC path does). Ratios per round against the sides' pod runs of the same round.\n"
+    );
+    let sides = [Variant::C, Variant::CMasq, Variant::NftMap, Variant::B];
+    let names: Vec<&str> = sides.iter().map(|v| v.label()).collect();
+    let _ = writeln!(
+        w,
+        "| N | {} | B at the socket | B at the socket / C | / C′ | / A′ | stream: B at the socket | stream / C | stream / C′ |\n|---:|{}",
+        names.join(" | "),
+        "---:|".repeat(sides.len() + 7)
+    );
+    for &n in &plan.ns {
+        let cell = |rate: Option<Summary>, median: Option<Summary>| {
+            format!("{} ({})", range(rate), median.map_or("—".into(), |s| num(s.median)))
+        };
+        let cells: Vec<String> = sides
+            .iter()
+            .map(|&v| cell(r.conn_summary(n, v, |s| s.rate), r.conn_summary(n, v, |s| s.median_us)))
+            .collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            int(n),
+            cells.join(" | "),
+            cell(r.socket_summary(n, |s| s.rate), r.socket_summary(n, |s| s.median_us)),
+            ratio(r.socket_ratio(n, Variant::C)),
+            ratio(r.socket_ratio(n, Variant::CMasq)),
+            ratio(r.socket_ratio(n, Variant::NftMap)),
+            range(Summary::of(&r.socket_iperf_gbit(n))),
+            ratio(r.socket_iperf_ratio(n, Variant::C)),
+            ratio(r.socket_iperf_ratio(n, Variant::CMasq))
+        );
+    }
+}
+
 fn host_table(w: &mut String, plan: &Plan, r: &Results) {
     if r.conn_host.is_empty() {
         return;
