@@ -245,11 +245,8 @@ impl<'a> Bed<'a> {
                 if v == Variant::B {
                     // The same pod, its process below B's hooked cgroup: served at `connect()`.
                     let rewrites_before = self.agent.rewrites(Family::V4)?;
-                    let run = {
-                        let _inside = InCgroup::enter(self.agent.cgroup())?;
-                        conn::connect_loop(&pod, target(v, Family::V4, CONN_PORT), plan.conn_time)
-                            .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?
-                    };
+                    let run = connect_in(self.agent.cgroup(), &pod, target(v, Family::V4, CONN_PORT), plan)
+                        .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?;
                     *r.socket_tc_rewrites.entry(n).or_default() += self.agent.rewrites(Family::V4)? - rewrites_before;
                     println!(
                         "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (pod below the hooked cgroup)",
@@ -274,11 +271,8 @@ impl<'a> Bed<'a> {
                     // A node process: in B's hooked cgroup for B, an empty one for the others.
                     let cgroup = if v == Variant::B { self.agent.cgroup() } else { &self.plain.path };
                     let node = self.labs.get(v).netns_path(Ns::Node);
-                    let run = {
-                        let _inside = InCgroup::enter(cgroup)?;
-                        conn::connect_loop(&node, target(v, Family::V4, CONN_PORT), plan.conn_time)
-                            .with_context(|| format!("N = {n}, {}, from a node process", v.label()))?
-                    };
+                    let run = connect_in(cgroup, &node, target(v, Family::V4, CONN_PORT), plan)
+                        .with_context(|| format!("N = {n}, {}, from a node process", v.label()))?;
                     println!(
                         "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (node process)",
                         v.label(),
@@ -486,6 +480,13 @@ impl<'a> Bed<'a> {
         r.agent_change.insert(n, changes);
         Ok(())
     }
+}
+
+/// The connection loop from `netns` to `to`, with this process in `cgroup` for its duration
+/// (cgroup v2 places whole processes: the socket hooks see the cgroup of the socket's creator).
+fn connect_in(cgroup: &Path, netns: &Path, to: SocketAddr, plan: &Plan) -> Result<conn::ConnRun> {
+    let _inside = InCgroup::enter(cgroup)?;
+    conn::connect_loop(netns, to, plan.conn_time)
 }
 
 /// Records a path check's line for the report; fails the run with it when `ok` is false (the

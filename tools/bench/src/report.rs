@@ -314,47 +314,44 @@ fn peer_targets(w: &mut String, plan: &Plan, r: &Results) {
         "Each figure for both of node-manager's pod paths: **TC** (the pod's process outside the hooked cgroup: rewritten in flight, masqueraded, as network-node-manager's rules did) and **socket** (below it, as every pod is under the DaemonSet's default `--cgroup-path`: rewritten at `connect()`, not masqueraded). Per-round ratios, median [min–max].\n"
     );
     let _ = writeln!(w, "| target | TC path | met | socket path | met |\n|---|---|---|---|---|");
-    // `floor` None: shown for reference, not a target.
-    let conn = |label: &str, tc: Option<Summary>, socket: Option<Summary>, floor: Option<f64>, w: &mut String| {
+    let ceiling = r.conn_ratio(n, Variant::C, Variant::NftMap);
+    // (what, TC path, socket path, the target's floor; None: shown for reference only)
+    let rows = [
+        (
+            "new connections, B / C′ (the floor with masquerading) ≥ 0.99×",
+            r.conn_ratio(n, Variant::B, Variant::CMasq),
+            r.socket_ratio(n, Variant::CMasq),
+            Some(0.99),
+        ),
+        (
+            "new connections, B / A′ (the nftables map) ≥ 1.25×",
+            r.conn_ratio(n, Variant::B, Variant::NftMap),
+            r.socket_ratio(n, Variant::NftMap),
+            Some(1.25),
+        ),
+        (
+            "(not a target) the ceiling of that ratio: C / A′ — no path opens connections faster than no rewrite and no masquerading",
+            ceiling,
+            ceiling,
+            None,
+        ),
+        (
+            "(not a target) new connections, B / C (the floor without masquerading)",
+            r.conn_ratio(n, Variant::B, Variant::C),
+            r.socket_ratio(n, Variant::C),
+            None,
+        ),
+        (
+            "one stream, B / C′ ≥ 0.99×",
+            r.iperf_ratio(n, Variant::B, Variant::CMasq),
+            r.socket_iperf_ratio(n, Variant::CMasq),
+            Some(0.99),
+        ),
+    ];
+    for (label, tc, socket, floor) in rows {
         let met = |s: Option<Summary>| floor.map_or("", |f| yes(at_least(s, f)));
         let _ = writeln!(w, "| {label} | {} | {} | {} | {} |", ratio(tc), met(tc), ratio(socket), met(socket));
-    };
-    conn(
-        "new connections, B / C′ (the floor with masquerading) ≥ 0.99×",
-        r.conn_ratio(n, Variant::B, Variant::CMasq),
-        r.socket_ratio(n, Variant::CMasq),
-        Some(0.99),
-        w,
-    );
-    conn(
-        "new connections, B / A′ (the nftables map) ≥ 1.25×",
-        r.conn_ratio(n, Variant::B, Variant::NftMap),
-        r.socket_ratio(n, Variant::NftMap),
-        Some(1.25),
-        w,
-    );
-    let ceiling = r.conn_ratio(n, Variant::C, Variant::NftMap);
-    conn(
-        "(not a target) the ceiling of that ratio: C / A′ — no path opens connections faster than no rewrite and no masquerading",
-        ceiling,
-        ceiling,
-        None,
-        w,
-    );
-    conn(
-        "(not a target) new connections, B / C (the floor without masquerading)",
-        r.conn_ratio(n, Variant::B, Variant::C),
-        r.socket_ratio(n, Variant::C),
-        None,
-        w,
-    );
-    conn(
-        "one stream, B / C′ ≥ 0.99×",
-        r.iperf_ratio(n, Variant::B, Variant::CMasq),
-        r.socket_iperf_ratio(n, Variant::CMasq),
-        Some(0.99),
-        w,
-    );
+    }
     let cluster = r.cluster_ratio(n, Variant::B, Variant::C);
     let _ = writeln!(
         w,
