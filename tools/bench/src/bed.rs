@@ -244,10 +244,11 @@ impl<'a> Bed<'a> {
                 }
                 if v == Variant::B {
                     // The same pod, its process below B's hooked cgroup: served at `connect()`.
-                    let rewrites_before = self.agent.rewrites(Family::V4)?;
-                    let run = connect_in(self.agent.cgroup(), &pod, target(v, Family::V4, CONN_PORT), plan)
+                    let run = self
+                        .at_the_socket(n, r, || {
+                            conn::connect_loop(&pod, target(v, Family::V4, CONN_PORT), plan.conn_time)
+                        })
                         .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?;
-                    *r.socket_tc_rewrites.entry(n).or_default() += self.agent.rewrites(Family::V4)? - rewrites_before;
                     println!(
                         "  round {round} {:<24} {:>8.0} conn/s  connect median {:>6.1} µs  (pod below the hooked cgroup)",
                         v.label(),
@@ -302,13 +303,11 @@ impl<'a> Bed<'a> {
                 println!("  round {round} {:<24} {:>8.2} Gbit/s", v.label(), bps / 1e9);
                 r.iperf.entry((n, v)).or_default().push(bps);
                 if v == Variant::B {
-                    let rewrites_before = self.agent.rewrites(Family::V4)?;
-                    let bps = {
-                        let _inside = InCgroup::enter(self.agent.cgroup())?;
-                        iperf::run(&pod, target(v, Family::V4, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
-                            .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?
-                    };
-                    *r.socket_tc_rewrites.entry(n).or_default() += self.agent.rewrites(Family::V4)? - rewrites_before;
+                    let bps = self
+                        .at_the_socket(n, r, || {
+                            iperf::run(&pod, target(v, Family::V4, IPERF_PORT), plan.iperf_secs, plan.iperf_omit)
+                        })
+                        .with_context(|| format!("N = {n}, {}, at the socket", v.label()))?;
                     println!(
                         "  round {round} {:<24} {:>8.2} Gbit/s  (pod below the hooked cgroup)",
                         v.label(),
@@ -319,6 +318,18 @@ impl<'a> Bed<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Runs `traffic` from B's pod with this process below B's hooked cgroup (the socket path),
+    /// and adds to `socket_tc_rewrites` what the pod ingress program rewrote meanwhile.
+    fn at_the_socket<T>(&self, n: usize, r: &mut Results, traffic: impl FnOnce() -> Result<T>) -> Result<T> {
+        let before = self.agent.rewrites(Family::V4)?;
+        let out = {
+            let _inside = InCgroup::enter(self.agent.cgroup())?;
+            traffic()?
+        };
+        *r.socket_tc_rewrites.entry(n).or_default() += self.agent.rewrites(Family::V4)? - before;
+        Ok(out)
     }
 
     /// Evidence that A's connections went through its rules and B's through the agent, and
